@@ -1,0 +1,27 @@
+"""Destructive tests a user would write: each starts from the same clean guest.
+
+Run: pytest examples/   (the first run builds the image and boots once; later runs restore a saved state)
+"""
+
+from __future__ import annotations
+
+
+def test_purge_removes_the_package(vm):
+    vm.run("apt-get purge -y procps", check=True, timeout=300)
+    assert not vm.run("dpkg -s procps").ok
+    assert not vm.run("command -v ps").ok
+
+
+def test_the_package_is_back(vm):
+    # The purge above was reverted: this guest never saw it.
+    assert vm.run("dpkg -s procps").ok
+    assert "PID" in vm.run("ps -e", check=True).stdout
+
+
+def test_wreck_etc(vm):
+    vm.run("rm -rf /etc", timeout=120)
+    assert not vm.run("test -e /etc/passwd").ok
+
+
+def test_etc_is_whole_again(vm):
+    assert "root:" in vm.run("cat /etc/passwd", check=True).stdout

@@ -1,0 +1,44 @@
+"""pytest-vmfixtures: a clean real machine for every test, fast.
+
+The ``vm`` and ``vm_factory`` fixtures and the ``vm`` marker come from the
+plugin, loaded by pytest through its entry point; this module exports what
+test code names directly.
+"""
+
+from __future__ import annotations
+
+from .backends.base import MachineConfig
+from .command import CommandResult
+from .errors import (
+    BootError,
+    CommandError,
+    CommandTimeout,
+    GuestError,
+    ImageError,
+    QMPError,
+    SnapshotError,
+    VMError,
+    WaitTimeout,
+)
+from .guest import VM, GuestState
+from .image import GuestOS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VM",
+    "BootError",
+    "CommandError",
+    "CommandResult",
+    "CommandTimeout",
+    "GuestError",
+    "GuestOS",
+    "GuestState",
+    "ImageError",
+    "MachineConfig",
+    "QMPError",
+    "SnapshotError",
+    "VMError",
+    "WaitTimeout",
+    "__version__",
+]

@@ -1,0 +1,78 @@
+"""Decide between KVM and TCG.
+
+``/dev/kvm`` existing is not enough: some hosts load a KVM module that only
+runs specially built guest kernels (PVM, ``kvm_pvm``), where a stock kernel
+hangs right after decompression. ``auto`` takes KVM only when a module that
+runs stock guests (``kvm_intel`` or ``kvm_amd``) is loaded and the device
+opens read-write for this user; otherwise TCG, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCELS = ("auto", "kvm", "tcg")
+STOCK_KVM_MODULES = ("kvm_intel", "kvm_amd")
+SPECIAL_KVM_MODULES = ("kvm_pvm",)
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the decision depends on, gathered once so the decision is pure."""
+
+    kvm_device: bool
+    kvm_accessible: bool
+    modules: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # "kvm" or "tcg"
+    reason: str
+
+
+def probe_host(sys_module: Path = Path("/sys/module"), device: Path = Path("/dev/kvm")) -> HostFacts:
+    modules: set[str] = set()
+    for name in (*STOCK_KVM_MODULES, *SPECIAL_KVM_MODULES, "kvm"):
+        if (sys_module / name).exists():
+            modules.add(name)
+    exists = device.exists()
+    return HostFacts(
+        kvm_device=exists,
+        kvm_accessible=exists and os.access(device, os.R_OK | os.W_OK),
+        modules=frozenset(modules),
+    )
+
+
+def kvm_problem(facts: HostFacts) -> str | None:
+    """Why KVM cannot run a stock guest here, or None when it can."""
+    if not facts.kvm_device:
+        return "no /dev/kvm (KVM module not loaded, or virtualization off in firmware or the parent hypervisor)"
+    if not any(m in facts.modules for m in STOCK_KVM_MODULES):
+        special = sorted(m for m in SPECIAL_KVM_MODULES if m in facts.modules)
+        if special:
+            return f"/dev/kvm is provided by {', '.join(special)}, which runs only specially built guest kernels"
+        return "/dev/kvm exists but neither kvm_intel nor kvm_amd is loaded"
+    if not facts.kvm_accessible:
+        return "/dev/kvm is not readable and writable by this user (join the 'kvm' group)"
+    return None
+
+
+def choose_accel(requested: str, facts: HostFacts) -> AccelChoice:
+    """Map ``auto|kvm|tcg`` to what QEMU will use.
+
+    An explicit ``kvm`` is honoured even where auto would refuse it: the user
+    may know better (a PVM guest kernel, say); QEMU then reports its own error.
+    """
+    if requested not in ACCELS:
+        raise ValueError(f"unknown accel {requested!r}; use one of {', '.join(ACCELS)}")
+    if requested == "tcg":
+        return AccelChoice("tcg", "requested")
+    if requested == "kvm":
+        return AccelChoice("kvm", "requested")
+    problem = kvm_problem(facts)
+    if problem is None:
+        return AccelChoice("kvm", "KVM usable")
+    return AccelChoice("tcg", problem)

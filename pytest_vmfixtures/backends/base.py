@@ -1,0 +1,94 @@
+"""The contract every backend meets, and the plain data passed across it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..channels.qmp import QMP
+from ..image import BuiltImage
+
+NETWORKS = ("restricted", "nat")
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What a test asks for. Guests with equal configs are interchangeable."""
+
+    image: str
+    memory_mb: int = 512
+    cpus: int = 1
+    network: str = "restricted"
+
+    def describe(self) -> str:
+        return f"{self.image} ({self.memory_mb} MiB, {self.cpus} vCPU, network {self.network})"
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A ready guest frozen on disk: a read-only disk layer plus device and RAM state."""
+
+    directory: Path
+    disk: Path
+    memory: Path
+    key: str
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+class Machine(Protocol):
+    """One running guest instance (a QEMU process, a libvirt domain)."""
+
+    name: str
+    ssh_host: str
+    ssh_port: int
+    console_log: Path
+    agent_socket: Path | None
+    qmp: QMP
+
+    @property
+    def command_line(self) -> list[str]: ...
+
+    def alive(self) -> bool: ...
+
+    def exit_description(self) -> str:
+        """How the machine ended (signal, status, QEMU's last words), for error messages."""
+        ...
+
+    def stop(self) -> None:
+        """Kill the machine and remove what it owned; safe to call twice."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def describe(self) -> str: ...
+
+    def state_inputs(self, image: BuiltImage, config: MachineConfig) -> dict[str, object]:
+        """Everything a saved state depends on besides the guest's contents (QEMU version, accel, CPU)."""
+        ...
+
+    def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> Machine:
+        """Start a guest from its image; returns once the process runs, not when the OS is up."""
+        ...
+
+    def save(self, machine: Machine, directory: Path) -> None:
+        """Stop ``machine`` and write its disk layer and RAM state into ``directory`` (disk.qcow2, memory)."""
+        ...
+
+    def restore(self, image: BuiltImage, config: MachineConfig, state: SavedState, name: str) -> Machine:
+        """Start a new guest from ``state``; returns with the guest running."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def digest_of(inputs: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_inputs(config: MachineConfig) -> dict[str, object]:
+    return asdict(config)

@@ -1,0 +1,335 @@
+"""The embedded backend: QEMU processes the plugin starts itself, no daemon.
+
+Each machine runs on its own qcow2 overlay over a read-only layer (the image,
+or a saved state's frozen disk), with user-mode networking that forwards one
+loopback port to the guest's sshd and, by default, lets the guest reach
+nothing on the host (``restrict=on``). QMP and the guest agent sit on unix
+sockets in a 0700 directory. RAM state moves through file descriptors handed
+over QMP, so QEMU never opens our paths and runs with ``-sandbox spawn=deny``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..accel import AccelChoice
+from ..channels.qmp import QMP
+from ..errors import BootError, GuestError, SnapshotError
+from ..image import BuiltImage
+from ..runtime import Runtime
+from ..waiting import wait_for
+from .base import MachineConfig, SavedState
+
+DEFAULT_BINARY = "qemu-system-x86_64"
+TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
+PORT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class MachinePaths:
+    files: Path
+    socks: Path
+
+    @property
+    def overlay(self) -> Path:
+        return self.files / "overlay.qcow2"
+
+    @property
+    def console(self) -> Path:
+        return self.files / "console.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.files / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.files / "pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.socks / "qmp"
+
+    @property
+    def agent(self) -> Path:
+        return self.socks / "qga"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mac_for(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def build_command_line(
+    binary: str,
+    image: BuiltImage,
+    config: MachineConfig,
+    accel: AccelChoice,
+    paths: MachinePaths,
+    ssh_port: int,
+    *,
+    incoming: bool = False,
+    name: str = "guest",
+) -> list[str]:
+    """The QEMU argv. Pure: every input is a parameter, so it is unit-tested.
+
+    Everything that is part of the migrated device state is identical between
+    a cold boot and a restore (the MAC included); only file paths, the
+    forwarded port and ``-incoming`` differ.
+    """
+    argv = [binary, "-name", f"guest={name},debug-threads=on", "-no-user-config", "-nodefaults"]
+    argv += ["-machine", "pc", "-display", "none", "-m", str(config.memory_mb), "-smp", str(config.cpus)]
+    if accel.accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", f"tcg,tb-size={TB_SIZE_MB}"]
+    argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    if image.kernel is not None:
+        argv += ["-kernel", str(image.kernel), "-append", image.cmdline]
+        if image.initrd is not None:
+            argv += ["-initrd", str(image.initrd)]
+    argv += [
+        "-drive", f"file={paths.overlay},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-pci,drive=disk0",
+    ]
+    restrict = "on" if config.network == "restricted" else "off"
+    argv += [
+        "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", f"virtio-net-pci,netdev=net0,mac={mac_for(config.image)}",
+        "-device", "virtio-rng-pci",
+        "-chardev", f"file,id=serial0,path={paths.console}",
+        "-serial", "chardev:serial0",
+        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+    if image.agent:
+        argv += [
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=qga0,path={paths.agent},server=on,wait=off",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def qemu_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise GuestError(f"cannot run {binary}: {exc}; install QEMU (apt install qemu-system-x86)") from exc
+    match = re.search(r"version (\S+)", out)
+    return match.group(1) if match else out.strip()
+
+
+def host_cpu_id() -> str:
+    """KVM states carry the host CPU model (-cpu host): one host's state must not load on another CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    return hashlib.sha256(f"{model and model.group(1)}|{flags and flags.group(1)}".encode()).hexdigest()[:16]
+
+
+class QemuMachine:
+    """A QEMU process and the files it owns."""
+
+    def __init__(self, name: str, process: subprocess.Popen[bytes], paths: MachinePaths, argv: list[str], ssh_port: int, has_agent: bool) -> None:
+        self.name = name
+        self.process = process
+        self.paths = paths
+        self._argv = argv
+        self.ssh_host = "127.0.0.1"
+        self.ssh_port = ssh_port
+        self.console_log = paths.console
+        self.agent_socket = paths.agent if has_agent else None
+        self.qmp = QMP(paths.qmp, name)
+        self._stopped = False
+
+    @property
+    def command_line(self) -> list[str]:
+        return list(self._argv)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def exit_description(self) -> str:
+        code = self.process.poll()
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                what = f"killed by signal {-code} ({signal.Signals(-code).name})"
+            except ValueError:
+                what = f"killed by signal {-code}"
+        else:
+            what = f"exited with status {code}"
+        last = self.stderr_tail(3)
+        return f"QEMU {what}" + (f": {last}" if last else "")
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        try:
+            text = self.paths.stderr.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def connect_qmp(self, timeout: float) -> None:
+        def ready() -> bool | None:
+            if not self.alive():
+                raise GuestError(f"{self.name}: {self.exit_description()}")
+            return True if self.paths.qmp.exists() else None
+
+        wait_for(f"{self.name}: QMP socket", ready, timeout, interval=0.005)
+        self.qmp.connect(timeout)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.qmp.close()
+        if self.alive():
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except OSError:
+                self.process.kill()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        for path in (self.paths.overlay, self.paths.qmp, self.paths.agent, self.paths.pidfile):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                pass  # logged by the owner's cleanup summary if it matters
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def __init__(self, runtime: Runtime, accel: AccelChoice, binary: str = DEFAULT_BINARY, qemu_img: str = "qemu-img") -> None:
+        self.runtime = runtime
+        self.accel = accel
+        self.binary = binary
+        self.qemu_img = qemu_img
+        self.version = qemu_version(binary)
+
+    def describe(self) -> str:
+        return f"qemu {self.version}, accel {self.accel.accel} ({self.accel.reason})"
+
+    def state_inputs(self, image: BuiltImage, config: MachineConfig) -> dict[str, object]:
+        inputs: dict[str, object] = {"backend": "qemu", "qemu": self.version, "accel": self.accel.accel, "tb": TB_SIZE_MB}
+        if self.accel.accel == "kvm":
+            inputs["cpu"] = host_cpu_id()
+        return inputs
+
+    # -- starting ---------------------------------------------------------
+    def _overlay(self, backing: Path, overlay: Path) -> None:
+        result = subprocess.run(
+            [self.qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(overlay)],
+            capture_output=True, text=True, timeout=60,
+        )
+        if result.returncode != 0:
+            raise GuestError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
+
+    def _launch(self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, incoming: bool) -> QemuMachine:
+        files, socks = self.runtime.machine_dirs(name)
+        paths = MachinePaths(files, socks)
+        self._overlay(backing, paths.overlay)
+        last_error = ""
+        for _ in range(PORT_ATTEMPTS):
+            port = free_port()
+            argv = build_command_line(self.binary, image, config, self.accel, paths, port, incoming=incoming, name=name)
+            with open(paths.stderr, "wb") as stderr:
+                process = self.runtime.spawn(argv, stderr, paths.pidfile)
+            machine = QemuMachine(name, process, paths, argv, port, image.agent)
+            try:
+                machine.connect_qmp(30.0)
+                return machine
+            except GuestError:
+                last_error = machine.stderr_tail()
+                machine.stop()
+                if "hostfwd" in last_error or "host forwarding" in last_error:
+                    self._overlay(backing, paths.overlay)
+                    continue  # the port was taken between our probe and QEMU's bind
+                break
+        raise BootError(f"QEMU for {name} did not start", console_tail=last_error, command_line=argv)
+
+    def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> QemuMachine:
+        return self._launch(image, config, name, image.disk, incoming=False)
+
+    def restore(self, image: BuiltImage, config: MachineConfig, state: SavedState, name: str) -> QemuMachine:
+        machine = self._launch(image, config, name, state.disk, incoming=True)
+        try:
+            fd = os.open(state.memory, os.O_RDONLY)
+            try:
+                machine.qmp.send_fd(fd, "state")
+            finally:
+                os.close(fd)
+            machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
+
+            def loaded() -> bool | None:
+                if not machine.alive():
+                    raise SnapshotError(f"{name}: saved state did not load: {machine.exit_description()}")
+                status = machine.qmp.execute("query-status")["status"]
+                return True if status not in ("inmigrate", "prelaunch") else None
+
+            wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+            machine.qmp.execute("cont")
+        except BaseException:
+            machine.stop()
+            raise
+        return machine
+
+    def save(self, machine: QemuMachine, directory: Path) -> None:  # type: ignore[override]
+        qmp = machine.qmp
+        qmp.execute("stop")
+        memory = directory / "memory"
+        fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            qmp.send_fd(fd, "save")
+        finally:
+            os.close(fd)
+        qmp.execute("migrate", {"uri": "fd:save"})
+
+        def done() -> bool | None:
+            info = qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return True
+            if status in ("failed", "cancelled"):
+                raise SnapshotError(f"{machine.name}: saving state failed: {info.get('error-desc', status)}")
+            return None
+
+        started = time.monotonic()
+        wait_for(f"{machine.name}: saving state", done, 300.0, interval=0.02, error=SnapshotError)
+        del started
+        try:
+            qmp.execute("quit")
+        except GuestError:
+            pass  # quitting closes the monitor under our feet
+        machine.process.wait(30)
+        os.replace(machine.paths.overlay, directory / "disk.qcow2")
+        machine.stop()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,150 @@
+"""SSH to a guest with paramiko, the host key pinned.
+
+The image build generates the guest's only host key, so the client knows it
+in advance and rejects anything else (no AutoAddPolicy, no known_hosts file).
+"""
+
+from __future__ import annotations
+
+import base64
+import select
+import socket
+import time
+
+import paramiko
+
+from ..command import CommandResult, kill_script, ssh_command_line
+from ..errors import CommandTimeout, GuestError
+from ..waiting import Deadline
+
+
+class SSHError(GuestError):
+    """SSH to the guest failed or dropped."""
+
+
+def parse_host_key(line: str) -> paramiko.PKey:
+    """Parse an ``ssh-ed25519 AAAA...`` public key line."""
+    try:
+        kind, blob = line.split()[:2]
+        return paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
+    except (ValueError, paramiko.SSHException) as exc:
+        raise SSHError(f"malformed pinned host key {line[:40]!r}: rebuild the image") from exc
+
+
+class SSH:
+    def __init__(self, host: str, port: int, user: str, key: paramiko.PKey, host_key: str, name: str) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.key = key
+        self.host_key = host_key
+        self.name = name
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+
+    def connect(self, timeout: float = 10.0) -> paramiko.SSHClient:
+        self.close()
+        client = paramiko.SSHClient()
+        pinned = parse_host_key(self.host_key)
+        host_id = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        client.get_host_keys().add(host_id, pinned.get_name(), pinned)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(
+                self.host,
+                port=self.port,
+                username=self.user,
+                pkey=self.key,
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise SSHError(f"{self.name}: host key mismatch on {host_id}; refusing to connect") from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
+            raise SSHError(f"{self.name}: SSH to {host_id} failed: {exc}") from exc
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        self._client = client
+        return client
+
+    @property
+    def connected(self) -> bool:
+        transport = self._client.get_transport() if self._client else None
+        return transport is not None and transport.is_active()
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        if not self.connected:
+            return self.connect()
+        assert self._client is not None
+        return self._client
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None or not self.connected:
+            self._sftp = self.client.open_sftp()
+        return self._sftp
+
+    def close(self) -> None:
+        for closable in (self._sftp, self._client):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception:  # already broken; nothing to release
+                    pass
+        self._sftp = None
+        self._client = None
+
+    def exec(self, command: str, tag: str, timeout: float | None) -> CommandResult:
+        started = time.monotonic()
+        transport = self.client.get_transport()
+        if transport is None:
+            raise SSHError(f"{self.name}: SSH transport is gone")
+        try:
+            chan = transport.open_session(timeout=10)
+            chan.exec_command(ssh_command_line(command, tag))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise SSHError(f"{self.name}: SSH session failed before {command!r} started: {exc}") from exc
+        deadline = Deadline(timeout) if timeout is not None else None
+        out, err = bytearray(), bytearray()
+        try:
+            while True:
+                wait = 1.0 if deadline is None else min(1.0, deadline.remaining())
+                select.select([chan], [], [], wait)
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if not transport.is_active():
+                    raise SSHError(f"{self.name}: SSH connection dropped while {command!r} ran")
+                if deadline is not None and deadline.expired():
+                    chan.close()
+                    self._kill(tag)
+                    raise CommandTimeout(command, timeout or 0.0, _text(out), _text(err))
+            code = chan.recv_exit_status()
+        except (socket.error, paramiko.SSHException, EOFError) as exc:
+            self.close()
+            raise SSHError(f"{self.name}: SSH connection dropped while {command!r} ran: {exc}") from exc
+        finally:
+            chan.close()
+        return CommandResult(command, code, _text(out), _text(err), time.monotonic() - started)
+
+    def _kill(self, tag: str) -> None:
+        try:
+            _, stdout, _ = self.client.exec_command(kill_script(tag), timeout=10)
+            stdout.channel.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError):
+            pass  # the timeout error is what the user needs; this was best effort
+
+
+def _text(data: bytearray) -> str:
+    return bytes(data).decode("utf-8", errors="replace")

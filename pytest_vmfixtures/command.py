@@ -1,0 +1,66 @@
+"""What ``vm.run`` returns, and how a command is tagged so it can be killed.
+
+Every command runs under ``/bin/sh -c`` whatever the channel, with a
+``VMFIX_RUN`` tag in its environment. On timeout the tag finds the command
+and every process it started (children inherit the environment), so the
+guest is left usable without knowing process groups or sessions.
+"""
+
+from __future__ import annotations
+
+import shlex
+import uuid
+from dataclasses import dataclass
+
+from .errors import CommandError
+
+TAG = "VMFIX_RUN"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def check(self) -> CommandResult:
+        """Raise :class:`CommandError` unless the command succeeded; return self."""
+        if not self.ok:
+            raise CommandError(self.command, self.returncode, self.stdout, self.stderr)
+        return self
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex
+
+
+def ssh_command_line(command: str, tag: str) -> str:
+    """The line sent over SSH: the user's login shell execs a POSIX sh with the tag set."""
+    return f"{TAG}={tag} exec /bin/sh -c {shlex.quote(command)}"
+
+
+def agent_environment(tag: str, home: str = "/root", user: str = "root") -> list[str]:
+    """guest-exec replaces the environment, so give it what an SSH session would have."""
+    return [f"PATH={GUEST_PATH}", f"HOME={home}", f"USER={user}", f"LOGNAME={user}", "SHELL=/bin/sh", f"{TAG}={tag}"]
+
+
+def agent_script(command: str) -> str:
+    """Start in $HOME as an SSH session does; the agent's own working directory is /."""
+    return 'cd "$HOME" 2>/dev/null || :\n' + command
+
+
+def kill_script(tag: str) -> str:
+    """Kill every process whose environment carries ``tag`` (busybox and coreutils alike)."""
+    return (
+        "for e in /proc/[0-9]*/environ; do "
+        f"if tr '\\0' '\\n' < \"$e\" 2>/dev/null | grep -qx '{TAG}={tag}'; then "
+        'p=${e#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || kill -KILL "$p" 2>/dev/null; '
+        "fi; done; true"
+    )

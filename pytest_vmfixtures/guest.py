@@ -1,0 +1,418 @@
+"""The handle a test gets: ``vm.run``, ``vm.ssh``, ``vm.qmp``, snapshots.
+
+A handle outlives the QEMU processes behind it. Reverting to the clean state
+swaps in another instance restored from the saved ready state (usually one
+prepared in the background while the test ran), so the handle's channels are
+re-bound rather than the handle replaced. Its state is explicit and every
+operation checks it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from .backends.base import Machine, MachineConfig
+from .channels.agent import Agent, AgentError
+from .channels.qmp import QMP
+from .channels.ssh import SSH, SSHError
+from .command import CommandResult, new_tag
+from .errors import BootError, CommandTimeout, GuestError, SnapshotError
+from .image import BuiltImage, GuestOS
+from .waiting import Deadline, wait_for
+
+log = logging.getLogger("pytest_vmfixtures")
+
+CLEAN = "clean"
+CONSOLE_TAIL_LINES = 50
+
+
+class GuestState(enum.Enum):
+    BOOTING = "booting"
+    READY = "ready"  # clean, nobody has touched it since the last revert
+    DIRTY = "dirty"  # a test may have changed it
+    REVERTING = "reverting"
+    DEAD = "dead"
+
+
+def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    try:
+        data = path.read_bytes()[-64 * 1024 :]
+    except OSError:
+        return "(no console log)"
+    text = data.decode("utf-8", errors="replace").replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def diagnose_console(text: str, accel: str) -> str:
+    """One line saying what a boot log most likely shows."""
+    if "Kernel panic" in text:
+        line = next((ln for ln in text.splitlines() if "Kernel panic" in ln), "Kernel panic")
+        return "kernel panic: " + line.split("Kernel panic", 1)[1].strip(" -:")
+    if not text.strip():
+        return "no console output at all: the kernel did not start (check the kernel, initrd and accel)"
+    if "Gave up waiting for root" in text or "unable to mount root" in text.lower():
+        return "the root disk was not found: the initrd lacks virtio_blk or root= is wrong"
+    if "ssh" not in text.lower() and "login:" not in text:
+        if accel == "tcg":
+            return "userspace never reached sshd; under TCG this can simply be slow: raise --vm-boot-timeout"
+        return "userspace never reached sshd"
+    if "login:" in text:
+        return "the system booted but SSH did not answer: sshd not running, or no network (DHCP)"
+    return "sshd did not become reachable before the deadline"
+
+
+@dataclass
+class Instance:
+    """One machine and the channels bound to it."""
+
+    machine: Machine
+    ssh: SSH
+    agent: Agent | None = None
+    snapshots: set[str] = field(default_factory=set)
+
+    def close(self) -> None:
+        self.ssh.close()
+        if self.agent is not None:
+            self.agent.close()
+        self.machine.stop()
+
+
+def bind_channels(machine: Machine, image: BuiltImage) -> Instance:
+    key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
+    ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name)
+    agent = Agent(machine.agent_socket, machine.name) if machine.agent_socket is not None else None
+    return Instance(machine, ssh, agent)
+
+
+def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
+    """Cold boot readiness: a command over SSH succeeds."""
+    machine = instance.machine
+
+    def attempt() -> bool | None:
+        if not machine.alive():
+            raise BootError(
+                f"{machine.name}: QEMU ended during boot: {machine.exit_description()}",
+                console_tail=console_tail(machine.console_log),
+                command_line=machine.command_line,
+                diagnosis=diagnose_console(console_tail(machine.console_log, 400), accel),
+            )
+        log_text = console_tail(machine.console_log, 400)
+        if "Kernel panic" in log_text:
+            raise BootError(
+                f"{machine.name}: the guest kernel panicked during boot",
+                console_tail=console_tail(machine.console_log),
+                command_line=machine.command_line,
+                diagnosis=diagnose_console(log_text, accel),
+            )
+        try:
+            instance.ssh.connect(timeout=5)
+            if instance.ssh.exec("true", new_tag(), 30).ok:
+                return True
+        except (SSHError, CommandTimeout):
+            instance.ssh.close()
+        return None
+
+    def fail(message: str) -> BootError:
+        text = console_tail(machine.console_log, 400)
+        return BootError(
+            f"{machine.name}: {message}",
+            console_tail=console_tail(machine.console_log),
+            command_line=machine.command_line,
+            diagnosis=diagnose_console(text, accel),
+        )
+
+    wait_for(f"SSH on {machine.name}", attempt, timeout, interval=1.0, max_interval=2.0, error=fail)
+
+
+def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> None:
+    """Make a just-restored instance answer fast: sync channels, fix the clock.
+
+    The first command after a restore is slow under TCG (translated code was
+    thrown away); paying for it here, in the background, keeps it out of
+    the test's time.
+    """
+    if instance.agent is not None:
+        try:
+            instance.agent.connect(timeout)
+            instance.agent.set_time()
+            instance.agent.exec("true", new_tag(), timeout)
+            return
+        except AgentError as exc:
+            log.warning("%s: guest agent unusable after restore (%s); using SSH", instance.machine.name, exc)
+            instance.agent = None
+    instance.ssh.connect(timeout)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    instance.ssh.exec(f"date -u -s '{stamp}' >/dev/null", new_tag(), timeout)
+
+
+class VM:
+    """A guest for one test at a time. See the README for the full API."""
+
+    def __init__(
+        self,
+        name: str,
+        image: BuiltImage,
+        config: MachineConfig,
+        accel: str,
+        instance: Instance,
+        fresh_instance: Callable[[], Instance],
+        discard: Callable[[Instance], None],
+        guest_os: Callable[[VM], GuestOS] | None = None,
+        boot_timeout: float = 300.0,
+    ) -> None:
+        self.name = name
+        self._image = image
+        self.config = config
+        self.accel = accel
+        self._instance = instance
+        self._fresh_instance = fresh_instance
+        self._discard = discard
+        self._guest_os = guest_os
+        self._os: GuestOS | None = None
+        self.boot_timeout = boot_timeout
+        self.state = GuestState.READY
+        self.qmp = QMPProxy(self)
+
+    # -- descriptive -------------------------------------------------------
+    @property
+    def image(self) -> str:
+        return self.config.image
+
+    @property
+    def built_image(self) -> BuiltImage:
+        return self._image
+
+    @property
+    def os(self) -> GuestOS:
+        """Facts about the guest OS, read from the guest once per handle."""
+        if self._os is None:
+            self._os = self._guest_os(self) if self._guest_os is not None else self._image.os
+        return self._os
+
+    @property
+    def machine(self) -> Machine:
+        """The backend's machine; whoever holds it can change the guest, so it counts as use."""
+        return self._usable().machine
+
+    @property
+    def console_log(self) -> Path:
+        return self._instance.machine.console_log
+
+    @property
+    def ssh_host(self) -> str:
+        return self._usable().machine.ssh_host
+
+    @property
+    def ssh_port(self) -> int:
+        """The forwarded SSH port on the host's loopback; asking for it counts as use."""
+        return self._usable().machine.ssh_port
+
+    @property
+    def ssh_key(self) -> Path:
+        return self._image.client_key
+
+    @property
+    def ssh_user(self) -> str:
+        return self._image.user
+
+    def ssh_command(self) -> str:
+        """A command line a person can paste to get a shell in this guest."""
+        return (
+            f"ssh -i {shlex.quote(str(self._image.client_key))} -p {self._instance.machine.ssh_port} "
+            "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+            f"{self._image.user}@{self._instance.machine.ssh_host}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} {self.config.describe()} {self.state.value}>"
+
+    # -- state -------------------------------------------------------------
+    def _usable(self) -> Instance:
+        if self.state in (GuestState.DEAD, GuestState.REVERTING, GuestState.BOOTING):
+            raise GuestError(f"{self.name} is {self.state.value}; it cannot be used now")
+        self.state = GuestState.DIRTY
+        return self._instance
+
+    def _died(self, exc: Exception) -> GuestError:
+        machine = self._instance.machine
+        if machine.alive():
+            return exc if isinstance(exc, GuestError) else GuestError(str(exc))
+        self.state = GuestState.DEAD
+        return GuestError(
+            f"guest {self.name} died: {machine.exit_description()}\nlast console lines:\n"
+            f"{console_tail(machine.console_log, 20)}"
+        )
+
+    # -- commands ------------------------------------------------------------
+    def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
+        """Run ``command`` with /bin/sh in the guest as the image's user."""
+        instance = self._usable()
+        tag = new_tag()
+        result: CommandResult | None = None
+        if instance.agent is not None and self._image.user == "root":
+            try:
+                if not instance.agent.connected:
+                    instance.agent.connect(10.0)
+                result = instance.agent.exec(command, tag, timeout)
+            except AgentError as exc:
+                if not instance.machine.alive():
+                    raise self._died(exc) from exc
+                log.warning("%s: guest agent failed (%s); falling back to SSH", self.name, exc)
+                instance.agent.close()
+                instance.agent = None
+        if result is None:
+            try:
+                result = instance.ssh.exec(command, tag, timeout)
+            except SSHError as exc:
+                raise self._died(exc) from exc
+        return result.check() if check else result
+
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        """A connected paramiko client (connected on first use, again after a revert)."""
+        instance = self._usable()
+        try:
+            return instance.ssh.client
+        except SSHError as exc:
+            raise self._died(exc) from exc
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        instance = self._usable()
+        try:
+            return instance.ssh.sftp
+        except SSHError as exc:
+            raise self._died(exc) from exc
+
+    def put(self, local: str | Path, remote: str) -> None:
+        self.sftp.put(str(local), remote)
+
+    def get(self, remote: str, local: str | Path) -> None:
+        self.sftp.get(remote, str(local))
+
+    # -- snapshots -----------------------------------------------------------
+    def snapshot(self, name: str) -> None:
+        """Save the running guest under ``name`` (lives until the test ends)."""
+        if name == CLEAN:
+            raise SnapshotError("'clean' is the snapshot every test starts from; pick another name")
+        instance = self._usable()
+        self._hmp(instance, f"savevm {name}")
+        instance.snapshots.add(name)
+
+    def revert(self, name: str = CLEAN) -> None:
+        """Go back to ``name``; ``clean`` is the state every test starts from."""
+        if name == CLEAN:
+            self.reset()
+            return
+        instance = self._usable()
+        if name not in instance.snapshots:
+            known = ", ".join(sorted(instance.snapshots)) or "none"
+            raise SnapshotError(f"no snapshot {name!r} on {self.name} (taken in this test: {known})")
+        instance.ssh.close()
+        if instance.agent is not None:
+            instance.agent.close()
+        self._hmp(instance, f"loadvm {name}")
+        warm_up(instance, self._image)
+
+    def _hmp(self, instance: Instance, command: str) -> None:
+        try:
+            out = instance.machine.qmp.human(command, timeout=300)
+        except GuestError as exc:
+            raise self._died(exc) from exc
+        if out.strip():  # savevm and loadvm print nothing on success
+            raise SnapshotError(f"{self.name}: {command} failed: {out.strip()}")
+
+    def reset(self) -> None:
+        """Replace the running instance by a clean one. Used between tests."""
+        if self.state == GuestState.READY:
+            return  # untouched since the last revert: nothing to undo
+        self.state = GuestState.REVERTING
+        old = self._instance
+        try:
+            self._instance = self._fresh_instance()
+        except BaseException:
+            self.state = GuestState.DEAD
+            self._discard(old)
+            raise
+        self._discard(old)
+        self.state = GuestState.READY
+
+    def reboot(self, timeout: float | None = None) -> None:
+        """Reboot the guest OS from inside and wait until it answers again."""
+        instance = self._usable()
+        before = self.run("cat /proc/sys/kernel/random/boot_id", check=True).stdout.strip()
+        self.run("(sleep 0.5; reboot) >/dev/null 2>&1 &", check=True)
+        instance.ssh.close()
+        if instance.agent is not None:
+            instance.agent.close()
+        deadline = Deadline(timeout or self.boot_timeout)
+
+        def rebooted() -> bool | None:
+            if not instance.machine.alive():
+                raise self._died(GuestError("QEMU exited during reboot"))
+            try:
+                now = self.run("cat /proc/sys/kernel/random/boot_id", timeout=10).stdout.strip()
+            except (GuestError, CommandTimeout):
+                return None
+            return True if now and now != before else None
+
+        wait_for(f"{self.name} to come back from reboot", rebooted, deadline.remaining(), interval=1.0)
+
+    def kill(self) -> None:
+        """Stop the guest for good (used by the pool at the end)."""
+        self.state = GuestState.DEAD
+        self._discard(self._instance)
+
+
+class QMPProxy:
+    """``vm.qmp``: always the monitor of the instance currently behind the handle."""
+
+    def __init__(self, vm: VM) -> None:
+        self._vm = vm
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        instance = self._vm._usable()
+        try:
+            return instance.machine.qmp.execute(command, arguments)
+        except GuestError as exc:
+            if not instance.machine.alive():
+                raise self._vm._died(exc) from exc
+            raise
+
+    @property
+    def raw(self) -> QMP:
+        return self._vm._instance.machine.qmp
+
+
+def read_guest_os(vm: VM) -> GuestOS:
+    """Read the OS facts from the guest itself, falling back to the recipe's for what it cannot tell."""
+    script = (
+        ". /etc/os-release 2>/dev/null; echo \"id=$ID\"; echo \"version=$VERSION_ID\"; "
+        "echo \"init=$(cat /proc/1/comm 2>/dev/null)\"; "
+        "for pm in apt-get dnf yum zypper apk pacman pkg opkg; do "
+        "command -v $pm >/dev/null 2>&1 && { echo \"pm=$pm\"; break; }; done"
+    )
+    state = vm.state
+    out = vm.run(script).stdout
+    vm.state = state  # reading facts does not dirty the guest
+    facts = dict(re.findall(r"^(\w+)=(.*)$", out, re.M))
+    fallback = vm.built_image.os
+    init = facts.get("init", "")
+    init = {"systemd": "systemd", "init": fallback.init if fallback.init != "systemd" else "sysvinit"}.get(init, init)
+    pm = {"apt-get": "apt"}.get(facts.get("pm", ""), facts.get("pm", "")) or fallback.package_manager
+    return GuestOS(
+        id=facts.get("id") or fallback.id,
+        version=facts.get("version") or fallback.version,
+        init=init or fallback.init,
+        package_manager=pm,
+    )

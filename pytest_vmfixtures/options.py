@@ -1,0 +1,128 @@
+"""Options, ini keys and the ``vm`` marker, parsed into plain values.
+
+Pure functions, so the rules for bad input are unit-tested without pytest
+running a session. Every complaint is one line and says what to write instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .accel import ACCELS
+from .backends.base import NETWORKS
+
+DEFAULT_IMAGE = "debian-12"
+DEFAULT_MEMORY_MB = 512
+DEFAULT_CPUS = 1
+MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network")
+BACKENDS = ("qemu",)
+
+
+class OptionError(ValueError):
+    """Bad option or marker; the plugin turns it into pytest.UsageError."""
+
+
+@dataclass(frozen=True)
+class MarkerSpec:
+    """What the ``vm`` markers on a test (closest first) ask for."""
+
+    image: str | None = None
+    images: tuple[str, ...] | None = None
+    memory_mb: int = DEFAULT_MEMORY_MB
+    cpus: int = DEFAULT_CPUS
+    network: str = "restricted"
+    explicit: frozenset[str] = field(default_factory=frozenset)
+
+
+def _int_in(where: str, key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(f"{where}: {key} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise OptionError(f"{where}: {key}={value} is out of range; use {low}..{high}")
+    return value
+
+
+def parse_marker(where: str, marks: Iterable[tuple[tuple[Any, ...], Mapping[str, Any]]]) -> MarkerSpec:
+    """Merge ``vm`` markers, closest first: a test's own marker overrides its class's and module's."""
+    merged: dict[str, Any] = {}
+    for args, kwargs in marks:
+        if len(args) > 1:
+            raise OptionError(f"{where}: @pytest.mark.vm takes at most one positional argument (the image)")
+        values = dict(kwargs)
+        if args:
+            if "image" in values:
+                raise OptionError(f"{where}: @pytest.mark.vm got the image both positionally and as image=")
+            values["image"] = args[0]
+        unknown = sorted(set(values) - set(MARKER_KEYS))
+        if unknown:
+            raise OptionError(
+                f"{where}: @pytest.mark.vm got unknown argument {unknown[0]!r}; allowed: {', '.join(MARKER_KEYS)}"
+            )
+        for key, value in values.items():
+            merged.setdefault(key, value)
+    image = merged.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise OptionError(f"{where}: image must be an image name such as {DEFAULT_IMAGE!r}, got {image!r}")
+    images = merged.get("images")
+    if images is not None:
+        if isinstance(images, str) or not all(isinstance(i, str) and i for i in images):
+            raise OptionError(f"{where}: images must be a list of image names, got {images!r}")
+        images = tuple(images)
+        if image is not None:
+            raise OptionError(f"{where}: give either image= (pin one) or images= (restrict the matrix), not both")
+    network = merged.get("network", "restricted")
+    if network not in NETWORKS:
+        raise OptionError(f"{where}: network={network!r} is not one of {', '.join(NETWORKS)}")
+    return MarkerSpec(
+        image=image,
+        images=images,
+        memory_mb=_int_in(where, "memory_mb", merged.get("memory_mb", DEFAULT_MEMORY_MB), 64, 1 << 20),
+        cpus=_int_in(where, "cpus", merged.get("cpus", DEFAULT_CPUS), 1, 256),
+        network=network,
+        explicit=frozenset(merged),
+    )
+
+
+def parse_accel(value: str) -> str:
+    if value not in ACCELS:
+        raise OptionError(f"--vm-accel {value!r} is not one of {', '.join(ACCELS)}")
+    return value
+
+
+def parse_backend(value: str) -> str:
+    if value not in BACKENDS:
+        raise OptionError(f"--vm-backend {value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def parse_positive(option: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{option} must be a number of seconds, got {value!r}") from None
+    if number <= 0:
+        raise OptionError(f"{option} must be positive, got {value!r}")
+    return number
+
+
+def parse_count(option: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{option} must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise OptionError(f"{option} must be 0 or more, got {value!r}")
+    return number
+
+
+def image_matrix(cli: Iterable[str], ini: Iterable[str]) -> list[str]:
+    """The images unpinned tests run on: the command line wins over ini; duplicates dropped."""
+    chosen = [i for i in cli if i] or [i for i in ini if i] or [DEFAULT_IMAGE]
+    seen: dict[str, None] = {}
+    for name in chosen:
+        for part in name.split(","):
+            if part.strip():
+                seen.setdefault(part.strip(), None)
+    return list(seen)

@@ -1,0 +1,187 @@
+"""pytest-vmfixtures' entry point: options, marker, hooks into pytest's lifecycle."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import hookspecs
+from .accel import AccelChoice
+from .backends.base import Backend
+from .cache import default_cache_dir
+from .catalog import available_recipes
+from .errors import ImageError
+from .fixtures import HELD_KEY, SESSION_KEY, marker_spec, vm, vm_factory, _vm_image  # noqa: F401
+from .guest import console_tail
+from .options import (
+    DEFAULT_IMAGE,
+    OptionError,
+    image_matrix,
+    parse_accel,
+    parse_backend,
+    parse_count,
+    parse_positive,
+)
+from .runtime import Runtime
+from .session import Settings, VMSession, builtin_dirs, describe_settings, missing_tools
+
+GUEST_FIXTURES = ("vm", "vm_factory")
+
+# (option, ini name, ini type, default, help)
+_OPTIONS: list[tuple[str, str, str, Any, str]] = [
+    ("--vm-image", "vm_images", "args", [], "run unpinned vm tests on this image (repeatable)"),
+    ("--vm-images-dir", "vm_images_dir", "paths", [], "extra directory of image recipes (repeatable)"),
+    ("--vm-accel", "vm_accel", "string", "auto", "auto, kvm or tcg; auto uses KVM only where it runs stock guests"),
+    ("--vm-cache", "vm_cache", "string", "", "cache of built images and saved guest states"),
+    ("--vm-boot-timeout", "vm_boot_timeout", "string", "600", "seconds a cold boot may take before BootError"),
+    ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu"),
+    ("--vm-standby", "vm_standby", "string", "1", "clean spare guests restored in the background per config (0: revert in line)"),
+    ("--vm-qemu-binary", "vm_qemu_binary", "string", "qemu-system-x86_64", "the QEMU system emulator to run"),
+    ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the provisioned state's cache key (change it to provision again)"),
+]
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vmfixtures", "virtual machine fixtures")
+    for option, ini, kind, default, text in _OPTIONS:
+        shown = default if default not in ([], "") else ("~/.cache/pytest-vmfixtures" if ini == "vm_cache" else "none")
+        help_text = f"{text} (ini: {ini}; default: {shown})"
+        if kind in ("args", "paths"):
+            group.addoption(option, action="append", default=[], dest=ini, metavar="NAME" if kind == "args" else "DIR", help=help_text)
+        else:
+            group.addoption(option, default=None, dest=ini, help=help_text)
+        parser.addini(ini, help=help_text, type=kind, default=default)  # type: ignore[arg-type]
+
+
+def _value(config: pytest.Config, ini: str) -> Any:
+    cli = config.getoption(ini)
+    if cli not in (None, []):
+        return cli
+    return config.getini(ini)
+
+
+def _settings(config: pytest.Config) -> Settings:
+    try:
+        cache = _value(config, "vm_cache")
+        rootdir = config.rootpath
+        dirs = [Path(p) if Path(p).is_absolute() else rootdir / p for p in config.getoption("vm_images_dir")]
+        dirs += [Path(p) for p in config.getini("vm_images_dir")]
+        return Settings(
+            images=image_matrix(config.getoption("vm_images"), config.getini("vm_images")),
+            image_dirs=builtin_dirs(dirs),
+            accel=parse_accel(str(_value(config, "vm_accel"))),
+            cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
+            boot_timeout=parse_positive("--vm-boot-timeout", _value(config, "vm_boot_timeout")),
+            backend=parse_backend(str(_value(config, "vm_backend"))),
+            standby=parse_count("--vm-standby", _value(config, "vm_standby")),
+            qemu_binary=str(_value(config, "vm_qemu_binary")),
+            provision_key=str(_value(config, "vm_provision_key") or ""),
+        )
+    except OptionError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "vm(image=None, images=None, memory_mb=512, cpus=1, network='restricted'): "
+        "configure the guest the vm fixture gives this test (pytest-vmfixtures)",
+    )
+    config.stash[SESSION_KEY] = VMSession(config, _settings(config))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    session = config.stash[SESSION_KEY]
+    return describe_settings(session.settings, session.accel, images=",".join(session.settings.images))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_vm_make_backend(config: pytest.Config, runtime: Runtime, accel: AccelChoice) -> Backend:
+    from .backends.qemu import QemuBackend
+
+    return QemuBackend(runtime, accel, binary=config.stash[SESSION_KEY].settings.qemu_binary)
+
+
+def _uses_guests(fixturenames: Any) -> bool:
+    return any(name in fixturenames for name in GUEST_FIXTURES)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "_vm_image" not in metafunc.fixturenames:
+        return
+    spec = marker_spec(metafunc.definition)
+    if spec.image is not None:
+        return  # pinned: no matrix
+    session = metafunc.config.stash[SESSION_KEY]
+    params = []
+    for name in session.settings.images:
+        marks = []
+        if spec.images is not None and name not in spec.images:
+            marks.append(pytest.mark.skip(reason=f"runs only on images {', '.join(spec.images)}, not {name}"))
+        params.append(pytest.param(name, id=name, marks=marks))
+    metafunc.parametrize("_vm_image", params)
+
+
+def _known_images(session: VMSession) -> dict[str, Path]:
+    try:
+        return available_recipes(session.settings.image_dirs)
+    except ImageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    vms = config.stash[SESSION_KEY]
+    wanted: set[str] = set()
+    for item in items:
+        if not _uses_guests(getattr(item, "fixturenames", ())):
+            continue
+        spec = marker_spec(item)
+        callspec = getattr(item, "callspec", None)
+        image = spec.image or (callspec.params.get("_vm_image") if callspec else None) or DEFAULT_IMAGE
+        if not any(m.name == "skip" for m in item.iter_markers()):
+            wanted.add(image)
+        for name in spec.images or ():
+            wanted.add(name)
+    if not wanted:
+        return
+    problems = missing_tools(vms.settings)
+    if problems:
+        raise pytest.UsageError(problems[0])
+    known = _known_images(vms)
+    for name in sorted(wanted):
+        if name not in known and config.hook.pytest_vm_image_resolve(config=config, name=name) is None:
+            raise pytest.UsageError(
+                f"unknown image {name!r}; available: {', '.join(sorted(known))} "
+                "(or add a recipe NAME.toml with --vm-images-dir DIR)"
+            )
+    try:
+        vms.cache.ensure_writable()
+    except ImageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if shutil.which("mmdebstrap") is None and not any(vms.cache.images.glob("*/manifest.json")):
+        raise pytest.UsageError("mmdebstrap not found and no image is cached: install it (Debian: apt install mmdebstrap)")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        for guest in item.stash.get(HELD_KEY, []):
+            try:
+                tail = console_tail(guest.console_log, 30)
+            except Exception:
+                continue
+            report.sections.append((f"vm {guest.name} console ({report.when})", tail))
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[SESSION_KEY].close()

@@ -1,0 +1,289 @@
+"""The session's owner of guests: which exist, who holds them, how they end.
+
+Per (image, machine config) the pool keeps a *slot*: the saved ready state
+(made once by booting and provisioning, then kept in the cache), the idle
+guests, and one *spare* instance restored in the background while a test
+runs. Reverting a guest to clean is then a swap: the used instance is killed,
+the spare takes its place, and a new spare starts restoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend, MachineConfig, SavedState, config_inputs, digest_of
+from .builder import build_image
+from .cache import Cache
+from .catalog import load_recipe
+from .errors import GuestError, SnapshotError, VMError
+from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
+from .image import BuiltImage
+from .runtime import Runtime
+
+log = logging.getLogger("pytest_vmfixtures")
+
+STATE_FORMAT = 1
+Progress = Callable[[str], None]
+
+
+class Slot:
+    """Guests of one (image, config), their saved state and their spare."""
+
+    def __init__(self, pool: Pool, image: BuiltImage, config: MachineConfig, state: SavedState) -> None:
+        self.pool = pool
+        self.image = image
+        self.config = config
+        self.state = state
+        self.idle: list[VM] = []
+        self.busy: set[VM] = set()
+        self._spare: Future[Instance] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._os: Any = None
+
+    def new_instance(self) -> Instance:
+        name = self.pool.runtime.new_name(self.config.image)
+        machine = self.pool.backend.restore(self.image, self.config, self.state, name)
+        instance = bind_channels(machine, self.image)
+        try:
+            warm_up(instance, self.image)
+        except BaseException:
+            instance.close()
+            raise
+        return instance
+
+    def take_instance(self) -> Instance:
+        """A clean instance: the spare if one is coming, else restored now."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        instance: Instance | None = None
+        if spare is not None:
+            try:
+                instance = spare.result(timeout=300)
+            except Exception as exc:
+                log.warning("spare %s guest failed (%s); restoring one now", self.config.image, exc)
+        if instance is None:
+            instance = self.new_instance()
+        self.refill()
+        return instance
+
+    def refill(self) -> None:
+        if self.pool.standby <= 0:
+            return
+        with self._lock:
+            if self._closed or self._spare is not None:
+                return
+            self._spare = self.pool.executor.submit(self.new_instance)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                spare.result(timeout=300).close()
+        for vm in [*self.idle, *self.busy]:
+            with contextlib.suppress(Exception):
+                vm.kill()
+        self.idle.clear()
+        self.busy.clear()
+
+
+class Pool:
+    def __init__(
+        self,
+        backend: Backend,
+        cache: Cache,
+        runtime: Runtime,
+        image_dirs: Sequence[Path],
+        *,
+        accel: str,
+        boot_timeout: float = 600.0,
+        standby: int = 1,
+        provision: Callable[[VM], None] = lambda vm: None,
+        provision_key: str = "",
+        ready: Callable[[VM], None] = lambda vm: None,
+        progress: Progress = lambda message: None,
+        resolve: Callable[[str], BuiltImage | None] = lambda name: None,
+    ) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.runtime = runtime
+        self.image_dirs = list(image_dirs)
+        self.accel = accel
+        self.boot_timeout = boot_timeout
+        self.standby = standby
+        self.provision = provision
+        self.provision_key = provision_key
+        self.ready = ready
+        self.progress = progress
+        self.resolve = resolve
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vmfixtures-pool")
+        self._slots: dict[MachineConfig, Slot] = {}
+        self._images: dict[str, BuiltImage] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- images and states ----------------------------------------------------
+    def image(self, name: str) -> BuiltImage:
+        if name in self._images:
+            return self._images[name]
+        provided = self.resolve(name)
+        if provided is not None:
+            self._images[name] = provided
+            return provided
+        recipe = load_recipe(name, self.image_dirs)
+        key = f"{recipe.name}-{recipe.digest[:16]}"
+
+        def create(directory: Path) -> None:
+            started = time.monotonic()
+            self.progress(f"building image {name} (first use; cached afterwards)")
+            build_image(recipe, directory, self.progress)
+            image = BuiltImage.load(directory)
+            self.cache.write_manifest(directory, {"kind": "image", "name": name}, [image.disk.name, image.kernel.name, image.initrd.name])
+            self.progress(f"built image {name} in {time.monotonic() - started:.0f} s")
+
+        directory = self.cache.entry(
+            "images", key, create, self.cache.check_manifest,
+            waiting=lambda: self.progress(f"waiting for another run building image {name}"),
+        )
+        image = BuiltImage.load(directory)
+        self._images[name] = image
+        return image
+
+    def state_key(self, image: BuiltImage, config: MachineConfig) -> str:
+        inputs = {
+            "format": STATE_FORMAT,
+            "image": image.disk_sha256,
+            "config": config_inputs(config),
+            "backend": self.backend.state_inputs(image, config),
+            "provision": self.provision_key,
+        }
+        return f"{config.image}-{digest_of(inputs)[:16]}"
+
+    def saved_state(self, image: BuiltImage, config: MachineConfig) -> SavedState:
+        key = self.state_key(image, config)
+
+        def create(directory: Path) -> None:
+            self._make_state(image, config, directory)
+            self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config)}, ["disk.qcow2", "memory"])
+
+        directory = self.cache.entry(
+            "states", key, create, self.cache.check_manifest,
+            waiting=lambda: self.progress(f"waiting for another run preparing {config.describe()}"),
+        )
+        return SavedState(directory, directory / "disk.qcow2", directory / "memory", key)
+
+    def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> None:
+        """Cold boot, provision, and freeze: done once per state key, ever."""
+        started = time.monotonic()
+        self.progress(f"booting {config.describe()} with accel {self.accel} (first use; warm starts afterwards)")
+        name = self.runtime.new_name(f"{config.image}-boot")
+        machine = self.backend.boot(image, config, name)
+        instance = bind_channels(machine, image)
+        try:
+            wait_ssh_ready(instance, self.boot_timeout, self.accel)
+            self.progress(f"{config.image} booted in {time.monotonic() - started:.0f} s; provisioning")
+            vm = self._handle(image, config, instance, slot=None)
+            vm.state = GuestState.DIRTY
+            self.provision(vm)
+            # Fewer RAM pages to save and restore: drop the page cache, close sessions.
+            vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
+            instance.ssh.close()
+            if instance.agent is not None:
+                instance.agent.close()
+            self.backend.save(machine, directory)
+        finally:
+            instance.close()
+        self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")
+
+    # -- guests ----------------------------------------------------------------
+    def _slot(self, config: MachineConfig) -> Slot:
+        with self._lock:
+            slot = self._slots.get(config)
+        if slot is not None:
+            return slot
+        image = self.image(config.image)
+        state = self.saved_state(image, config)
+        with self._lock:
+            slot = self._slots.setdefault(config, Slot(self, image, config, state))
+        return slot
+
+    def _handle(self, image: BuiltImage, config: MachineConfig, instance: Instance, slot: Slot | None) -> VM:
+        def fresh() -> Instance:
+            if slot is None:
+                raise SnapshotError("a guest being provisioned cannot be reverted to clean: it has no clean state yet")
+            return slot.take_instance()
+
+        return VM(
+            name=instance.machine.name,
+            image=image,
+            config=config,
+            accel=self.accel,
+            instance=instance,
+            fresh_instance=fresh,
+            discard=self.discard,
+            guest_os=read_guest_os,
+            boot_timeout=self.boot_timeout,
+        )
+
+    def acquire(self, config: MachineConfig) -> VM:
+        if self._closed:
+            raise GuestError("the guest pool is closed (the session is ending)")
+        slot = self._slot(config)
+        with self._lock:
+            vm = slot.idle.pop() if slot.idle else None
+        if vm is None:
+            vm = self._handle(slot.image, config, slot.take_instance(), slot)
+            self.ready(vm)
+            vm.state = GuestState.READY
+        with self._lock:
+            slot.busy.add(vm)
+        return vm
+
+    def release(self, vm: VM) -> None:
+        """Revert ``vm`` to clean and keep it for the next test; a guest that cannot be reverted is dropped."""
+        slot = self._slots.get(vm.config)
+        if slot is None:
+            vm.kill()
+            return
+        with self._lock:
+            slot.busy.discard(vm)
+        try:
+            vm.reset()
+        except VMError as exc:
+            log.warning("reverting %s failed (%s); discarding it", vm.name, exc)
+            vm.kill()
+            raise
+        if self._closed:
+            vm.kill()
+            return
+        with self._lock:
+            slot.idle.append(vm)
+
+    def discard(self, instance: Instance) -> None:
+        """Stop an instance off the test's critical path."""
+        if self._closed:
+            instance.close()
+            return
+        self.executor.submit(instance.close)
+
+    def close(self) -> None:
+        """Stop everything; every step runs even if one fails."""
+        if self._closed:
+            return
+        self._closed = True
+        for slot in list(self._slots.values()):
+            try:
+                slot.close()
+            except Exception as exc:
+                log.warning("closing guests of %s failed: %s", slot.config.describe(), exc)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.backend.close()

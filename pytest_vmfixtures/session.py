@@ -1,0 +1,146 @@
+"""What one pytest process owns: settings, the runtime dir, the backend, the pool.
+
+Built lazily on the first test that needs a guest, so a run without guest
+tests starts no QEMU and creates nothing. Closed from ``pytest_sessionfinish``
+and, as a last resort, from ``atexit``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import inspect
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .accel import AccelChoice, choose_accel, probe_host
+from .backends.base import Backend
+from .cache import Cache
+from .catalog import BUILTIN_IMAGES_DIR
+from .pool import Pool
+from .runtime import Runtime
+
+log = logging.getLogger("pytest_vmfixtures")
+
+
+@dataclass(frozen=True)
+class Settings:
+    images: list[str]
+    image_dirs: list[Path]
+    accel: str
+    cache_dir: Path
+    boot_timeout: float
+    backend: str
+    standby: int
+    qemu_binary: str
+    provision_key: str
+
+
+def provision_fingerprint(config: pytest.Config, extra: str) -> str:
+    """The source of every pytest_vm_provision implementation, so editing one provisions again."""
+    parts = [extra]
+    for impl in config.pluginmanager.hook.pytest_vm_provision.get_hookimpls():
+        try:
+            parts.append(inspect.getsource(impl.function))
+        except (OSError, TypeError):
+            parts.append(f"{impl.plugin_name}:{getattr(impl.function, '__qualname__', impl.function)}")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+class VMSession:
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.accel: AccelChoice = choose_accel(settings.accel, probe_host())
+        self.cache = Cache(settings.cache_dir)
+        self._runtime: Runtime | None = None
+        self._pool: Pool | None = None
+        self._closed = False
+        atexit.register(self.close)
+
+    def progress(self, message: str) -> None:
+        log.info(message)
+        if self.config.get_verbosity() < 0:
+            return
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        suspended = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+        with suspended:  # progress goes to the terminal, not into a test's captured output
+            reporter.ensure_newline()
+            reporter.write_line(f"[vmfixtures] {message}", cyan=True)
+
+    @property
+    def pool(self) -> Pool:
+        if self._closed:
+            raise RuntimeError("the vmfixtures session is closed")
+        if self._pool is None:
+            self.cache.ensure_writable()
+            self.cache.clean_tmp()
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            self._runtime = Runtime(self.settings.cache_dir, worker)
+            backend: Backend = self.config.hook.pytest_vm_make_backend(
+                config=self.config, runtime=self._runtime, accel=self.accel
+            )
+            hook = self.config.hook
+            self._pool = Pool(
+                backend,
+                self.cache,
+                self._runtime,
+                self.settings.image_dirs,
+                accel=self.accel.accel,
+                boot_timeout=self.settings.boot_timeout,
+                standby=self.settings.standby,
+                provision=lambda vm: hook.pytest_vm_provision(vm=vm),
+                provision_key=provision_fingerprint(self.config, self.settings.provision_key),
+                ready=lambda vm: hook.pytest_vm_ready(vm=vm),
+                progress=self.progress,
+                resolve=lambda name: hook.pytest_vm_image_resolve(config=self.config, name=name),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            try:
+                self._pool.close()
+            except Exception as exc:
+                log.warning("stopping guests failed: %s", exc)
+        if self._runtime is not None:
+            with contextlib.suppress(Exception):
+                self._runtime.close()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+
+def missing_tools(settings: Settings) -> list[str]:
+    """Host programs a guest test needs, with how to get each."""
+    problems = []
+    if shutil.which(settings.qemu_binary) is None:
+        problems.append(f"{settings.qemu_binary} not found: install QEMU (Debian: apt install qemu-system-x86 qemu-utils)")
+    if shutil.which("qemu-img") is None:
+        problems.append("qemu-img not found: install it (Debian: apt install qemu-utils)")
+    if shutil.which("setpriv") is None:
+        problems.append("setpriv not found: install util-linux")
+    return problems
+
+
+def builtin_dirs(extra: list[Path]) -> list[Path]:
+    """User recipe dirs first, so a user's recipe may shadow a built-in one."""
+    return [*extra, BUILTIN_IMAGES_DIR]
+
+
+def describe_settings(settings: Settings, accel: AccelChoice, **extra: Any) -> str:
+    words = [f"accel {accel.accel} ({accel.reason})", f"backend {settings.backend}", f"cache {settings.cache_dir}"]
+    words += [f"{k} {v}" for k, v in extra.items()]
+    return "vmfixtures: " + ", ".join(words)

@@ -1,0 +1,10 @@
+"""Integration tests boot real guests (debian-12 by default) under the accel auto picks."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.integration)

@@ -1,0 +1,130 @@
+"""Each test starts from the clean state, whatever the test before it did.
+
+Tests here come in pairs run in file order: the first wrecks, the second
+proves the wreck is gone.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pytest_vmfixtures import CommandError, CommandTimeout
+
+
+def test_wreck_packages_and_etc(vm):
+    vm.run("dpkg --purge --force-all procps iproute2 >/dev/null 2>&1; rm -rf /etc /root", timeout=300)
+    assert not vm.run("test -e /etc/passwd").ok
+
+
+def test_wreck_is_gone(vm):
+    assert vm.run("dpkg -s procps && test -e /etc/passwd && test -d /root").ok
+
+
+def test_kill_sshd_and_delete_it(vm):
+    vm.run("rm -f /usr/sbin/sshd; pkill -KILL sshd; true", check=True)
+    assert not vm.run("test -e /usr/sbin/sshd").ok
+
+
+def test_ssh_works_after_sshd_was_killed(vm):
+    assert vm.run("test -x /usr/sbin/sshd").ok
+    _, stdout, _ = vm.ssh.exec_command("echo over-ssh")
+    assert stdout.read().decode().strip() == "over-ssh"
+
+
+def test_marker_file_written(vm):
+    vm.run("echo dirty > /var/tmp/marker", check=True)
+
+
+def test_marker_file_gone(vm):
+    assert not vm.run("test -e /var/tmp/marker").ok
+
+
+def test_run_result_fields(vm):
+    result = vm.run("echo out; echo err >&2; exit 3")
+    assert (result.returncode, result.stdout, result.stderr, result.ok) == (3, "out\n", "err\n", False)
+
+
+def test_check_raises_command_error(vm):
+    with pytest.raises(CommandError) as info:
+        vm.run("echo partial; echo bad >&2; false", check=True)
+    assert info.value.returncode == 1
+    assert info.value.stdout == "partial\n"
+    assert info.value.stderr == "bad\n"
+
+
+def test_command_timeout_leaves_guest_usable(vm):
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        vm.run("sleep 120 & sleep 120", timeout=2)
+    assert time.monotonic() - started < 30
+    assert vm.run("echo alive", check=True).stdout == "alive\n"
+    assert not vm.run("pgrep -x sleep").ok  # the command and its child were killed
+
+
+def test_guest_clock_is_current(vm):
+    guest = int(vm.run("date +%s", check=True).stdout)
+    assert abs(guest - time.time()) < 30
+
+
+def test_qmp_query_status(vm):
+    assert vm.qmp.execute("query-status")["status"] == "running"
+
+
+def test_qmp_error_is_clear(vm):
+    from pytest_vmfixtures import QMPError
+
+    with pytest.raises(QMPError) as info:
+        vm.qmp.execute("no-such-command")
+    assert info.value.error_class == "CommandNotFound"
+
+
+def test_put_get_round_trip(vm, tmp_path):
+    payload = bytes(range(256)) * 400
+    (tmp_path / "up.bin").write_bytes(payload)
+    vm.put(tmp_path / "up.bin", "/root/up.bin")
+    assert vm.run("sha256sum /root/up.bin", check=True).stdout.split()[0] == __import__("hashlib").sha256(payload).hexdigest()
+    vm.get("/root/up.bin", tmp_path / "down.bin")
+    assert (tmp_path / "down.bin").read_bytes() == payload
+
+
+def test_named_snapshot_and_revert(vm):
+    vm.run("echo one > /root/f", check=True)
+    vm.snapshot("one")
+    vm.run("echo two > /root/f", check=True)
+    vm.revert("one")
+    assert vm.run("cat /root/f", check=True).stdout == "one\n"
+    vm.revert()
+    assert not vm.run("test -e /root/f").ok
+
+
+def test_reboot(vm):
+    before = vm.run("cat /proc/sys/kernel/random/boot_id", check=True).stdout
+    vm.run("touch /root/survives-reboot", check=True)
+    vm.reboot()
+    assert vm.run("cat /proc/sys/kernel/random/boot_id", check=True).stdout != before
+    assert vm.run("test -e /root/survives-reboot").ok
+
+
+def test_handle_facts(vm):
+    assert vm.image == "debian-12"
+    assert vm.accel in ("kvm", "tcg")
+    assert vm.console_log.exists()
+    assert vm.os.id == "debian"
+    assert vm.os.package_manager == "apt"
+    assert vm.os.init == "systemd"
+
+
+def test_factory_gives_distinct_guests(vm_factory):
+    a = vm_factory()
+    b = vm_factory(image="debian-12")
+    a.run("echo a > /root/who", check=True)
+    assert not b.run("test -e /root/who").ok
+    assert a.ssh_port != b.ssh_port
+
+
+@pytest.mark.vm(memory_mb=384)
+def test_marker_memory(vm):
+    kib = int(vm.run("awk '/MemTotal/ {print $2}' /proc/meminfo", check=True).stdout)
+    assert 300 * 1024 < kib <= 384 * 1024
