@@ -327,7 +327,8 @@ def _run_mmdebstrap(recipe: Recipe, archive: Path, target: Path, progress: Calla
     if recipe.packages:
         command.append("--include=" + ",".join(recipe.packages))
     command += [recipe.release, str(target), recipe.mirror, *recipe.extra_sources]
-    tail: collections.deque[str] = collections.deque(maxlen=15)
+    tail: collections.deque[str] = collections.deque(maxlen=8)
+    errors: list[str] = []  # apt's "E:" lines say what went wrong; the tail says where
     # Its own session: on errors mmdebstrap signals its whole process group,
     # which would otherwise kill the test run that started the build.
     with subprocess.Popen(
@@ -344,6 +345,8 @@ def _run_mmdebstrap(recipe: Recipe, archive: Path, target: Path, progress: Calla
             for line in process.stderr:
                 line = line.rstrip()
                 tail.append(line)
+                if line.startswith("E: ") and len(errors) < 5:
+                    errors.append(line)
                 if line.startswith("I: "):
                     progress(line[3:])
         except BaseException:
@@ -353,7 +356,7 @@ def _run_mmdebstrap(recipe: Recipe, archive: Path, target: Path, progress: Calla
     if process.returncode != 0:
         raise ImageError(
             f"mmdebstrap failed building {recipe.name!r} (exit {process.returncode}); "
-            "fix the recipe or the host as its last lines say:\n" + "\n".join(tail)
+            "fix the recipe or the host as its messages say:\n" + "\n".join(errors or tail)
         )
 
 

@@ -57,10 +57,14 @@ def agent_script(command: str) -> str:
 
 
 def kill_script(tag: str) -> str:
-    """Kill every process whose environment carries ``tag`` (busybox and coreutils alike)."""
+    """Kill every process whose environment carries ``tag``.
+
+    One grep over all environ files (a fork per process is slow under
+    emulation); the tag is a random hex string, so a substring match is
+    exact enough. Two passes catch children forked during the first.
+    """
     return (
-        "for e in /proc/[0-9]*/environ; do "
-        f"if tr '\\0' '\\n' < \"$e\" 2>/dev/null | grep -qx '{TAG}={tag}'; then "
-        'p=${e#/proc/}; p=${p%/environ}; [ "$p" = "$$" ] || kill -KILL "$p" 2>/dev/null; '
-        "fi; done; true"
+        "for pass in 1 2; do "
+        f"for e in $(grep -l '{TAG}={tag}' /proc/[0-9]*/environ 2>/dev/null); do "
+        'p=${e#/proc/}; kill -KILL "${p%/environ}" 2>/dev/null; done; done; true'
     )

@@ -6,6 +6,7 @@ running a session. Every complaint is one line and says what to write instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,7 @@ def parse_marker(where: str, marks: Iterable[tuple[tuple[Any, ...], Mapping[str,
         raise OptionError(f"{where}: image must be an image name such as {DEFAULT_IMAGE!r}, got {image!r}")
     images = merged.get("images")
     if images is not None:
-        if isinstance(images, str) or not all(isinstance(i, str) and i for i in images):
+        if not isinstance(images, (list, tuple)) or not all(isinstance(i, str) and i for i in images):
             raise OptionError(f"{where}: images must be a list of image names, got {images!r}")
         images = tuple(images)
         if image is not None:
@@ -102,7 +103,7 @@ def parse_positive(option: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise OptionError(f"{option} must be a number of seconds, got {value!r}") from None
-    if number <= 0:
+    if not (math.isfinite(number) and number > 0):
         raise OptionError(f"{option} must be positive, got {value!r}")
     return number
 

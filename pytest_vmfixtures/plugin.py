@@ -117,7 +117,10 @@ def _uses_guests(fixturenames: Any) -> bool:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "_vm_image" not in metafunc.fixturenames:
         return
-    spec = marker_spec(metafunc.definition)
+    try:
+        spec = marker_spec(metafunc.definition)
+    except pytest.UsageError as exc:
+        raise pytest.Collector.CollectError(str(exc)) from None
     if spec.image is not None:
         return  # pinned: no matrix
     session = metafunc.config.stash[SESSION_KEY]

@@ -48,7 +48,11 @@ class Agent:
             raise AgentError(f"{self.name}: cannot open guest agent socket: {exc}") from exc
         self._sock = sock
         self._buffer = b""
-        self._sync(timeout)
+        try:
+            self._sync(timeout)
+        except TimeoutError:
+            self.close()
+            raise AgentError(f"{self.name}: guest agent did not answer the sync within {timeout:g} s") from None
 
     def _sync(self, timeout: float) -> None:
         deadline = Deadline(timeout)

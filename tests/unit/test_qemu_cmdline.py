@@ -1,0 +1,222 @@
+"""qemu.build_command_line: the argv is pure, so its security and migration properties are checked here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pytest_vmfixtures.accel import AccelChoice
+from pytest_vmfixtures.backends.base import MachineConfig
+from pytest_vmfixtures.backends.qemu import TB_SIZE_MB, MachinePaths, build_command_line, mac_for
+from pytest_vmfixtures.image import BuiltImage, GuestOS
+
+TCG = AccelChoice("tcg", "test")
+KVM = AccelChoice("kvm", "test")
+BINARY = "/opt/qemu/bin/qemu-system-x86_64"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> BuiltImage:
+    directory = tmp_path / "images" / "debian-12-0123456789abcdef"
+    directory.mkdir(parents=True)
+    for name in ("disk.qcow2", "vmlinuz", "initrd.img", "id_ed25519"):
+        (directory / name).write_bytes(b"")
+    return BuiltImage(
+        directory=directory,
+        name="debian-12",
+        recipe_digest="0" * 64,
+        disk=directory / "disk.qcow2",
+        disk_sha256="1" * 64,
+        kernel=directory / "vmlinuz",
+        initrd=directory / "initrd.img",
+        cmdline="root=/dev/vda rw console=ttyS0 quiet",
+        user="root",
+        client_key=directory / "id_ed25519",
+        host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake",
+        arch="x86_64",
+        os=GuestOS(id="debian", version="12", init="systemd", package_manager="apt"),
+        agent=True,
+        built_at=0.0,
+        builder_version="1",
+    )
+
+
+def paths_in(tmp_path: Path, label: str) -> MachinePaths:
+    files = tmp_path / "run" / "session" / label
+    socks = tmp_path / "socks" / label
+    files.mkdir(parents=True)
+    socks.mkdir(parents=True)
+    return MachinePaths(files, socks)
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+
+
+def netdev(argv: list[str]) -> str:
+    (value,) = option_values(argv, "-netdev")
+    return value
+
+
+def build(image: BuiltImage, tmp_path: Path, **kw) -> list[str]:
+    config = kw.pop("config", MachineConfig(image="debian-12"))
+    accel = kw.pop("accel", TCG)
+    paths = kw.pop("paths", None) or paths_in(tmp_path, "m-1")
+    port = kw.pop("port", 40022)
+    return build_command_line(BINARY, image, config, accel, paths, port, **kw)
+
+
+def test_binary_first_and_no_defaults(image: BuiltImage, tmp_path: Path) -> None:
+    argv = build(image, tmp_path, name="debian-12-1")
+    assert argv[0] == BINARY
+    assert "-nodefaults" in argv and "-no-user-config" in argv
+    assert option_values(argv, "-name") == ["guest=debian-12-1,debug-threads=on"]
+    assert option_values(argv, "-display") == ["none"]
+    assert all(isinstance(a, str) for a in argv)
+
+
+def test_memory_and_cpus_come_from_the_config(image: BuiltImage, tmp_path: Path) -> None:
+    argv = build(image, tmp_path, config=MachineConfig(image="debian-12", memory_mb=1536, cpus=3))
+    assert option_values(argv, "-m") == ["1536"]
+    assert option_values(argv, "-smp") == ["3"]
+
+
+def test_network_is_restricted_by_default(image: BuiltImage, tmp_path: Path) -> None:
+    assert "restrict=on" in netdev(build(image, tmp_path)).split(",")
+
+
+def test_nat_network_lifts_the_restriction(image: BuiltImage, tmp_path: Path) -> None:
+    argv = build(image, tmp_path, config=MachineConfig(image="debian-12", network="nat"))
+    assert "restrict=off" in netdev(argv).split(",")
+    assert "restrict=on" not in " ".join(argv)
+
+
+@pytest.mark.parametrize("network", ["restricted", "nat"])
+def test_ssh_forward_binds_loopback_only(image: BuiltImage, tmp_path: Path, network: str) -> None:
+    argv = build(image, tmp_path, config=MachineConfig(image="debian-12", network=network), port=45678)
+    forwards = [part for part in netdev(argv).split(",") if part.startswith("hostfwd=")]
+    assert forwards == ["hostfwd=tcp:127.0.0.1:45678-:22"]
+    assert [a for a in argv if "hostfwd" in a] == [netdev(argv)]
+    assert "guestfwd" not in " ".join(argv)
+
+
+def test_incoming_defer_only_when_restoring(image: BuiltImage, tmp_path: Path) -> None:
+    cold = build(image, tmp_path, paths=paths_in(tmp_path, "a"))
+    assert "-incoming" not in cold
+    restore = build(image, tmp_path, paths=paths_in(tmp_path, "b"), incoming=True)
+    assert option_values(restore, "-incoming") == ["defer"]
+    assert restore.count("-incoming") == 1
+
+
+def test_kvm_uses_the_host_cpu(image: BuiltImage, tmp_path: Path) -> None:
+    argv = build(image, tmp_path, accel=KVM)
+    assert option_values(argv, "-accel") == ["kvm"]
+    assert option_values(argv, "-cpu") == ["host"]
+    assert "tb-size" not in " ".join(argv)
+
+
+def test_tcg_bounds_its_translation_cache(image: BuiltImage, tmp_path: Path) -> None:
+    argv = build(image, tmp_path, accel=TCG)
+    assert option_values(argv, "-accel") == [f"tcg,tb-size={TB_SIZE_MB}"]
+    assert "-cpu" not in argv
+    assert "kvm" not in " ".join(argv)
+
+
+def test_agent_channel_only_when_the_image_has_an_agent(image: BuiltImage, tmp_path: Path) -> None:
+    paths = paths_in(tmp_path, "m-1")
+    with_agent = build(image, tmp_path, paths=paths)
+    assert "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0" in option_values(with_agent, "-device")
+    assert "virtio-serial-pci" in option_values(with_agent, "-device")
+    assert f"socket,id=qga0,path={paths.agent},server=on,wait=off" in option_values(with_agent, "-chardev")
+
+    without = build(replace(image, agent=False), tmp_path, paths=paths)
+    joined = " ".join(without)
+    assert "qga" not in joined and "guest_agent" not in joined and "virtio-serial" not in joined
+
+
+def test_sandbox_denies_spawning(image: BuiltImage, tmp_path: Path) -> None:
+    (sandbox,) = option_values(build(image, tmp_path), "-sandbox")
+    parts = sandbox.split(",")
+    assert parts[0] == "on"
+    assert "spawn=deny" in parts
+    assert "elevateprivileges=deny" in parts
+
+
+def test_sockets_live_in_the_socket_dir_and_files_in_the_file_dir(image: BuiltImage, tmp_path: Path) -> None:
+    paths = paths_in(tmp_path, "m-7")
+    argv = build(image, tmp_path, paths=paths)
+    sockets = [v for v in option_values(argv, "-chardev") if v.startswith("socket,")]
+    assert len(sockets) == 2  # qmp and the agent
+    for chardev in sockets:
+        path = Path(re.search(r"path=([^,]+)", chardev).group(1))  # type: ignore[union-attr]
+        assert path.parent == paths.socks
+    assert paths.qmp.parent == paths.socks and paths.agent.parent == paths.socks
+    assert f"file,id=serial0,path={paths.console}" in option_values(argv, "-chardev")
+    (drive,) = option_values(argv, "-drive")
+    assert drive.startswith(f"file={paths.overlay},")
+    assert "format=qcow2" in drive.split(",")
+    assert paths.overlay.parent == paths.files and paths.console.parent == paths.files
+    assert paths.pidfile.parent == paths.files and paths.stderr.parent == paths.files
+    assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
+
+
+def test_the_guest_boots_the_image_kernel_directly(image: BuiltImage, tmp_path: Path) -> None:
+    argv = build(image, tmp_path)
+    assert option_values(argv, "-kernel") == [str(image.kernel)]
+    assert option_values(argv, "-initrd") == [str(image.initrd)]
+    assert option_values(argv, "-append") == [image.cmdline]
+    assert str(image.disk) not in " ".join(argv)  # the image is only ever a backing file
+
+
+@pytest.mark.parametrize("accel", [TCG, KVM], ids=["tcg", "kvm"])
+@pytest.mark.parametrize("agent", [True, False], ids=["agent", "no-agent"])
+@pytest.mark.parametrize("network", ["restricted", "nat"])
+def test_boot_and_restore_differ_only_in_paths_port_and_incoming(
+    image: BuiltImage, tmp_path: Path, accel: AccelChoice, agent: bool, network: str
+) -> None:
+    """Migration loads device state into a QEMU with the same devices; only host-side details may change."""
+    image = replace(image, agent=agent)
+    config = MachineConfig(image="debian-12", memory_mb=768, cpus=2, network=network)
+    boot_paths, restore_paths = paths_in(tmp_path, "debian-12-1"), paths_in(tmp_path, "debian-12-2")
+    boot = build_command_line(BINARY, image, config, accel, boot_paths, 40001, name="debian-12-1")
+    restore = build_command_line(BINARY, image, config, accel, restore_paths, 40002, incoming=True, name="debian-12-2")
+
+    def normalise(argv: list[str], paths: MachinePaths, port: int, name: str) -> list[str]:
+        out = []
+        for arg in argv:
+            arg = arg.replace(str(paths.files), "<FILES>").replace(str(paths.socks), "<SOCKS>")
+            arg = arg.replace(f"127.0.0.1:{port}-", "127.0.0.1:<PORT>-")
+            arg = arg.replace(f"guest={name},", "guest=<NAME>,")  # the process label, not guest state
+            out.append(arg)
+        return out
+
+    incoming_at = restore.index("-incoming")
+    assert restore[incoming_at : incoming_at + 2] == ["-incoming", "defer"]
+    restore_without = restore[:incoming_at] + restore[incoming_at + 2 :]
+    assert normalise(boot, boot_paths, 40001, "debian-12-1") == normalise(
+        restore_without, restore_paths, 40002, "debian-12-2"
+    )
+    # the MAC is part of the migrated NIC state: same on both sides
+    assert [d for d in boot if "mac=" in d] == [d for d in restore if "mac=" in d]
+
+
+def test_device_order_is_stable(image: BuiltImage, tmp_path: Path) -> None:
+    first = build(image, tmp_path, paths=paths_in(tmp_path, "a"))
+    second = build(image, tmp_path, paths=paths_in(tmp_path, "b"))
+    assert option_values(first, "-device") == option_values(second, "-device")
+
+
+def test_mac_is_stable_local_and_per_image() -> None:
+    mac = mac_for("debian-12")
+    assert mac == mac_for("debian-12")
+    assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", mac)
+    assert mac_for("debian-13") != mac
+    assert len({mac_for(f"image-{i}") for i in range(50)}) == 50
+
+
+def test_nic_uses_the_mac_of_the_configured_image(image: BuiltImage, tmp_path: Path) -> None:
+    argv = build(image, tmp_path, config=MachineConfig(image="debian-12"))
+    assert f"virtio-net-pci,netdev=net0,mac={mac_for('debian-12')}" in option_values(argv, "-device")

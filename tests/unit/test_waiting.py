@@ -1,0 +1,128 @@
+"""waiting.wait_for: every wait has a name, a deadline, and a diagnosis when it runs out."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pytest_vmfixtures.errors import BootError, GuestError, WaitTimeout
+from pytest_vmfixtures.waiting import Deadline, wait_for
+
+
+def test_returns_the_first_value_that_is_not_none() -> None:
+    answers = iter([None, None, "ready", "later"])
+    calls = []
+
+    def attempt() -> str | None:
+        calls.append(1)
+        return next(answers)
+
+    assert wait_for("step", attempt, 5.0, interval=0.001) == "ready"
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("value", [0, False, "", []])
+def test_falsy_values_count_as_answers(value: object) -> None:
+    assert wait_for("step", lambda: value, 5.0) == value
+
+
+def test_zero_timeout_still_makes_one_attempt() -> None:
+    assert wait_for("step", lambda: 42, 0) == 42
+    with pytest.raises(WaitTimeout, match="timed out after 0 s waiting for step"):
+        wait_for("step", lambda: None, 0)
+
+
+def test_times_out_with_the_step_name_and_the_diagnosis() -> None:
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as info:
+        wait_for("SSH on debian-12-1", lambda: None, 0.2, interval=0.01, diagnose=lambda: "sshd never started")
+    elapsed = time.monotonic() - started
+    assert str(info.value) == "timed out after 0.2 s waiting for SSH on debian-12-1: sshd never started"
+    assert 0.2 <= elapsed < 2.0
+
+
+def test_raises_the_given_error_type() -> None:
+    def fail(message: str) -> BootError:
+        return BootError(message, diagnosis="kernel panic: VFS")
+
+    with pytest.raises(BootError) as info:
+        wait_for("boot", lambda: None, 0.05, interval=0.01, error=fail, diagnose=lambda: "panicked")
+    assert info.value.diagnosis == "kernel panic: VFS"
+    assert "timed out after 0.05 s waiting for boot: panicked" in str(info.value)
+
+
+def test_diagnosis_runs_once_and_only_on_timeout() -> None:
+    diagnosed = []
+
+    def diagnose() -> str:
+        diagnosed.append(1)
+        return "why"
+
+    wait_for("fast", lambda: True, 1.0, diagnose=diagnose)
+    assert diagnosed == []
+    with pytest.raises(WaitTimeout):
+        wait_for("slow", lambda: None, 0.05, interval=0.01, diagnose=diagnose)
+    assert diagnosed == [1]
+
+
+def test_a_failing_diagnosis_does_not_hide_the_timeout() -> None:
+    def diagnose() -> str:
+        raise OSError("console log gone")
+
+    with pytest.raises(WaitTimeout, match=r"waiting for x: \(diagnosis failed: console log gone\)"):
+        wait_for("x", lambda: None, 0.02, interval=0.01, diagnose=diagnose)
+
+
+def test_empty_diagnosis_leaves_the_message_plain() -> None:
+    with pytest.raises(WaitTimeout) as info:
+        wait_for("x", lambda: None, 0.02, interval=0.01, diagnose=lambda: "")
+    assert str(info.value) == "timed out after 0.02 s waiting for x"
+
+
+def test_an_attempt_that_raises_aborts_at_once() -> None:
+    calls = []
+
+    def attempt() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise GuestError("QEMU exited with status 1")
+        return None
+
+    started = time.monotonic()
+    with pytest.raises(GuestError, match="QEMU exited"):
+        wait_for("QMP socket", attempt, 30.0, interval=0.001, diagnose=lambda: pytest.fail("no diagnosis on abort"))
+    assert len(calls) == 2
+    assert time.monotonic() - started < 1.0
+
+
+def test_interval_backs_off_up_to_the_maximum() -> None:
+    stamps: list[float] = []
+
+    def attempt() -> None:
+        stamps.append(time.monotonic())
+        return None
+
+    with pytest.raises(WaitTimeout):
+        wait_for("x", attempt, 0.5, interval=0.01, max_interval=0.08)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert gaps[0] < 0.05
+    assert max(gaps[:-1]) < 0.08 + 0.05  # never much beyond max_interval
+    assert 5 <= len(stamps) < 40
+
+
+def test_the_last_sleep_does_not_overshoot_the_deadline() -> None:
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        wait_for("x", lambda: None, 0.1, interval=5.0, max_interval=5.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_deadline() -> None:
+    d = Deadline(0.05)
+    assert not d.expired()
+    assert 0 < d.remaining() <= 0.05
+    time.sleep(0.06)
+    assert d.expired()
+    assert d.remaining() == 0.0
+    assert d.elapsed() >= 0.05
