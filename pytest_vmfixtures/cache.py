@@ -20,10 +20,11 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import ImageError
+from .image import BuiltImage
 
 log = logging.getLogger("pytest_vmfixtures")
 
@@ -189,3 +190,36 @@ class Cache:
             with contextlib.suppress(OSError):
                 if now - entry.stat().st_mtime > older_than:
                     remove_tree(entry)
+
+
+def image_key(name: str, recipe_digest: str) -> str:
+    return f"{name}-{recipe_digest[:16]}"
+
+
+def ensure_image(cache: Cache, name: str, image_dirs: Sequence[Path], progress: Callable[[str], None]) -> BuiltImage:
+    """The built image for recipe ``name``: from the cache, or built now (once across processes)."""
+    from .builder import build_image
+    from .catalog import load_recipe
+
+    recipe = load_recipe(name, image_dirs)
+
+    def create(directory: Path) -> None:
+        started = time.monotonic()
+        progress(f"building image {name} (first use; cached afterwards)")
+        build_image(recipe, directory, progress)
+        image = BuiltImage.load(directory)
+        cache.write_manifest(
+            directory,
+            {"kind": "image", "name": name, "recipe_digest": recipe.digest},
+            [image.disk.name, image.kernel.name, image.initrd.name],
+        )
+        progress(f"built image {name} in {time.monotonic() - started:.0f} s")
+
+    directory = cache.entry(
+        "images",
+        image_key(recipe.name, recipe.digest),
+        create,
+        cache.check_manifest,
+        waiting=lambda: progress(f"waiting for another run building image {name}"),
+    )
+    return BuiltImage.load(directory)

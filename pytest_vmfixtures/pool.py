@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend, MachineConfig, SavedState, config_inputs, digest_of
-from .builder import build_image
-from .cache import Cache
-from .catalog import load_recipe
+from .cache import Cache, ensure_image
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
 from .image import BuiltImage
@@ -139,22 +137,7 @@ class Pool:
         if provided is not None:
             self._images[name] = provided
             return provided
-        recipe = load_recipe(name, self.image_dirs)
-        key = f"{recipe.name}-{recipe.digest[:16]}"
-
-        def create(directory: Path) -> None:
-            started = time.monotonic()
-            self.progress(f"building image {name} (first use; cached afterwards)")
-            build_image(recipe, directory, self.progress)
-            image = BuiltImage.load(directory)
-            self.cache.write_manifest(directory, {"kind": "image", "name": name}, [image.disk.name, image.kernel.name, image.initrd.name])
-            self.progress(f"built image {name} in {time.monotonic() - started:.0f} s")
-
-        directory = self.cache.entry(
-            "images", key, create, self.cache.check_manifest,
-            waiting=lambda: self.progress(f"waiting for another run building image {name}"),
-        )
-        image = BuiltImage.load(directory)
+        image = ensure_image(self.cache, name, self.image_dirs, self.progress)
         self._images[name] = image
         return image
 

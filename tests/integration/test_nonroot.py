@@ -1,0 +1,81 @@
+"""The whole path as an ordinary user: image build (rootless mmdebstrap), boot, revert.
+
+CI runs as root and names an ordinary user (in the kvm group, with subuid and
+subgid ranges, as useradd makes them) in VMFIX_TEST_USER; this test then runs
+a small suite as that user with a cache of the user's own, so nothing can be
+borrowed from root's cache.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import pytest_vmfixtures
+from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+
+USER = os.environ.get("VMFIX_TEST_USER", "")
+
+pytestmark = pytest.mark.skipif(
+    not USER or os.geteuid() != 0,
+    reason="set VMFIX_TEST_USER to an ordinary user and run as root (CI does) to test the non-root path",
+)
+
+SUITE = '''
+def test_wreck(vm):
+    assert vm.run("id -u", check=True).stdout.strip() == "0"
+    vm.run("rm -rf /etc", timeout=120)
+
+def test_clean_again(vm):
+    assert vm.run("test -e /etc/passwd").ok
+    # Files in the image keep their real owners although no root built it.
+    assert vm.run("stat -c %u:%g /etc/shadow", check=True).stdout.strip() == "0:42"
+'''
+
+
+def _as_user(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = {"HOME": pwd.getpwnam(USER).pw_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    env.update(kwargs.pop("env", {}))  # type: ignore[arg-type]
+    return subprocess.run(["runuser", "-u", USER, "--", *argv], env=env, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+
+
+def test_build_boot_and_revert_as_ordinary_user() -> None:
+    home = Path(pwd.getpwnam(USER).pw_dir)
+    entry = pwd.getpwnam(USER)
+    # The checkout may sit where the user cannot read it: give the user a copy of the package.
+    shared = home / "vmfixtures-test"
+    shutil.rmtree(shared, ignore_errors=True)
+    shared.mkdir()
+    source = shared / "src"
+    shutil.copytree(Path(pytest_vmfixtures.__file__).parent, source / "pytest_vmfixtures",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(BUILTIN_IMAGES_DIR, source / BUILTIN_IMAGES_DIR.name)
+    suite = shared / "suite"
+    suite.mkdir()
+    (suite / "test_as_user.py").write_text(SUITE)
+    for path in [shared, *shared.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    venv = home / ".cache" / "vmfixtures-test-venv"
+    if not (venv / "bin" / "python").exists():
+        made = _as_user(["/usr/bin/python3", "-m", "venv", str(venv)])
+        assert made.returncode == 0, made.stderr
+        deps = _as_user([str(venv / "bin" / "pip"), "install", "-q", "pytest", "paramiko", "qemu.qmp", "pluggy"])
+        assert deps.returncode == 0, deps.stderr[-2000:]
+
+    result = _as_user(
+        [str(venv / "bin" / "python"), "-m", "pytest", "-p", "pytest_vmfixtures.plugin", "-p", "no:cacheprovider",
+         "-v", "--vm-cache", str(home / ".cache" / "pytest-vmfixtures"), str(suite)],
+        env={"PYTHONPATH": str(source)},
+        cwd=suite,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout
+    images = list((home / ".cache" / "pytest-vmfixtures" / "images").glob("debian-12-*/disk.qcow2"))
+    assert images and all(p.stat().st_uid == entry.pw_uid for p in images)
