@@ -26,7 +26,7 @@ from .channels.agent import Agent, AgentError
 from .channels.qmp import QMP
 from .channels.ssh import SSH, SSHError
 from .command import CommandResult, new_tag
-from .errors import BootError, CommandTimeout, GuestError, SnapshotError
+from .errors import BootError, CommandTimeout, GuestError, SnapshotError, VMError
 from .image import BuiltImage, GuestOS
 from .waiting import Deadline, wait_for
 
@@ -134,25 +134,31 @@ def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
     wait_for(f"SSH on {machine.name}", attempt, timeout, interval=1.0, max_interval=2.0, error=fail)
 
 
-def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> None:
-    """Make a just-restored instance answer fast: sync channels, fix the clock.
+def clock_command() -> str:
+    """Set the guest clock to the host's, to the microsecond, with busybox or coreutils date."""
+    now = time.time()
+    return f"date -u -s @{now:.6f} >/dev/null 2>&1 || date -u -s '{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now))}' >/dev/null"
 
-    The first command after a restore is slow under TCG (translated code was
-    thrown away); paying for it here, in the background, keeps it out of
-    the test's time.
+
+def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> None:
+    """Make a just-restored instance answer fast: sync a channel, fix the clock.
+
+    A restored guest wakes at the time its state was saved, and its first
+    command is slow under TCG (translated code was thrown away). One command
+    both corrects the clock and pays for the warm-up, here in the background
+    rather than in the test's time.
     """
     if instance.agent is not None:
         try:
             instance.agent.connect(timeout)
-            instance.agent.set_time()
-            instance.agent.exec("true", new_tag(), timeout)
+            instance.agent.exec(clock_command(), new_tag(), timeout).check()
             return
-        except AgentError as exc:
+        except VMError as exc:
             log.warning("%s: guest agent unusable after restore (%s); using SSH", instance.machine.name, exc)
+            instance.agent.close()
             instance.agent = None
     instance.ssh.connect(timeout)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    instance.ssh.exec(f"date -u -s '{stamp}' >/dev/null", new_tag(), timeout)
+    instance.ssh.exec(clock_command(), new_tag(), timeout).check()
 
 
 class VM:

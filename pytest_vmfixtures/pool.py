@@ -27,7 +27,7 @@ from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 Progress = Callable[[str], None]
 
 

@@ -145,10 +145,6 @@ class Agent:
         return reply.get("return")
 
     # -- commands ---------------------------------------------------------
-    def set_time(self, timeout: float = 10.0) -> None:
-        """Bring the guest clock to the host's: a restored guest wakes at its save time."""
-        self.call("guest-set-time", {"time": time.time_ns()}, timeout)
-
     def exec(self, command: str, tag: str, timeout: float | None, channel_timeout: float = 30.0) -> CommandResult:
         started = time.monotonic()
         pid = self.call(

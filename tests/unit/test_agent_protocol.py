@@ -279,18 +279,6 @@ def test_connection_closed_mid_call(fake: FakeGuestAgent, agent: Agent) -> None:
     assert not agent.connected
 
 
-def test_set_time_sends_the_host_clock(fake: FakeGuestAgent, agent: Agent) -> None:
-    agent.connect(5)
-    before = time.time_ns()
-    agent.set_time()
-    after = time.time_ns()
-    (request,) = [r for r in fake.requests if r["execute"] == "guest-set-time"]
-    assert before <= request["arguments"]["time"] <= after
-
-
-# -- guest-exec ---------------------------------------------------------------------
-
-
 def test_exec_decodes_output_and_exit_code(fake: FakeGuestAgent, agent: Agent) -> None:
     fake.exec_script = lambda request: [
         {"exited": False},

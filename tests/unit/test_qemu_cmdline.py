@@ -10,7 +10,7 @@ import pytest
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
-from pytest_vmfixtures.backends.qemu import TB_SIZE_MB, MachinePaths, build_command_line, mac_for
+from pytest_vmfixtures.backends.qemu import KERNEL_ARGS, TB_SIZE_MB, MachinePaths, build_command_line, mac_for
 from pytest_vmfixtures.image import BuiltImage, GuestOS
 
 TCG = AccelChoice("tcg", "test")
@@ -167,7 +167,7 @@ def test_the_guest_boots_the_image_kernel_directly(image: BuiltImage, tmp_path: 
     argv = build(image, tmp_path)
     assert option_values(argv, "-kernel") == [str(image.kernel)]
     assert option_values(argv, "-initrd") == [str(image.initrd)]
-    assert option_values(argv, "-append") == [image.cmdline]
+    assert option_values(argv, "-append") == [f"{image.cmdline} {KERNEL_ARGS}"]
     assert str(image.disk) not in " ".join(argv)  # the image is only ever a backing file
 
 
