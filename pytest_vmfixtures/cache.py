@@ -140,7 +140,7 @@ class Cache:
                     return final
                 log.warning("cache entry %s is damaged (%s); making it again", final, problem)
                 remove_tree(final)
-            tmp = self.new_tmp(key)
+            tmp = self.new_tmp(f"{kind}--{key}")
             try:
                 create(tmp)
                 problem = verify(tmp)
@@ -180,16 +180,26 @@ class Cache:
         data: dict[str, object] = json.loads((directory / "manifest.json").read_text())
         return data
 
-    def clean_tmp(self, older_than: float = 24 * 3600) -> None:
-        """Remove build leftovers of runs that died (unlocked and old)."""
+    def clean_tmp(self) -> list[str]:
+        """Remove half-made entries of runs that died: nobody holds their lock any more."""
         tmp = self.root / "tmp"
+        removed: list[str] = []
         if not tmp.is_dir():
-            return
-        now = time.time()
+            return removed
         for entry in tmp.iterdir():
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > older_than:
+            kind, sep, rest = entry.name.partition("--")
+            if not sep:
+                continue
+            key = rest.rsplit("-", 1)[0]
+            lock = self.root / "locks" / f"{kind}-{key}.lock"
+            try:
+                with open(lock, "a") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     remove_tree(entry)
+                    removed.append(entry.name)
+            except (BlockingIOError, OSError):
+                continue  # being built right now
+        return removed
 
 
 def image_key(name: str, recipe_digest: str) -> str:

@@ -15,7 +15,8 @@ import pytest
 
 from .backends.base import MachineConfig
 from .errors import VMError
-from .guest import VM, GuestState
+from .evidence import artifact_dir, collect
+from .guest import VM
 from .options import DEFAULT_IMAGE, MarkerSpec, OptionError, parse_marker
 from .session import VMSession
 
@@ -23,6 +24,7 @@ log = logging.getLogger("pytest_vmfixtures")
 
 SESSION_KEY = pytest.StashKey[VMSession]()
 HELD_KEY = pytest.StashKey[list[VM]]()
+FAILED_KEY = pytest.StashKey[bool]()
 
 
 def marker_spec(item: pytest.Item | Any) -> MarkerSpec:
@@ -39,10 +41,15 @@ def _session(request: pytest.FixtureRequest) -> VMSession:
     return request.config.stash[SESSION_KEY]
 
 
-def _give_back(session: VMSession, vm: VM) -> None:
-    if vm.state == GuestState.DEAD:
-        vm.kill()
-        return
+def _give_back(session: VMSession, vm: VM, node: pytest.Item) -> None:
+    if node.stash.get(FAILED_KEY, False):
+        try:
+            session.artifacts_written |= bool(collect(vm, artifact_dir(session.artifacts_root(), node.nodeid, vm.name)))
+        except Exception as exc:  # evidence is best effort; reverting must still happen
+            log.warning("collecting evidence from %s failed: %s", vm.name, exc)
+        if session.settings.keep_on_failure and vm.machine_alive():
+            session.pool.keep(vm, node.nodeid)
+            return
     try:
         session.pool.release(vm)
     except VMError as exc:  # the guest was dropped; the next test gets a fresh one
@@ -77,7 +84,7 @@ def vm(request: pytest.FixtureRequest, _vm_image: str | None) -> Iterator[VM]:
     try:
         yield guest
     finally:
-        _give_back(session, guest)
+        _give_back(session, guest, request.node)
 
 
 class VMFactory:
@@ -110,7 +117,7 @@ class VMFactory:
     def close(self) -> None:
         session = _session(self._request)
         while self.guests:
-            _give_back(session, self.guests.pop())
+            _give_back(session, self.guests.pop(), self._request.node)
 
 
 @pytest.fixture

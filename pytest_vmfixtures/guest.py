@@ -231,6 +231,15 @@ class VM:
     def ssh_user(self) -> str:
         return self._image.user
 
+    def machine_alive(self) -> bool:
+        return self.state != GuestState.DEAD and self._instance.machine.alive()
+
+    def screendump(self, path: Path) -> None:
+        """Save the guest's screen (its VGA console) as a PNG file."""
+        qmp = self._instance.machine.qmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        qmp.execute("screendump", {"filename": str(path), "format": "png"})
+
     def ssh_command(self) -> str:
         """A command line a person can paste to get a shell in this guest."""
         return (

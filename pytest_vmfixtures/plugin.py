@@ -15,7 +15,7 @@ from .backends.base import Backend
 from .cache import default_cache_dir
 from .catalog import available_recipes
 from .errors import ImageError
-from .fixtures import HELD_KEY, SESSION_KEY, marker_spec, vm, vm_factory, _vm_image  # noqa: F401
+from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, marker_spec, vm, vm_factory, _vm_image  # noqa: F401
 from .guest import console_tail
 from .options import (
     DEFAULT_IMAGE,
@@ -42,7 +42,12 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-standby", "vm_standby", "string", "1", "clean spare guests restored in the background per config (0: revert in line)"),
     ("--vm-qemu-binary", "vm_qemu_binary", "string", "qemu-system-x86_64", "the QEMU system emulator to run"),
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the provisioned state's cache key (change it to provision again)"),
+    ("--vm-artifacts", "vm_artifacts", "string", "", "where failed tests' console logs, screendumps and journals go"),
+    ("--vm-keep-on-failure", "vm_keep_on_failure", "bool", False, "keep a failed test's guest running after the run and print how to ssh in"),
 ]
+
+
+_DEFAULT_TEXT = {"vm_cache": "~/.cache/pytest-vmfixtures", "vm_artifacts": "vm-artifacts under pytest's basetemp"}
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -52,9 +57,11 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vmfixtures", "virtual machine fixtures")
     for option, ini, kind, default, text in _OPTIONS:
-        shown = default if default not in ([], "") else ("~/.cache/pytest-vmfixtures" if ini == "vm_cache" else "none")
+        shown = default if default not in ([], "") else _DEFAULT_TEXT.get(ini, "none")
         help_text = f"{text} (ini: {ini}; default: {shown})"
-        if kind in ("args", "paths"):
+        if kind == "bool":
+            group.addoption(option, action="store_true", default=None, dest=ini, help=help_text)
+        elif kind in ("args", "paths"):
             group.addoption(option, action="append", default=[], dest=ini, metavar="NAME" if kind == "args" else "DIR", help=help_text)
         else:
             group.addoption(option, default=None, dest=ini, help=help_text)
@@ -84,6 +91,8 @@ def _settings(config: pytest.Config) -> Settings:
             standby=parse_count("--vm-standby", _value(config, "vm_standby")),
             qemu_binary=str(_value(config, "vm_qemu_binary")),
             provision_key=str(_value(config, "vm_provision_key") or ""),
+            artifacts=Path(str(_value(config, "vm_artifacts"))).expanduser() if _value(config, "vm_artifacts") else None,
+            keep_on_failure=bool(_value(config, "vm_keep_on_failure")),
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -177,13 +186,23 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed:
+        item.stash[FAILED_KEY] = True
         for guest in item.stash.get(HELD_KEY, []):
             try:
                 tail = console_tail(guest.console_log, 30)
             except Exception:
                 continue
-            report.sections.append((f"vm {guest.name} console ({report.when})", tail))
+            # Named "Captured stdout ..." so JUnit XML carries it in system-out as well.
+            report.sections.append((f"Captured stdout {report.when}: vm {guest.name} console, last 30 lines", tail))
     return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    session = config.stash[SESSION_KEY]
+    for line in session.kept_guest_lines():
+        terminalreporter.write_line(line, yellow=True)
+    if session.artifacts_written:
+        terminalreporter.write_line(f"vmfixtures: evidence of failed tests in {session.artifacts_root()}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -128,6 +128,7 @@ class Pool:
         self._images: dict[str, BuiltImage] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.kept: list[tuple[VM, str]] = []
 
     # -- images and states ----------------------------------------------------
     def image(self, name: str) -> BuiltImage:
@@ -239,6 +240,9 @@ class Pool:
             return
         with self._lock:
             slot.busy.discard(vm)
+        if vm.state == GuestState.DEAD:  # it died during the test; the next test gets a new guest
+            vm.kill()
+            return
         try:
             vm.reset()
         except VMError as exc:
@@ -250,6 +254,14 @@ class Pool:
             return
         with self._lock:
             slot.idle.append(vm)
+
+    def keep(self, vm: VM, reason: str) -> None:
+        """Leave a failed test's guest running for a person to inspect; it is not reused."""
+        slot = self._slots.get(vm.config)
+        if slot is not None:
+            with self._lock:
+                slot.busy.discard(vm)
+        self.kept.append((vm, reason))
 
     def discard(self, instance: Instance) -> None:
         """Stop an instance off the test's critical path."""

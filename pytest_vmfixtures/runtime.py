@@ -41,7 +41,8 @@ def pid_alive(pid: int, start_time: str | None) -> bool:
 
 
 class Runtime:
-    def __init__(self, cache_dir: Path, worker: str = "main") -> None:
+    def __init__(self, cache_dir: Path, worker: str = "main", die_with_parent: bool = True) -> None:
+        self.die_with_parent = die_with_parent
         self.session_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.run_root = cache_dir / "run"
         self.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -90,7 +91,7 @@ class Runtime:
 
     def spawn(self, argv: Sequence[str], stderr: IO[bytes], pidfile: Path) -> subprocess.Popen[bytes]:
         """Start a guest process that dies with us (parent-death signal, own process group)."""
-        full = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+        full = ["setpriv", "--pdeathsig", "KILL", "--", *argv] if self.die_with_parent else list(argv)
 
         def start() -> subprocess.Popen[bytes]:
             proc = subprocess.Popen(

@@ -41,12 +41,17 @@ class Settings:
     standby: int
     qemu_binary: str
     provision_key: str
+    artifacts: Path | None = None
+    keep_on_failure: bool = False
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:
     """The source of every pytest_vm_provision implementation, so editing one provisions again."""
+    impls = config.pluginmanager.hook.pytest_vm_provision.get_hookimpls()
+    if not impls and not extra:
+        return ""  # nothing provisions: the same state as any other run without provisioning
     parts = [extra]
-    for impl in config.pluginmanager.hook.pytest_vm_provision.get_hookimpls():
+    for impl in impls:
         try:
             parts.append(inspect.getsource(impl.function))
         except (OSError, TypeError):
@@ -63,7 +68,21 @@ class VMSession:
         self._runtime: Runtime | None = None
         self._pool: Pool | None = None
         self._closed = False
+        self.artifacts_written = False
         atexit.register(self.close)
+
+    def artifacts_root(self) -> Path:
+        if self.settings.artifacts is not None:
+            return self.settings.artifacts
+        return self.config._tmp_path_factory.getbasetemp() / "vm-artifacts"  # type: ignore[attr-defined]
+
+    def kept_guest_lines(self) -> list[str]:
+        if self._pool is None:
+            return []
+        return [
+            f"vmfixtures: kept failed guest {vm.name} ({nodeid}) running; get in with: {vm.ssh_command()}"
+            for vm, nodeid in self._pool.kept
+        ]
 
     def progress(self, message: str) -> None:
         log.info(message)
@@ -86,7 +105,8 @@ class VMSession:
             self.cache.ensure_writable()
             self.cache.clean_tmp()
             worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-            self._runtime = Runtime(self.settings.cache_dir, worker)
+            # Guests kept for a person to inspect must outlive pytest: no parent-death signal then.
+            self._runtime = Runtime(self.settings.cache_dir, worker, die_with_parent=not self.settings.keep_on_failure)
             backend: Backend = self.config.hook.pytest_vm_make_backend(
                 config=self.config, runtime=self._runtime, accel=self.accel
             )
@@ -116,7 +136,7 @@ class VMSession:
                 self._pool.close()
             except Exception as exc:
                 log.warning("stopping guests failed: %s", exc)
-        if self._runtime is not None:
+        if self._runtime is not None and not (self._pool is not None and self._pool.kept):
             with contextlib.suppress(Exception):
                 self._runtime.close()
         with contextlib.suppress(Exception):

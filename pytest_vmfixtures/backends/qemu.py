@@ -115,6 +115,7 @@ def build_command_line(
         "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", f"virtio-net-pci,netdev=net0,mac={mac_for(config.image)}",
         "-device", "virtio-rng-pci",
+        "-device", "VGA",  # something to screendump when a test fails
         "-chardev", f"file,id=serial0,path={paths.console}",
         "-serial", "chardev:serial0",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
@@ -246,6 +247,7 @@ class QemuBackend:
             "accel": self.accel.accel,
             "tb": TB_SIZE_MB,
             "kernel_args": KERNEL_ARGS,
+            "devices": 2,  # bump when the device set in build_command_line changes
         }
         if self.accel.accel == "kvm":
             inputs["cpu"] = host_cpu_id()

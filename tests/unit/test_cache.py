@@ -272,13 +272,13 @@ def test_lock_times_out_with_a_message(cache: Cache) -> None:
     assert told == [True]
 
 
-def test_clean_tmp_removes_only_old_leftovers(cache: Cache) -> None:
-    old = cache.new_tmp("old")
-    (old / "f").write_bytes(b"x")
-    (old / "f").chmod(0o444)
-    fresh = cache.new_tmp("fresh")
-    past = time.time() - 2 * 24 * 3600
-    os.utime(old, (past, past))
-    cache.clean_tmp()
-    assert not old.exists()
-    assert fresh.exists()
+def test_clean_tmp_removes_only_unlocked_leftovers(cache: Cache) -> None:
+    dead = cache.new_tmp("images--dead-abc")
+    (dead / "f").write_bytes(b"x")
+    (dead / "f").chmod(0o444)
+    busy = cache.new_tmp("images--busy-abc")
+    with cache.lock("images-busy-abc"):
+        removed = cache.clean_tmp()
+    assert not dead.exists()
+    assert busy.exists()
+    assert removed == [dead.name]

@@ -1,0 +1,235 @@
+"""Side-by-side speed of the ways to give a test a clean machine, on one image and config.
+
+Run:  scripts/benchmark            (or: .venv/bin/python benchmarks/bench.py --help)
+
+Prints a table and writes benchmarks/results.json (per scenario: p50, p95, n, unit). Scenarios:
+  cold_boot            fresh overlay + boot to the first vm.run (the naive way)
+  fresh_boot_per_test  the same as a per-test strategy: end of a test -> kill, new overlay, boot -> first run
+  warm_start           a new QEMU restored from the saved ready state -> first vm.run
+  revert               end of one test -> the next test's first vm.run returns (real pytest, destructive tests)
+  suite_100            100 destructive tests end to end in one pytest run, wall time (one warm start included)
+  libvirt_revert       libvirt snapshot-revert + a fresh SSH connection -> first command (needs libvirtd)
+  qemu_peak_rss        peak RSS of each guest's QEMU process (MiB), with guest RAM for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from pytest_vmfixtures.accel import choose_accel, probe_host
+from pytest_vmfixtures.backends.base import MachineConfig
+from pytest_vmfixtures.backends.qemu import QemuBackend
+from pytest_vmfixtures.cache import Cache, default_cache_dir, ensure_image
+from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.command import new_tag
+from pytest_vmfixtures.guest import bind_channels, wait_ssh_ready
+from pytest_vmfixtures.pool import Pool
+from pytest_vmfixtures.runtime import Runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import libvirt_baseline  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary(values: list[float], unit: str = "s") -> dict[str, object]:
+    return {"p50": percentile(values, 0.5), "p95": percentile(values, 0.95), "n": len(values), "unit": unit,
+            "mean": statistics.fmean(values), "samples": [round(v, 4) for v in values]}
+
+
+def first_run(instance) -> None:  # type: ignore[no-untyped-def]
+    if instance.agent is not None:
+        if not instance.agent.connected:
+            instance.agent.connect(60)
+        instance.agent.exec("true", new_tag(), 60).check()
+    else:
+        instance.ssh.exec("true", new_tag(), 60).check()
+
+
+def cold_boots(pool: Pool, config: MachineConfig, n: int) -> tuple[list[float], list[float]]:
+    """Each sample: new overlay + boot + first run; the per-test variant also pays killing the previous guest."""
+    image = pool.image(config.image)
+    cold, per_test = [], []
+    previous = None
+    for _ in range(n):
+        started = time.monotonic()
+        if previous is not None:
+            previous.close()
+        boot_started = time.monotonic()
+        machine = pool.backend.boot(image, config, pool.runtime.new_name("cold"))
+        instance = bind_channels(machine, image)
+        wait_ssh_ready(instance, pool.boot_timeout, pool.accel)
+        first_run(instance)
+        now = time.monotonic()
+        cold.append(now - boot_started)
+        per_test.append(now - started)
+        instance.ssh.exec("rm -rf /etc", new_tag(), 60)
+        previous = instance
+    if previous is not None:
+        previous.close()
+    return cold, per_test
+
+
+def warm_starts(pool: Pool, config: MachineConfig, n: int) -> list[float]:
+    slot = pool._slot(config)
+    samples = []
+    for _ in range(n):
+        started = time.monotonic()
+        instance = slot.new_instance()
+        first_run(instance)
+        samples.append(time.monotonic() - started)
+        instance.close()
+    return samples
+
+
+SUITE = '''
+import json, os, time
+import pytest
+
+LOG = os.environ["VMFIX_BENCH_LOG"]
+WRECK = [
+    "rm -rf /etc",
+    "dd if=/dev/zero of=/root/fill bs=1M count=64 2>/dev/null; rm -rf /usr/share/doc",
+    "pkill -KILL sshd; rm -f /usr/sbin/sshd",
+    "rm -rf /usr/lib/x86_64-linux-gnu/perl-base /var/lib/dpkg",
+    "echo broken > /etc/passwd; rm -rf /root",
+]
+
+def _peak_rss_mib(vm):
+    status = open(f"/proc/{{vm.machine.process.pid}}/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+@pytest.mark.parametrize("i", range({count}))
+def test_destructive(vm, i):
+    result = vm.run("test -e /etc/passwd && test -x /usr/sbin/sshd && test -d /var/lib/dpkg && ! test -e /root/fill")
+    first = time.monotonic()
+    assert result.ok, "guest was not clean"
+    vm.run(WRECK[i % len(WRECK)], timeout=120)
+    end = time.monotonic()
+    with open(LOG, "a") as f:
+        f.write(json.dumps({{"i": i, "first_run_done": first, "end": end, "rss": _peak_rss_mib(vm)}}) + "\\n")
+'''
+
+
+def destructive_suite(cache: Path, count: int, accel: str, standby: int) -> tuple[float, list[float], list[float]]:
+    with tempfile.TemporaryDirectory(prefix="vmfx-bench-") as tmp:
+        test_file = Path(tmp) / "test_destructive.py"
+        test_file.write_text(SUITE.format(count=count))
+        log = Path(tmp) / "log.jsonl"
+        env = dict(os.environ, VMFIX_BENCH_LOG=str(log))
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--vm-cache={cache}",
+             f"--vm-accel={accel}", f"--vm-standby={standby}", str(test_file)],
+            cwd=tmp, env=env, capture_output=True, text=True,
+        )
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"the destructive suite failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows.sort(key=lambda r: r["i"])
+    reverts = [b["first_run_done"] - a["end"] for a, b in zip(rows, rows[1:], strict=False)]
+    return wall, reverts, [r["rss"] for r in rows]
+
+
+def main() -> None:
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # refused logins while a guest boots are expected
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", default="debian-12")
+    parser.add_argument("--memory-mb", type=int, default=512)
+    parser.add_argument("--accel", default="auto")
+    parser.add_argument("--cache", type=Path, default=default_cache_dir())
+    parser.add_argument("--cold", type=int, default=3, help="cold boots to measure")
+    parser.add_argument("--warm", type=int, default=10, help="warm starts to measure")
+    parser.add_argument("--tests", type=int, default=100, help="destructive tests in the end-to-end run (>= 31)")
+    parser.add_argument("--libvirt", type=int, default=10, help="libvirt snapshot-reverts (0 to skip)")
+    parser.add_argument("--standby", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+
+    accel = choose_accel(args.accel, probe_host())
+    config = MachineConfig(args.image, memory_mb=args.memory_mb)
+    cache = Cache(args.cache)
+    cache.ensure_writable()
+    runtime = Runtime(args.cache, "bench")
+    backend = QemuBackend(runtime, accel)
+    pool = Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel, standby=0,
+                progress=lambda m: print(f"  {m}", flush=True))
+    results: dict[str, dict[str, object]] = {}
+    try:
+        print(f"benchmark: {args.image}, {args.memory_mb} MiB, 1 vCPU, {backend.describe()}", flush=True)
+        ensure_image(cache, args.image, [BUILTIN_IMAGES_DIR], pool.progress)
+        pool._slot(config)  # the saved ready state exists before anything is timed
+        print("measuring cold boots ...", flush=True)
+        cold, per_test = cold_boots(pool, config, args.cold)
+        results["cold_boot"] = summary(cold)
+        results["fresh_boot_per_test"] = summary(per_test)
+        print("measuring warm starts ...", flush=True)
+        results["warm_start"] = summary(warm_starts(pool, config, args.warm))
+    finally:
+        pool.close()
+        runtime.close()
+    print(f"running {args.tests} destructive tests in pytest ...", flush=True)
+    wall, reverts, rss = destructive_suite(args.cache, args.tests, accel.accel, args.standby)
+    results["revert"] = summary(reverts)
+    results["suite_100"] = summary([wall]) | {"tests": args.tests}
+    results["qemu_peak_rss"] = summary(rss, "MiB") | {"guest_ram_mib": args.memory_mb}
+    if args.libvirt:
+        print("measuring libvirt snapshot-revert + fresh SSH ...", flush=True)
+        image = ensure_image(cache, args.image, [BUILTIN_IMAGES_DIR], lambda m: None)
+        try:
+            results["libvirt_revert"] = summary(libvirt_baseline.measure(image, args.memory_mb, args.libvirt))
+        except libvirt_baseline.Unavailable as exc:
+            print(f"  libvirt baseline skipped: {exc}")
+    ratios = {}
+    revert = float(results["revert"]["p50"])  # type: ignore[arg-type]
+    ratios["fresh_boot_per_test / revert"] = float(results["fresh_boot_per_test"]["p50"]) / revert  # type: ignore[arg-type]
+    ratios["cold_boot / warm_start"] = float(results["cold_boot"]["p50"]) / float(results["warm_start"]["p50"])  # type: ignore[arg-type]
+    if "libvirt_revert" in results:
+        ratios["libvirt_revert / revert"] = float(results["libvirt_revert"]["p50"]) / revert  # type: ignore[arg-type]
+    document = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "accel": accel.accel,
+                    "accel_reason": accel.reason, "qemu": backend.version, "image": args.image,
+                    "memory_mb": args.memory_mb, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "scenarios": results,
+        "ratios": ratios,
+    }
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    print_table(document)
+    print(f"\nwritten to {args.output}")
+
+
+def print_table(document: dict[str, object]) -> None:
+    scenarios = document["scenarios"]
+    assert isinstance(scenarios, dict)
+    print(f"\n{'scenario':<22} {'p50':>9} {'p95':>9} {'n':>4}")
+    for name, row in scenarios.items():
+        unit = row["unit"]
+        print(f"{name:<22} {row['p50']:>8.2f}{unit[0]} {row['p95']:>8.2f}{unit[0]} {row['n']:>4}")
+    print()
+    for name, value in document["ratios"].items():  # type: ignore[union-attr]
+        print(f"{name:<32} {value:>7.1f}x")
+
+
+if __name__ == "__main__":
+    main()
