@@ -18,7 +18,7 @@ DEFAULT_IMAGE = "debian-12"
 DEFAULT_MEMORY_MB = 512
 DEFAULT_CPUS = 1
 MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network")
-BACKENDS = ("qemu",)
+BACKENDS = ("qemu", "libvirt")
 
 
 class OptionError(ValueError):

@@ -5,6 +5,11 @@ authentication); the agent's socket needs no handshake, so ``vm.run`` answers
 sooner. The wire format is newline-delimited JSON; ``guest-sync-delimited``
 re-aligns the stream after a restore, when the guest side may hold a half
 read request from the moment the state was saved.
+
+The channel is pluggable: by default the agent's unix socket is opened here,
+but a backend that owns the socket itself (libvirt) hands over an
+:class:`AgentTransport` that carries one request and its reply at a time;
+``exec``, timeouts and kill-on-timeout are the same either way.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..command import CommandResult, agent_environment, agent_script, kill_script
 from ..errors import CommandTimeout, GuestError
@@ -28,17 +33,47 @@ class AgentError(GuestError):
     """The guest agent refused a command or the channel broke."""
 
 
+class AgentTransport(Protocol):
+    """Carries agent requests for a backend that owns the agent's channel.
+
+    ``call`` returns the reply's ``return`` value and raises :class:`AgentError`
+    for an error reply, a broken channel or no answer within ``timeout``.
+    """
+
+    @property
+    def connected(self) -> bool: ...
+
+    def connect(self, timeout: float) -> None:
+        """Make sure the agent answers (the transport re-synchronises as it needs)."""
+        ...
+
+    def call(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any: ...
+
+    def close(self) -> None: ...
+
+
 class Agent:
-    def __init__(self, socket_path: Path, name: str) -> None:
+    def __init__(self, socket_path: Path | None, name: str, transport: AgentTransport | None = None) -> None:
+        if socket_path is None and transport is None:
+            raise ValueError("an Agent needs a socket path or a transport")
         self.socket_path = socket_path
         self.name = name
+        self.transport = transport
         self._sock: socket.socket | None = None
         self._buffer = b""
+
+    @classmethod
+    def over(cls, transport: AgentTransport, name: str) -> Agent:
+        """An agent whose requests go through ``transport`` instead of a socket of ours."""
+        return cls(None, name, transport)
 
     # -- connection -------------------------------------------------------
     def connect(self, timeout: float) -> None:
         """Open the socket and re-synchronise; raises AgentError if the agent does not answer."""
         self.close()
+        if self.transport is not None:
+            self.transport.connect(timeout)
+            return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -67,9 +102,14 @@ class Agent:
 
     @property
     def connected(self) -> bool:
+        if self.transport is not None:
+            return self.transport.connected
         return self._sock is not None
 
     def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            return
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -131,6 +171,8 @@ class Agent:
         return message if isinstance(message, dict) else {}
 
     def call(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+        if self.transport is not None:
+            return self.transport.call(command, arguments, timeout)
         deadline = Deadline(timeout)
         self._send_raw(self._encode(command, arguments))
         try:

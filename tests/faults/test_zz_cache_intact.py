@@ -1,0 +1,19 @@
+"""Runs last (file order): after everything above, every cached image and state is as it was made."""
+
+from __future__ import annotations
+
+import stat
+
+from pytest_vmfixtures.cache import Cache
+from pytest_vmfixtures.fixtures import SESSION_KEY
+
+
+def test_base_images_and_states_unchanged(request) -> None:
+    cache = Cache(request.config.stash[SESSION_KEY].settings.cache_dir)
+    entries = [p for kind in ("images", "states") if (cache.root / kind).is_dir() for p in (cache.root / kind).iterdir()]
+    assert entries, "the suite should have used at least one cached image"
+    for entry in entries:
+        assert Cache.check_manifest(entry) is None, f"{entry} changed"
+        for name in cache.read_manifest(entry)["files"]:  # type: ignore[union-attr]
+            mode = (entry / name).stat().st_mode
+            assert not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH), f"{entry / name} is writable"

@@ -1,0 +1,130 @@
+"""Real guests through the libvirt backend, driven with the pool directly (no plugin options yet).
+
+Needs libvirtd at qemu:///system (or VMFX_LIBVIRT_URI) and libvirt-python; skips otherwise.
+The two-host tests use a second libvirtd: VMFX_LIBVIRT_URI2 if set, else one started here by
+second_libvirtd.sh (root only) and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from pytest_vmfixtures import pool as pool_module
+from pytest_vmfixtures.accel import AccelChoice, choose_accel, probe_host
+from pytest_vmfixtures.cache import Cache, default_cache_dir
+from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.channels.agent import Agent
+from pytest_vmfixtures.channels.ssh import SSH
+from pytest_vmfixtures.guest import Instance, bind_channels
+from pytest_vmfixtures.image import BuiltImage
+from pytest_vmfixtures.pool import Pool
+from pytest_vmfixtures.runtime import Runtime
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: pip install -e '.[libvirt]'")
+
+from pytest_vmfixtures.backends.libvirt import LibvirtBackend  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PRIMARY_URI = os.environ.get("VMFX_LIBVIRT_URI", "qemu:///system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/libvirt" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+def reachable(uri: str) -> str | None:
+    """None if libvirtd answers at ``uri``, else why not."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        return f"libvirtd not reachable at {uri}: {exc.get_error_message()} (start virtlogd -d; libvirtd -d)"
+    conn.close()
+    return None
+
+
+def bind_channels_any(machine, image: BuiltImage) -> Instance:  # type: ignore[no-untyped-def]
+    """guest.bind_channels plus the agent transport a libvirt machine offers (the patch proposed for guest.py)."""
+    transport = getattr(machine, "agent_transport", None)
+    if transport is None:
+        return bind_channels(machine, image)
+    key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
+    ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name)
+    return Instance(machine, ssh, Agent.over(transport, machine.name))
+
+
+@pytest.fixture(scope="session")
+def primary_uri() -> str:
+    why = reachable(PRIMARY_URI)
+    if why:
+        pytest.skip(why)
+    return PRIMARY_URI
+
+
+@pytest.fixture(scope="session")
+def second_uri(primary_uri: str) -> Iterator[str]:
+    uri = os.environ.get("VMFX_LIBVIRT_URI2")
+    started = False
+    if not uri:
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            pytest.skip("no second libvirtd: set VMFX_LIBVIRT_URI2, or run as root to start one here")
+        result = subprocess.run([str(HERE / "second_libvirtd.sh"), "start"], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            pytest.skip(f"cannot start a second libvirtd: {result.stderr.strip()}")
+        uri = result.stdout.strip().splitlines()[-1]
+        started = True
+    why = reachable(uri)
+    if why:
+        pytest.skip(why)
+    yield uri
+    if started:
+        subprocess.run([str(HERE / "second_libvirtd.sh"), "stop"], timeout=60)
+
+
+@pytest.fixture(scope="session")
+def accel() -> AccelChoice:
+    return choose_accel(os.environ.get("VMFX_ACCEL", "auto"), probe_host())
+
+
+@pytest.fixture(scope="session")
+def cache() -> Cache:
+    cache = Cache(Path(os.environ.get("VMFX_CACHE", str(default_cache_dir()))))
+    cache.ensure_writable()
+    return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _agent_through_libvirt() -> Iterator[None]:
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pool_module, "bind_channels", bind_channels_any)
+    yield
+    mp.undo()
+
+
+def make_pool(cache: Cache, accel: AccelChoice, uris: list[str], standby: int = 1) -> tuple[Pool, Runtime]:
+    runtime = Runtime(cache.root, "libvirt-tests")
+    try:
+        backend = LibvirtBackend(runtime, accel, uris)
+    except BaseException:
+        runtime.close()
+        raise
+    pool = Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel, standby=standby,
+                progress=lambda message: print(f"  {message}", flush=True))
+    return pool, runtime
+
+
+@pytest.fixture(scope="session")
+def pool_factory(cache: Cache, accel: AccelChoice) -> Callable[..., tuple[Pool, Runtime]]:
+    """make_pool(uris, standby=1) -> (pool, runtime); the caller closes both."""
+    return lambda uris, standby=1: make_pool(cache, accel, uris, standby)

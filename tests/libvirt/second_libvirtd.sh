@@ -1,0 +1,92 @@
+#!/bin/sh
+# A second, private libvirtd on this machine, to test the libvirt backend with two "hosts".
+#
+#   tests/libvirt/second_libvirtd.sh start   # prints the URI to use, e.g. for VMFX_LIBVIRT_URI2
+#   tests/libvirt/second_libvirtd.sh uri
+#   tests/libvirt/second_libvirtd.sh stop
+#
+# A privileged libvirtd keeps its state in fixed places (/run/libvirt, /var/lib/libvirt,
+# /var/log/libvirt, /etc/libvirt), which a second daemon must not share with the first: it
+# would adopt the other's domains. So both daemons of the pair (virtlogd and libvirtd) run in
+# a private mount namespace where those directories are bind mounts of directories under
+# $VMFX_LIBVIRTD2_DIR; only their socket directory is outside the bind mounts, so clients
+# reach it at qemu:///system?socket=$VMFX_LIBVIRTD2_DIR/sock/libvirt-sock.
+# Needs root (as the first libvirtd does) and util-linux's unshare.
+set -eu
+
+BASE=${VMFX_LIBVIRTD2_DIR:-/tmp/vmfx-libvirtd2}
+URI="qemu:///system?socket=$BASE/sock/libvirt-sock"
+
+start() {
+    if [ -f "$BASE/libvirtd.pid" ] && kill -0 "$(cat "$BASE/libvirtd.pid")" 2>/dev/null; then
+        echo "$URI"
+        return 0
+    fi
+    rm -rf "$BASE"
+    mkdir -p "$BASE/sock" "$BASE/run" "$BASE/lib" "$BASE/cache" "$BASE/log"
+    chmod 0700 "$BASE"
+    # Our own copy of the configuration, without the first daemon's persistent domains and networks.
+    cp -a /etc/libvirt "$BASE/etc"
+    find "$BASE/etc/qemu" -maxdepth 1 -name '*.xml' -delete 2>/dev/null || true
+    rm -rf "$BASE/etc/qemu/networks/autostart" "$BASE/etc/qemu/autostart"
+    cat >"$BASE/etc/libvirtd.conf" <<EOF
+unix_sock_dir = "$BASE/sock"
+unix_sock_group = "root"
+unix_sock_rw_perms = "0700"
+unix_sock_ro_perms = "0700"
+unix_sock_admin_perms = "0700"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+EOF
+    unshare --mount --propagation private sh -c '
+        set -e
+        base=$1
+        mount --bind "$base/etc" /etc/libvirt
+        mount --bind "$base/run" /run/libvirt
+        mount --bind "$base/lib" /var/lib/libvirt
+        mount --bind "$base/cache" /var/cache/libvirt
+        mount --bind "$base/log" /var/log/libvirt
+        mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu
+        virtlogd -d -p "$base/virtlogd.pid"
+        libvirtd -d -f "$base/etc/libvirtd.conf" -p "$base/libvirtd.pid"
+    ' sh "$BASE"
+    i=0
+    until virsh -c "$URI" version >/dev/null 2>&1; do
+        i=$((i + 1))
+        if [ "$i" -gt 100 ]; then
+            echo "second libvirtd did not answer at $URI" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "$URI"
+}
+
+stop() {
+    # Everything on this private daemon is ours: its guests go first (QEMU outlives libvirtd).
+    if [ -S "$BASE/sock/libvirt-sock" ]; then
+        for dom in $(virsh -c "$URI" list --name 2>/dev/null); do
+            virsh -c "$URI" destroy "$dom" >/dev/null 2>&1 || true
+        done
+    fi
+    for name in libvirtd virtlogd; do
+        pidfile="$BASE/$name.pid"
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile")
+        kill "$pid" 2>/dev/null || true
+        i=0
+        while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 50 ]; do
+            i=$((i + 1))
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    rm -rf "$BASE"
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    uri) echo "$URI" ;;
+    *) echo "usage: $0 start|stop|uri" >&2; exit 2 ;;
+esac

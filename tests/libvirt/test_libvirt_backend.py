@@ -1,0 +1,173 @@
+"""The libvirt backend with real guests: boot, save, parallel restores, channels, revert, two libvirtds."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pytest_vmfixtures.accel import AccelChoice
+from pytest_vmfixtures.backends.base import MachineConfig
+from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine, save_image_stream_offset
+from pytest_vmfixtures.cache import Cache
+from pytest_vmfixtures.command import new_tag
+from pytest_vmfixtures.errors import GuestError, QMPError
+from pytest_vmfixtures.pool import Pool
+from pytest_vmfixtures.runtime import Runtime
+
+CONFIG = MachineConfig("debian-12")
+PoolFactory = Callable[..., tuple[Pool, Runtime]]
+
+
+def domains(uri: str) -> list[str]:
+    """Every domain libvirtd at ``uri`` knows, running or not, as `virsh list --all` shows them."""
+    out = subprocess.run(["virsh", "-c", uri, "list", "--all", "--name"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def two_hosts(pool_factory: PoolFactory, primary_uri: str, second_uri: str) -> Iterator[tuple[Pool, Runtime]]:
+    pool, runtime = pool_factory([primary_uri, second_uri])
+    try:
+        yield pool, runtime
+    finally:
+        pool.close()
+        runtime.close()
+
+
+def test_remote_uri_is_refused_clearly(cache: Cache, accel: AccelChoice) -> None:
+    runtime = Runtime(cache.root, "libvirt-tests")
+    try:
+        with pytest.raises(GuestError, match="on another host, which cannot see this machine's image"):
+            LibvirtBackend(runtime, accel, ["qemu+ssh://build-farm.example/system"])
+    finally:
+        runtime.close()
+
+
+def test_saved_state_is_a_private_libvirt_save_image(two_hosts: tuple[Pool, Runtime]) -> None:
+    pool, _ = two_hosts
+    state = pool._slot(CONFIG).state
+    for path in (state.memory, state.disk):
+        info = path.stat()
+        assert info.st_uid == os.getuid()
+        assert not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    assert not state.memory.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH)
+    assert save_image_stream_offset(state.memory) > 0
+
+
+def test_two_instances_from_one_state_run_at_once(two_hosts: tuple[Pool, Runtime]) -> None:
+    pool, runtime = two_hosts
+    slot = pool._slot(CONFIG)
+    with ThreadPoolExecutor(2) as ex:
+        first, second = ex.map(lambda _: slot.new_instance(), range(2))
+    try:
+        machines = [first.machine, second.machine]
+        assert all(isinstance(m, LibvirtMachine) for m in machines)
+        a, b = machines
+        assert isinstance(a, LibvirtMachine) and isinstance(b, LibvirtMachine)
+        assert a.domain_name != b.domain_name and a.domain.UUIDString() != b.domain.UUIDString()
+        assert a.ssh_port != b.ssh_port and a.overlay != b.overlay
+        assert a.domain_name.startswith(f"vmfx-{runtime.session_id}-")
+        for instance in (first, second):
+            machine = instance.machine
+            assert isinstance(machine, LibvirtMachine)
+            assert machine.state() == "running"
+            assert machine.qmp.execute("query-status")["status"] == "running"
+            assert instance.agent is not None and instance.agent.connected
+            assert instance.agent.exec("echo agent-$((40+2))", new_tag(), 60).check().stdout == "agent-42\n"
+            instance.ssh.connect(60)
+            assert instance.ssh.exec("echo ssh-ok", new_tag(), 60).check().stdout == "ssh-ok\n"
+        # Each has its own disk: a file made in one is not in the other.
+        first.ssh.exec("echo mine > /root/marker && sync", new_tag(), 60).check()
+        assert not second.ssh.exec("test -e /root/marker", new_tag(), 60).ok
+        # The pool spread them over the two libvirtds.
+        assert {a.uri, b.uri} == set(pool.backend.load())  # type: ignore[attr-defined]
+    finally:
+        first.close()
+        second.close()
+    for instance in (first, second):
+        machine = instance.machine
+        assert isinstance(machine, LibvirtMachine)
+        assert machine.domain_name not in domains(machine.uri)
+        assert not machine.overlay.exists()
+        machine.stop()  # twice is fine
+
+
+def test_qmp_through_libvirt(two_hosts: tuple[Pool, Runtime]) -> None:
+    pool, _ = two_hosts
+    vm = pool.acquire(CONFIG)
+    try:
+        assert vm.qmp.execute("query-status")["status"] == "running"
+        with pytest.raises(QMPError) as info:
+            vm.qmp.execute("no-such-command")
+        assert info.value.error_class == "CommandNotFound"
+        assert "no-such-command" in str(info.value)
+        assert "pc" in vm.machine.qmp.human("info version") or vm.machine.qmp.human("info version").strip()
+    finally:
+        pool.release(vm)
+
+
+def test_revert_swaps_in_a_clean_guest(two_hosts: tuple[Pool, Runtime]) -> None:
+    pool, _ = two_hosts
+    vm = pool.acquire(CONFIG)
+    try:
+        assert vm.run("test -e /etc/passwd").ok
+        vm.run("rm -rf /etc /root; echo dirty > /tmp/dirty", timeout=60)
+        assert not vm.run("test -e /etc/passwd").ok
+        before = vm.machine
+        started = time.monotonic()
+        vm.reset()
+        result = vm.run("test -e /etc/passwd && ! test -e /tmp/dirty")
+        elapsed = time.monotonic() - started
+        assert result.ok, result
+        assert vm.machine is not before
+        print(f"revert (swap to the spare) + first command: {elapsed:.2f} s")
+        assert vm.ssh.exec_command("true")  # SSH works on the swapped-in guest too
+    finally:
+        pool.release(vm)
+
+
+def test_guests_spread_least_loaded_first(two_hosts: tuple[Pool, Runtime]) -> None:
+    pool, _ = two_hosts
+    backend = pool.backend
+    assert isinstance(backend, LibvirtBackend)
+    slot = pool._slot(CONFIG)
+    start = backend.load()
+    instances = []
+    try:
+        for _ in range(4):
+            instances.append(slot.new_instance())
+        load = backend.load()
+        added = {uri: load[uri] - start[uri] for uri in load}
+        assert max(load.values()) - min(load.values()) <= 1, load
+        assert sum(added.values()) == 4
+        for host in backend.hosts:
+            listed = set(domains(host.uri))
+            mine = {i.machine.domain_name for i in instances if i.machine.uri == host.uri}  # type: ignore[attr-defined]
+            assert mine and mine <= listed
+    finally:
+        for instance in instances:
+            instance.close()
+
+
+def test_close_leaves_no_domains_on_either_libvirtd(
+    pool_factory: PoolFactory, primary_uri: str, second_uri: str
+) -> None:
+    pool, runtime = pool_factory([primary_uri, second_uri])
+    prefix = f"vmfx-{runtime.session_id}-"
+    try:
+        vm = pool.acquire(CONFIG)
+        vm.run("true", check=True)
+        assert any(n.startswith(prefix) for uri in (primary_uri, second_uri) for n in domains(uri))
+        pool.release(vm)
+    finally:
+        pool.close()
+        runtime.close()
+    for uri in (primary_uri, second_uri):
+        assert [n for n in domains(uri) if n.startswith(prefix)] == []
