@@ -15,7 +15,7 @@ from .backends.base import Backend
 from .cache import default_cache_dir
 from .catalog import available_recipes
 from .errors import ImageError
-from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, marker_spec, vm, vm_factory, _vm_image  # noqa: F401
+from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory  # noqa: F401
 from .guest import console_tail
 from .options import (
     DEFAULT_IMAGE,
@@ -41,9 +41,9 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu"),
     ("--vm-standby", "vm_standby", "string", "1", "clean spare guests restored in the background per config (0: revert in line)"),
     ("--vm-qemu-binary", "vm_qemu_binary", "string", "qemu-system-x86_64", "the QEMU system emulator to run"),
-    ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the provisioned state's cache key (change it to provision again)"),
+    ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
     ("--vm-artifacts", "vm_artifacts", "string", "", "where failed tests' console logs, screendumps and journals go"),
-    ("--vm-keep-on-failure", "vm_keep_on_failure", "bool", False, "keep a failed test's guest running after the run and print how to ssh in"),
+    ("--vm-keep-on-failure", "vm_keep_on_failure", "bool", False, "keep a failed test's guest running after the run; prints how to ssh in"),
 ]
 
 

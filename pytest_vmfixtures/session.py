@@ -74,7 +74,8 @@ class VMSession:
     def artifacts_root(self) -> Path:
         if self.settings.artifacts is not None:
             return self.settings.artifacts
-        return self.config._tmp_path_factory.getbasetemp() / "vm-artifacts"  # type: ignore[attr-defined]
+        factory: pytest.TempPathFactory = self.config._tmp_path_factory  # type: ignore[attr-defined]
+        return factory.getbasetemp() / "vm-artifacts"
 
     def kept_guest_lines(self) -> list[str]:
         if self._pool is None:

@@ -27,7 +27,7 @@ from ..errors import BootError, GuestError, SnapshotError
 from ..image import BuiltImage
 from ..runtime import Runtime
 from ..waiting import wait_for
-from .base import MachineConfig, SavedState
+from .base import Machine, MachineConfig, SavedState
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
@@ -155,7 +155,9 @@ def host_cpu_id() -> str:
 class QemuMachine:
     """A QEMU process and the files it owns."""
 
-    def __init__(self, name: str, process: subprocess.Popen[bytes], paths: MachinePaths, argv: list[str], ssh_port: int, has_agent: bool) -> None:
+    def __init__(
+        self, name: str, process: subprocess.Popen[bytes], paths: MachinePaths, argv: list[str], ssh_port: int, has_agent: bool
+    ) -> None:
         self.name = name
         self.process = process
         self.paths = paths
@@ -311,7 +313,9 @@ class QemuBackend:
             raise
         return machine
 
-    def save(self, machine: QemuMachine, directory: Path) -> None:  # type: ignore[override]
+    def save(self, machine: Machine, directory: Path) -> None:
+        if not isinstance(machine, QemuMachine):
+            raise TypeError(f"the QEMU backend cannot save {machine!r}")
         qmp = machine.qmp
         qmp.execute("stop")
         memory = directory / "memory"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import select
-import socket
 import time
 
 import paramiko
@@ -131,7 +130,7 @@ class SSH:
                     self._kill(tag)
                     raise CommandTimeout(command, timeout or 0.0, _text(out), _text(err))
             code = chan.recv_exit_status()
-        except (socket.error, paramiko.SSHException, EOFError) as exc:
+        except (OSError, paramiko.SSHException, EOFError) as exc:
             self.close()
             raise SSHError(f"{self.name}: SSH connection dropped while {command!r} ran: {exc}") from exc
         finally:

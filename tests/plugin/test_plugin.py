@@ -159,7 +159,7 @@ def test_bad_accel_in_ini_is_a_usage_error(env: Env) -> None:
         (("--vm-boot-timeout", "soon"), "ERROR: --vm-boot-timeout must be a number of seconds, got 'soon'"),
         (("--vm-boot-timeout", "0"), "ERROR: --vm-boot-timeout must be positive, got '0'"),
         (("--vm-standby", "-1"), "ERROR: --vm-standby must be 0 or more, got '-1'"),
-        (("--vm-backend", "libvirt"), "ERROR: --vm-backend 'libvirt' is not one of qemu"),
+        (("--vm-backend", "hyperv"), "ERROR: --vm-backend 'hyperv' is not one of qemu, libvirt"),
     ],
 )
 def test_bad_option_values_are_usage_errors(env: Env, args: tuple[str, ...], message: str) -> None:

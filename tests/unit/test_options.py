@@ -194,8 +194,8 @@ def test_parse_accel_rejects_others_naming_the_option(value: str) -> None:
 
 def test_parse_backend() -> None:
     assert parse_backend("qemu") == "qemu"
-    with pytest.raises(OptionError, match="--vm-backend 'libvirt' is not one of qemu"):
-        parse_backend("libvirt")
+    with pytest.raises(OptionError, match="--vm-backend 'hyperv' is not one of qemu, libvirt"):
+        parse_backend("hyperv")
 
 
 @pytest.mark.parametrize(("value", "expected"), [("600", 600.0), ("0.5", 0.5), (30, 30.0), ("1e3", 1000.0)])
