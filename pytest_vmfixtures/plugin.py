@@ -192,8 +192,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 tail = console_tail(guest.console_log, 30)
             except Exception:
                 continue
-            # Named "Captured stdout ..." so JUnit XML carries it in system-out as well.
+            # "Captured stdout ..." joins JUnit's system-out when junit_logging asks for it; the
+            # property is in the JUnit XML whatever junit_logging says.
+            tail = tail or "(nothing on the console since this guest was restored)"
             report.sections.append((f"Captured stdout {report.when}: vm {guest.name} console, last 30 lines", tail))
+            item.user_properties.append((f"vm {guest.name} console ({report.when})", tail))
     return report
 
 

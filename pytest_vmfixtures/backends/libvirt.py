@@ -44,6 +44,7 @@ import string
 import struct
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +60,7 @@ from ..channels.agent import AgentError
 from ..errors import BootError, GuestError, QMPError, SnapshotError
 from ..image import BuiltImage
 from ..runtime import Runtime, pid_alive
-from ..waiting import wait_for
+from ..waiting import Deadline, wait_for
 from .base import MachineConfig, SavedState
 from .qemu import KERNEL_ARGS, TB_SIZE_MB, free_port, mac_for
 
@@ -223,12 +224,27 @@ class LibvirtAgentTransport:
         return self._connected
 
     def connect(self, timeout: float) -> None:
-        self._connected = True
-        try:
-            self.call("guest-ping", None, timeout)
-        except AgentError:
-            self._connected = False
-            raise
+        """Until the agent answers a ping.
+
+        Right after a restore libvirt may still consider the agent's port closed: it
+        learns that the guest has it open from an event QEMU sends once the saved
+        state is loaded, so "not connected" is retried briefly.
+        """
+        deadline = Deadline(timeout)
+        while True:
+            self._connected = True
+            try:
+                self.call("guest-ping", None, max(1.0, deadline.remaining()))
+                return
+            except AgentError as exc:
+                self._connected = False
+                cause = exc.__cause__
+                not_yet = isinstance(cause, libvirt.libvirtError) and (
+                    cause.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE and "not connected" in str(cause)
+                )
+                if not not_yet or deadline.remaining() <= 0.05:
+                    raise
+            time.sleep(0.02)
 
     def call(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
         if not self._connected:
