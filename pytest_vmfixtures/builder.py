@@ -2,9 +2,12 @@
 
 mmdebstrap builds the root filesystem straight into an ext2 image: as an
 ordinary user it works inside a user namespace (``--mode=auto`` picks
-``unshare``), so no step here needs root, loop devices or mounts. The
-filesystem is then grown and turned into ext4 with e2fsprogs and stored as
-qcow2, so guests boot from throwaway overlays on top of it.
+``unshare``), so no step here needs root, loop devices or mounts. Recipes
+with ``builder = "extract"`` get a minimal busybox system instead, unpacked
+from packages without installing them (see :mod:`pytest_vmfixtures.extract`),
+and genext2fs writes its ext2 image. Either filesystem is then grown and
+turned into ext4 with e2fsprogs and stored as qcow2, so guests boot from
+throwaway overlays on top of it.
 
 Every image gets its own SSH client key and sshd host key, generated here in
 Python: the client can pin the host key instead of trusting whatever answers.
@@ -49,14 +52,19 @@ HOST_KEY_NAME = "ssh_host_ed25519_key.pub"
 _ARCHES = {"amd64": "x86_64", "arm64": "aarch64", "i386": "i386", "riscv64": "riscv64"}
 _MMDEBSTRAP_DISTRIBUTIONS = ("debian", "ubuntu")
 _TOOLS = {
-    "mmdebstrap": "mmdebstrap",
     "genext2fs": "genext2fs",
     "tune2fs": "e2fsprogs",
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "qemu-img": "qemu-utils",
 }
+_BUILDER_TOOLS = {
+    "mmdebstrap": {"mmdebstrap": "mmdebstrap"},
+    "extract": {"apt-get": "apt", "dpkg-deb": "dpkg"},
+}
+# Only mmdebstrap needs user namespaces (so subordinate ids) without root.
 _ROOTLESS_TOOLS = {"newuidmap": "uidmap", "newgidmap": "uidmap"}
+_PACKAGE_MANAGERS = {"mmdebstrap": "apt", "extract": "none"}
 
 # Key-only logins without reverse DNS, GSSAPI or PAM: each saves time on
 # every connection, and a test guest has no passwords to check anyway. A
@@ -127,7 +135,7 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
     """
     started = time.monotonic()
     arch = _check_recipe(recipe)
-    _check_host()
+    _check_host(recipe)
     out_dir = out_dir.resolve()
     if any(character.isspace() for character in str(out_dir)):
         # mmdebstrap splits its special hooks on whitespace.
@@ -139,18 +147,21 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
         stage.mkdir(mode=0o700)
         client = _write_client_key(out_dir)
         host = Ed25519PrivateKey.generate()
-        host_key = _public_line(host)
+        host_key = public_line(host)
         (out_dir / HOST_KEY_NAME).write_text(host_key + "\n", encoding="ascii")
-        archive = _write_stage(recipe, stage, host, client)
-        progress(f"bootstrapping {recipe.release} with mmdebstrap")
-        _run_mmdebstrap(recipe, archive, raw, progress)
+        if recipe.builder == "extract":
+            has_agent = _build_extracted(recipe, stage, raw, host, client, progress)
+        else:
+            archive = _write_stage(recipe, stage, host, client)
+            progress(f"bootstrapping {recipe.release} with mmdebstrap")
+            _run_mmdebstrap(recipe, archive, raw, progress)
+            has_agent = (stage / "facts").read_text(encoding="ascii").strip() == "agent=1"
         for name in (KERNEL_NAME, INITRD_NAME):
             os.replace(stage / name, out_dir / name)
-        has_agent = (stage / "facts").read_text(encoding="ascii").strip() == "agent=1"
         progress(f"making ext4 of {recipe.disk_size}")
         _finish_filesystem(raw, recipe.disk_size_bytes)
         progress(f"converting to {DISK_NAME}")
-        _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)])
+        run_tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)])
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         raw.unlink(missing_ok=True)
@@ -175,7 +186,7 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
             id=recipe.distribution,
             version=recipe.version,
             init=recipe.init,
-            package_manager="apt",
+            package_manager=_PACKAGE_MANAGERS[recipe.builder],
         ),
         agent=has_agent,
         built_at=time.time(),
@@ -184,9 +195,34 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
     progress(f"built {recipe.name} in {time.monotonic() - started:.0f} s")
 
 
+def _build_extracted(
+    recipe: Recipe, stage: Path, raw: Path, host: Ed25519PrivateKey, client: str, progress: Callable[[str], None]
+) -> bool:
+    """The extract builder's part: kernel and initrd into ``stage``, the root as the ext2 ``raw``."""
+    from pytest_vmfixtures import extract  # imports this module: loaded only when needed
+
+    root_tar = stage / "root.tar"
+    result = extract.build(recipe, stage / "work", root_tar, host, client, progress)
+    (stage / KERNEL_NAME).write_bytes(result.kernel)
+    (stage / INITRD_NAME).write_bytes(result.initrd)
+    progress("writing the root filesystem with genext2fs")
+    size, count = 0, 0
+    with tarfile.open(root_tar) as tar:
+        for member in tar:
+            size += -(-member.size // 4096) * 4096
+            count += 1
+    # Room for the files, their directories, and the journal tune2fs adds before resize2fs grows it.
+    blocks = (size * 5 // 4) // 4096 + count // 16 + 16384
+    # Inodes for a filled disk, as mke2fs would give it: resize2fs adds only blocks per inode group.
+    inodes = max(count * 2, recipe.disk_size_bytes // 16384)
+    run_tool(["genext2fs", "-B", "4096", "-b", str(blocks), "-N", str(inodes), "-a", str(root_tar), str(raw)])
+    shutil.rmtree(stage / "work", ignore_errors=True)
+    return result.has_agent
+
+
 def _check_recipe(recipe: Recipe) -> str:
     """Refuse what this builder cannot make before spending a minute on it."""
-    if recipe.distribution not in _MMDEBSTRAP_DISTRIBUTIONS:
+    if recipe.builder == "mmdebstrap" and recipe.distribution not in _MMDEBSTRAP_DISTRIBUTIONS:
         raise ImageError(
             f"image {recipe.name!r}: cannot build distribution {recipe.distribution!r}; "
             f"use one of {', '.join(_MMDEBSTRAP_DISTRIBUTIONS)}"
@@ -198,19 +234,20 @@ def _check_recipe(recipe: Recipe) -> str:
     return _ARCHES[recipe.architecture]
 
 
-def _check_host() -> None:
+def _check_host(recipe: Recipe) -> None:
     """Name the missing package or subordinate-id entry up front.
 
     Without these mmdebstrap fails deep inside with a message that does not
     say what to install or configure.
     """
-    tools = dict(_TOOLS)
-    if os.geteuid() != 0:
+    tools = {**_BUILDER_TOOLS[recipe.builder], **_TOOLS}
+    rootless = os.geteuid() != 0 and recipe.builder == "mmdebstrap"
+    if rootless:
         tools.update(_ROOTLESS_TOOLS)
     for tool, package in tools.items():
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             raise ImageError(f"building images needs {tool}: install the {package} package")
-    if os.geteuid() != 0:
+    if rootless:
         _check_subordinate_ids(getpass.getuser(), os.getuid())
 
 
@@ -233,7 +270,7 @@ def _check_subordinate_ids(user: str, uid: int) -> None:
 def _write_client_key(out_dir: Path) -> str:
     """Write the client key pair the plugin logs in with; return the public line."""
     client = Ed25519PrivateKey.generate()
-    public = _public_line(client)
+    public = public_line(client)
     fd = os.open(out_dir / CLIENT_KEY_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:  # created 0600: ssh clients refuse looser modes
         handle.write(_private_bytes(client))
@@ -241,7 +278,8 @@ def _write_client_key(out_dir: Path) -> str:
     return public
 
 
-def _public_line(key: Ed25519PrivateKey) -> str:
+def public_line(key: Ed25519PrivateKey) -> str:
+    """The ``ssh-ed25519 AAAA...`` line of a key, as authorized_keys and known_hosts hold it."""
     return (
         key.public_key()
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -284,7 +322,7 @@ def _write_stage(recipe: Recipe, stage: Path, host_key: Ed25519PrivateKey, clien
     )
     members["authorized_keys"] = (client.encode("ascii") + b"\n", 0o600)
     members["ssh_host_ed25519_key"] = (_private_bytes(host_key), 0o600)
-    members["ssh_host_ed25519_key.pub"] = (_public_line(host_key).encode("ascii") + b"\n", 0o644)
+    members["ssh_host_ed25519_key.pub"] = (public_line(host_key).encode("ascii") + b"\n", 0o644)
     members["sshd.conf"] = (_SSHD_CONFIG.encode("ascii"), 0o644)
     # No fsck pass: every guest boots a fresh overlay of a clean filesystem.
     members["fstab"] = (b"/dev/vda / ext4 rw,relatime 0 0\n", 0o644)
@@ -366,24 +404,25 @@ def _finish_filesystem(raw: Path, size: int) -> None:
     The journal makes a guest killed mid-test leave a consistent disk in its
     overlay; extents speed up files written during tests.
     """
-    _run(["tune2fs", "-O", "extents,uninit_bg,dir_index,has_journal", str(raw)])
+    run_tool(["tune2fs", "-O", "extents,uninit_bg,dir_index,has_journal", str(raw)])
     # Exit status 1 means "fixed something", which tune2fs's changes require.
-    _run(["e2fsck", "-f", "-y", str(raw)], ok=(0, 1))
+    run_tool(["e2fsck", "-f", "-y", str(raw)], ok=(0, 1))
     if raw.stat().st_size > size:
         raise ImageError(
             f"the root filesystem needs {raw.stat().st_size >> 20} MiB, more than disk_size: "
             "raise disk_size in the recipe"
         )
-    _run(["resize2fs", str(raw), f"{size // 1024}K"])
+    run_tool(["resize2fs", str(raw), f"{size // 1024}K"])
 
 
-def _run(command: Sequence[str], ok: Sequence[int] = (0,)) -> None:
-    """Run one tool; on failure say which and show what it printed."""
+def run_tool(
+    command: Sequence[str], ok: Sequence[int] = (0,), hint: str = "check the host's disk space and tools"
+) -> None:
+    """Run one tool; on failure say which, what to do, and what it printed."""
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     result = subprocess.run(list(command), capture_output=True, text=True, errors="replace", env=env, check=False)
     if result.returncode not in ok:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-10:]
-        raise ImageError(
-            f"{command[0]} failed (exit {result.returncode}); check the host's disk space "
-            "and tools:\n" + "\n".join(tail)
-        )
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        # apt's "E:" lines say what went wrong; otherwise the tail says where.
+        shown = [line for line in lines if line.startswith("E: ")][:5] or lines[-10:]
+        raise ImageError(f"{command[0]} failed (exit {result.returncode}); {hint}:\n" + "\n".join(shown))

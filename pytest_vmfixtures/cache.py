@@ -153,6 +153,13 @@ class Cache:
             self._verified.add(final)
             return final
 
+    def discard(self, directory: Path) -> None:
+        """Remove an entry found unusable (under its lock, so no reader sees half of it)."""
+        kind, key = directory.parent.name, directory.name
+        with self.lock(f"{kind}-{key}"):
+            remove_tree(directory)
+        self._verified.discard(directory)
+
     def write_manifest(self, directory: Path, meta: dict[str, object], files: list[str]) -> None:
         """Record digests of ``files`` and make them read-only; written last, so its presence means complete."""
         meta = dict(meta, files={name: sha256_file(directory / name) for name in files}, created=time.time())

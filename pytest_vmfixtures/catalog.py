@@ -3,8 +3,10 @@
 Recipes are data, not code, so a newcomer can read what a guest contains and
 so the cache can key a built image on a digest of exactly what went into it.
 A recipe may ``extends`` another one: scalars are overridden, lists
-(``packages``, ``files``, ``commands``, ``extra_sources``) are appended, which
-is what a "the stock image plus my package" recipe wants.
+(``packages``, ``exclude_packages``, ``files``, ``commands``,
+``extra_sources``) are appended, which is what a "the stock image plus my
+package" recipe wants; ``exclude_packages`` is how a child drops a package
+its parent lists (another kernel for another architecture, say).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ _STRING_KEYS = (
     "user",
     "mirror",
     "extends",
+    "builder",
 )
-_LIST_KEYS = ("packages", "commands", "extra_sources")
+_LIST_KEYS = ("packages", "exclude_packages", "commands", "extra_sources")
 _ALLOWED_KEYS = frozenset((*_STRING_KEYS, *_LIST_KEYS, "files"))
 _REQUIRED_KEYS = (
     "distribution",
@@ -55,8 +58,12 @@ _DEFAULTS: Mapping[str, Any] = {
     "variant": "apt",
     "user": "root",
     "mirror": "http://deb.debian.org/debian",
+    "builder": "mmdebstrap",
 }
 _INITS = ("systemd", "sysvinit", "busybox")
+# mmdebstrap installs packages into a full Debian system; extract unpacks them
+# into a minimal busybox system without running any package's scripts.
+_BUILDERS = ("mmdebstrap", "extract")
 _FILE_KEYS = frozenset(("path", "content", "mode"))
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE_RE = re.compile(r"^([0-9]+)([KMGT]?)$")
@@ -93,6 +100,7 @@ class Recipe:
     extra_sources: tuple[str, ...] = ()
     files: tuple[RecipeFile, ...] = ()
     commands: tuple[str, ...] = ()
+    builder: str = "mmdebstrap"
     # Where it came from, for messages; not part of the digest.
     source: Path | None = field(default=None, compare=False)
 
@@ -105,9 +113,12 @@ class Recipe:
         """What the digest covers: everything that changes the built bytes.
 
         The description and source path are left out so that rewording a
-        comment or moving a catalog does not force a rebuild.
+        comment or moving a catalog does not force a rebuild. Keys added
+        since the first images were built appear only when they differ from
+        their default, so adding a key does not rebuild every cached image;
+        ``exclude_packages`` is already applied to ``packages``.
         """
-        return {
+        document: dict[str, Any] = {
             "name": self.name,
             "distribution": self.distribution,
             "release": self.release,
@@ -124,6 +135,9 @@ class Recipe:
             "files": [{"path": f.path, "content": f.content, "mode": f.mode} for f in self.files],
             "commands": list(self.commands),
         }
+        if self.builder != _DEFAULTS["builder"]:
+            document["builder"] = self.builder
+        return document
 
     @property
     def digest(self) -> str:
@@ -249,6 +263,15 @@ def _build(name: str, path: Path, data: dict[str, Any]) -> Recipe:
         raise ImageError(f"{path}: missing key {missing[0]!r}; add it or 'extends' a recipe with it")
     if values["init"] not in _INITS:
         raise ImageError(f"{path}: init {values['init']!r} is not one of {', '.join(_INITS)}")
+    if values["builder"] not in _BUILDERS:
+        raise ImageError(f"{path}: builder {values['builder']!r} is not one of {', '.join(_BUILDERS)}")
+    # The extract builder writes a busybox system and can run nothing inside it.
+    if (values["builder"] == "extract") != (values["init"] == "busybox"):
+        raise ImageError(f'{path}: init "busybox" goes with builder "extract" and only with it; set both or neither')
+    if values["builder"] == "extract" and values.get("commands"):
+        raise ImageError(f"{path}: the extract builder runs no commands; write what they would with [[files]]")
+    excluded = set(values.get("exclude_packages", ()))
+    packages = tuple(package for package in values.get("packages", ()) if package not in excluded)
     try:
         parse_size(values["disk_size"])
     except ValueError:
@@ -262,7 +285,7 @@ def _build(name: str, path: Path, data: dict[str, Any]) -> Recipe:
         architecture=values["architecture"],
         init=values["init"],
         variant=values["variant"],
-        packages=tuple(values.get("packages", ())),
+        packages=packages,
         disk_size=values["disk_size"],
         kernel_cmdline=values["kernel_cmdline"],
         user=values["user"],
@@ -270,5 +293,6 @@ def _build(name: str, path: Path, data: dict[str, Any]) -> Recipe:
         extra_sources=tuple(values.get("extra_sources", ())),
         files=tuple(values.get("files", ())),
         commands=tuple(values.get("commands", ())),
+        builder=values["builder"],
         source=path,
     )

@@ -23,7 +23,6 @@ import paramiko
 
 from .backends.base import Machine, MachineConfig
 from .channels.agent import Agent, AgentError
-from .channels.qmp import QMP
 from .channels.ssh import SSH, SSHError
 from .command import CommandResult, new_tag
 from .errors import BootError, CommandTimeout, GuestError, SnapshotError, VMError
@@ -90,7 +89,11 @@ class Instance:
 def bind_channels(machine: Machine, image: BuiltImage) -> Instance:
     key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
     ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name)
-    agent = Agent(machine.agent_socket, machine.name) if machine.agent_socket is not None else None
+    agent: Agent | None = None
+    if machine.agent_transport is not None:
+        agent = Agent.over(machine.agent_transport, machine.name)
+    elif machine.agent_socket is not None:
+        agent = Agent(machine.agent_socket, machine.name)
     return Instance(machine, ssh, agent)
 
 
@@ -404,9 +407,6 @@ class QMPProxy:
                 raise self._vm._died(exc) from exc
             raise
 
-    @property
-    def raw(self) -> QMP:
-        return self._vm._instance.machine.qmp
 
 
 def read_guest_os(vm: VM) -> GuestOS:

@@ -38,7 +38,8 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-accel", "vm_accel", "string", "auto", "auto, kvm or tcg; auto uses KVM only where it runs stock guests"),
     ("--vm-cache", "vm_cache", "string", "", "cache of built images and saved guest states"),
     ("--vm-boot-timeout", "vm_boot_timeout", "string", "600", "seconds a cold boot may take before BootError"),
-    ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu"),
+    ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu (embedded) or libvirt"),
+    ("--vm-libvirt-uri", "vm_libvirt_uris", "args", [], "libvirt URI the libvirt backend uses (repeatable: guests go to the least loaded)"),
     ("--vm-standby", "vm_standby", "string", "1", "clean spare guests restored in the background per config (0: revert in line)"),
     ("--vm-qemu-binary", "vm_qemu_binary", "string", "qemu-system-x86_64", "the QEMU system emulator to run"),
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
@@ -47,7 +48,11 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
 ]
 
 
-_DEFAULT_TEXT = {"vm_cache": "~/.cache/pytest-vmfixtures", "vm_artifacts": "vm-artifacts under pytest's basetemp"}
+_DEFAULT_TEXT = {
+    "vm_cache": "~/.cache/pytest-vmfixtures",
+    "vm_artifacts": "vm-artifacts under pytest's basetemp",
+    "vm_libvirt_uris": "qemu:///system",
+}
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -62,7 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if kind == "bool":
             group.addoption(option, action="store_true", default=None, dest=ini, help=help_text)
         elif kind in ("args", "paths"):
-            group.addoption(option, action="append", default=[], dest=ini, metavar="NAME" if kind == "args" else "DIR", help=help_text)
+            metavar = {"vm_images": "NAME", "vm_libvirt_uris": "URI"}.get(ini, "DIR")
+            group.addoption(option, action="append", default=[], dest=ini, metavar=metavar, help=help_text)
         else:
             group.addoption(option, default=None, dest=ini, help=help_text)
         parser.addini(ini, help=help_text, type=kind, default=default)  # type: ignore[arg-type]
@@ -93,6 +99,7 @@ def _settings(config: pytest.Config) -> Settings:
             provision_key=str(_value(config, "vm_provision_key") or ""),
             artifacts=Path(str(_value(config, "vm_artifacts"))).expanduser() if _value(config, "vm_artifacts") else None,
             keep_on_failure=bool(_value(config, "vm_keep_on_failure")),
+            libvirt_uris=[u for u in (config.getoption("vm_libvirt_uris") or config.getini("vm_libvirt_uris")) if u],
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -114,9 +121,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 @pytest.hookimpl(trylast=True)
 def pytest_vm_make_backend(config: pytest.Config, runtime: Runtime, accel: AccelChoice) -> Backend:
+    settings = config.stash[SESSION_KEY].settings
+    if settings.backend == "libvirt":
+        from .backends.libvirt import LibvirtBackend
+
+        return LibvirtBackend(runtime, accel, settings.libvirt_uris or None)
     from .backends.qemu import QemuBackend
 
-    return QemuBackend(runtime, accel, binary=config.stash[SESSION_KEY].settings.qemu_binary)
+    return QemuBackend(runtime, accel, binary=settings.qemu_binary)
 
 
 def _uses_guests(fixturenames: Any) -> bool:

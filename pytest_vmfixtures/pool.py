@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from .backends.base import Backend, MachineConfig, SavedState, config_inputs, digest_of
 from .cache import Cache, ensure_image
@@ -43,12 +42,20 @@ class Slot:
         self.busy: set[VM] = set()
         self._spare: Future[Instance] | None = None
         self._lock = threading.Lock()
+        self._remake_lock = threading.Lock()
         self._closed = False
-        self._os: Any = None
 
     def new_instance(self) -> Instance:
         name = self.pool.runtime.new_name(self.config.image)
-        machine = self.pool.backend.restore(self.image, self.config, self.state, name)
+        state = self.state
+        try:
+            machine = self.pool.backend.restore(self.image, self.config, state, name)
+        except SnapshotError as exc:
+            # Digests match but QEMU refuses the state (made by something the key does not
+            # capture): never hang or fail on it; boot, save a new one, and use that.
+            log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
+            self.remake_state(state)
+            machine = self.pool.backend.restore(self.image, self.config, self.state, name)
         instance = bind_channels(machine, self.image)
         try:
             warm_up(instance, self.image)
@@ -71,6 +78,13 @@ class Slot:
             instance = self.new_instance()
         self.refill()
         return instance
+
+    def remake_state(self, broken: SavedState) -> None:
+        with self._remake_lock:
+            if self.state is not broken:
+                return  # another thread already made a new one
+            self.pool.cache.discard(broken.directory)
+            self.state = self.pool.saved_state(self.image, self.config)
 
     def refill(self) -> None:
         if self.pool.standby <= 0:

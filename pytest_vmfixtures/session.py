@@ -10,11 +10,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import importlib.util
 import inspect
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class Settings:
     provision_key: str
     artifacts: Path | None = None
     keep_on_failure: bool = False
+    libvirt_uris: list[str] = field(default_factory=list)
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:
@@ -147,12 +149,16 @@ class VMSession:
 def missing_tools(settings: Settings) -> list[str]:
     """Host programs a guest test needs, with how to get each."""
     problems = []
-    if shutil.which(settings.qemu_binary) is None:
-        problems.append(f"{settings.qemu_binary} not found: install QEMU (Debian: apt install qemu-system-x86 qemu-utils)")
+    if settings.backend == "libvirt":
+        if importlib.util.find_spec("libvirt") is None:
+            problems.append("libvirt-python not installed: pip install 'pytest-vmfixtures[libvirt]' (needs libvirt-dev, pkg-config)")
+    else:
+        if shutil.which(settings.qemu_binary) is None:
+            problems.append(f"{settings.qemu_binary} not found: install QEMU (Debian: apt install qemu-system-x86 qemu-utils)")
+        if shutil.which("setpriv") is None:
+            problems.append("setpriv not found: install util-linux")
     if shutil.which("qemu-img") is None:
         problems.append("qemu-img not found: install it (Debian: apt install qemu-utils)")
-    if shutil.which("setpriv") is None:
-        problems.append("setpriv not found: install util-linux")
     return problems
 
 
@@ -162,6 +168,9 @@ def builtin_dirs(extra: list[Path]) -> list[Path]:
 
 
 def describe_settings(settings: Settings, accel: AccelChoice, **extra: Any) -> str:
-    words = [f"accel {accel.accel} ({accel.reason})", f"backend {settings.backend}", f"cache {settings.cache_dir}"]
+    backend = settings.backend
+    if backend == "libvirt":
+        backend += " " + ",".join(settings.libvirt_uris or ["qemu:///system"])
+    words = [f"accel {accel.accel} ({accel.reason})", f"backend {backend}", f"cache {settings.cache_dir}"]
     words += [f"{k} {v}" for k, v in extra.items()]
     return "vmfixtures: " + ", ".join(words)

@@ -6,9 +6,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from ..channels.qmp import QMP
+from ..channels.agent import AgentTransport
 from ..image import BuiltImage
 
 NETWORKS = ("restricted", "nat")
@@ -38,15 +38,38 @@ class SavedState:
     meta: dict[str, object] = field(default_factory=dict)
 
 
+class Monitor(Protocol):
+    """QEMU's monitor, however it is reached (a unix socket, libvirt)."""
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = ...) -> Any: ...
+
+    def human(self, command_line: str, timeout: float = ...) -> str: ...
+
+    def send_fd(self, fd: int, fdname: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Machine(Protocol):
-    """One running guest instance (a QEMU process, a libvirt domain)."""
+    """One running guest instance (a QEMU process, a libvirt domain).
+
+    The guest agent is reached through ``agent_socket`` when the plugin owns
+    the channel, or through ``agent_transport`` when the backend does.
+    """
 
     name: str
     ssh_host: str
     ssh_port: int
     console_log: Path
-    agent_socket: Path | None
-    qmp: QMP
+
+    @property
+    def agent_socket(self) -> Path | None: ...
+
+    @property
+    def agent_transport(self) -> AgentTransport | None: ...
+
+    @property
+    def qmp(self) -> Monitor: ...
 
     @property
     def command_line(self) -> list[str]: ...

@@ -61,7 +61,7 @@ from ..errors import BootError, GuestError, QMPError, SnapshotError
 from ..image import BuiltImage
 from ..runtime import Runtime, pid_alive
 from ..waiting import Deadline, wait_for
-from .base import MachineConfig, SavedState
+from .base import Machine, MachineConfig, SavedState
 from .qemu import KERNEL_ARGS, TB_SIZE_MB, free_port, mac_for
 
 try:
@@ -435,6 +435,8 @@ class LibvirtBackend:
             if match and not pid_alive(int(match.group(1)), None):
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
+                with contextlib.suppress(OSError):
+                    (LIBVIRT_LOG_DIR / f"{dom.name()}.log").unlink()
 
     def describe(self) -> str:
         host = self.hosts[0]
@@ -582,7 +584,9 @@ class LibvirtBackend:
             raise
         return machine
 
-    def save(self, machine: LibvirtMachine, directory: Path) -> None:
+    def save(self, machine: Machine, directory: Path) -> None:
+        if not isinstance(machine, LibvirtMachine):
+            raise TypeError(f"the libvirt backend cannot save {machine!r}")
         memory = directory / "memory"
         try:
             _bounded(f"{machine.name}: saving state", lambda: machine.domain.save(str(memory)), 600.0)

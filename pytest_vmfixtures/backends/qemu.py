@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..accel import AccelChoice
+from ..channels.agent import AgentTransport
 from ..channels.qmp import QMP
-from ..errors import BootError, GuestError, SnapshotError
+from ..errors import BootError, GuestError, SnapshotError, VMError
 from ..image import BuiltImage
 from ..runtime import Runtime
 from ..waiting import wait_for
@@ -166,6 +167,7 @@ class QemuMachine:
         self.ssh_port = ssh_port
         self.console_log = paths.console
         self.agent_socket = paths.agent if has_agent else None
+        self.agent_transport: AgentTransport | None = None
         self.qmp = QMP(paths.qmp, name)
         self._stopped = False
 
@@ -293,25 +295,31 @@ class QemuBackend:
     def restore(self, image: BuiltImage, config: MachineConfig, state: SavedState, name: str) -> QemuMachine:
         machine = self._launch(image, config, name, state.disk, incoming=True)
         try:
-            fd = os.open(state.memory, os.O_RDONLY)
-            try:
-                machine.qmp.send_fd(fd, "state")
-            finally:
-                os.close(fd)
-            machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
-
-            def loaded() -> bool | None:
-                if not machine.alive():
-                    raise SnapshotError(f"{name}: saved state did not load: {machine.exit_description()}")
-                status = machine.qmp.execute("query-status")["status"]
-                return True if status not in ("inmigrate", "prelaunch") else None
-
-            wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
-            machine.qmp.execute("cont")
+            self._load_state(machine, state)
+        except VMError as exc:
+            detail = machine.exit_description() if not machine.alive() else str(exc)
+            machine.stop()
+            raise SnapshotError(f"{name}: saved state {state.key} did not load: {detail}") from exc
         except BaseException:
             machine.stop()
             raise
         return machine
+
+    @staticmethod
+    def _load_state(machine: QemuMachine, state: SavedState) -> None:
+        fd = os.open(state.memory, os.O_RDONLY)
+        try:
+            machine.qmp.send_fd(fd, "state")
+        finally:
+            os.close(fd)
+        machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
+
+        def loaded() -> bool | None:
+            status = machine.qmp.execute("query-status")["status"]
+            return True if status not in ("inmigrate", "prelaunch") else None
+
+        wait_for(f"{machine.name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+        machine.qmp.execute("cont")
 
     def save(self, machine: Machine, directory: Path) -> None:
         if not isinstance(machine, QemuMachine):

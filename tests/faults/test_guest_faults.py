@@ -169,3 +169,25 @@ def test_guest_reaches_host_with_nat_opt_in(vm, host_server: HostServer) -> None
     assert result.stdout.strip() == "host-secret"
     assert host_server.hits == 1
 
+
+
+def test_state_qemu_refuses_is_replaced_by_a_boot(tmp_path: Path, outer_cache: Path, spawn_pytest) -> None:
+    """A state whose digests match but that QEMU cannot load (as after a QEMU change the key missed)."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_s.py").write_text("def test_s(vm):\n    assert vm.run('echo ok').stdout == 'ok\\n'\n")
+    key = f"--vm-provision-key={uuid.uuid4().hex}"
+    first = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
+    assert first.proc.wait(600) == 0, first.output()[-3000:]
+    state = max((outer_cache / "states").iterdir(), key=lambda p: p.stat().st_mtime)
+    memory = state / "memory"
+    memory.chmod(0o600)
+    memory.write_bytes(b"not a migration stream" * 100)
+    cache = Cache(outer_cache)
+    manifest = cache.read_manifest(state)
+    cache.write_manifest(state, {k: v for k, v in manifest.items() if k not in ("files", "created")}, ["disk.qcow2", "memory"])
+    second = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
+    assert second.proc.wait(600) == 0, second.output()[-3000:]
+    assert "does not load" in second.output() or Cache.check_manifest(state) is None
+    assert (state / "memory").stat().st_size > 10_000_000  # a real state again
+    shutil.rmtree(state, ignore_errors=True)

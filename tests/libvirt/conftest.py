@@ -14,17 +14,11 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import paramiko
 import pytest
 
-from pytest_vmfixtures import pool as pool_module
 from pytest_vmfixtures.accel import AccelChoice, choose_accel, probe_host
 from pytest_vmfixtures.cache import Cache, default_cache_dir
 from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
-from pytest_vmfixtures.channels.agent import Agent
-from pytest_vmfixtures.channels.ssh import SSH
-from pytest_vmfixtures.guest import Instance, bind_channels
-from pytest_vmfixtures.image import BuiltImage
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
@@ -53,16 +47,6 @@ def reachable(uri: str) -> str | None:
     return None
 
 
-def bind_channels_any(machine, image: BuiltImage) -> Instance:  # type: ignore[no-untyped-def]
-    """guest.bind_channels plus the agent transport a libvirt machine offers (the patch proposed for guest.py)."""
-    transport = getattr(machine, "agent_transport", None)
-    if transport is None:
-        return bind_channels(machine, image)
-    key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
-    ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name)
-    return Instance(machine, ssh, Agent.over(transport, machine.name))
-
-
 @pytest.fixture(scope="session")
 def primary_uri() -> str:
     why = reachable(PRIMARY_URI)
@@ -76,13 +60,15 @@ def second_uri(primary_uri: str) -> Iterator[str]:
     uri = os.environ.get("VMFX_LIBVIRT_URI2")
     started = False
     if not uri:
-        if os.geteuid() != 0 or shutil.which("unshare") is None:
-            pytest.skip("no second libvirtd: set VMFX_LIBVIRT_URI2, or run as root to start one here")
-        result = subprocess.run([str(HERE / "second_libvirtd.sh"), "start"], capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            pytest.skip(f"cannot start a second libvirtd: {result.stderr.strip()}")
-        uri = result.stdout.strip().splitlines()[-1]
-        started = True
+        script = str(HERE / "second_libvirtd.sh")
+        uri = subprocess.run([script, "uri"], capture_output=True, text=True, timeout=10).stdout.strip()
+        if reachable(uri) is not None:  # not running yet: start it here, and stop it at the end
+            if os.geteuid() != 0 or shutil.which("unshare") is None:
+                pytest.skip("no second libvirtd: set VMFX_LIBVIRT_URI2, or run as root to start one here")
+            result = subprocess.run([script, "start"], capture_output=True, text=True, timeout=60)
+            if result.returncode != 0:
+                pytest.skip(f"cannot start a second libvirtd: {result.stderr.strip()}")
+            started = True
     why = reachable(uri)
     if why:
         pytest.skip(why)
@@ -104,12 +90,8 @@ def cache() -> Cache:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _agent_through_libvirt() -> Iterator[None]:
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(pool_module, "bind_channels", bind_channels_any)
-    yield
-    mp.undo()
+def _quiet_paramiko() -> None:
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # refused logins while a guest boots are expected
 
 
 def make_pool(cache: Cache, accel: AccelChoice, uris: list[str], standby: int = 1) -> tuple[Pool, Runtime]:

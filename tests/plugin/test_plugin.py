@@ -326,7 +326,7 @@ def test_unknown_image_lists_the_available_ones(env: Env) -> None:
     env.pytester.makepyfile(test_m="def test_x(vm):\n    pass\n")
     result = env.collect("--vm-image", "nosuch")
     assert result.ret == USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: unknown image 'nosuch'; available: a, b, debian-12 *--vm-images-dir*"])
+    result.stderr.fnmatch_lines(["ERROR: unknown image 'nosuch'; available: a, b, debian-12*--vm-images-dir*"])
 
 
 @pytest.mark.parametrize("marker", ['"nosuch"', 'images=["a", "nosuch"]'])
