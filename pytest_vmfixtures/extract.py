@@ -105,12 +105,13 @@ ip link set lo up
 for path in /sys/class/net/*; do
     nic=${path##*/}
     [ "$nic" = lo ] && continue
-    udhcpc -i "$nic" -q -n -t 20 -T 1 >/dev/null 2>&1
+    ip link set "$nic" up
+    udhcpc -i "$nic" -s /etc/udhcpc/default.script -q -n -t 20 -T 1 >/dev/null 2>&1
     break
 done
 """
 
-# udhcpc's default hook path: it calls this with the lease in its environment.
+# At the hook path Debian's busybox has built in: udhcpc calls it with the lease in its environment.
 _UDHCPC_SCRIPT = """\
 #!/bin/sh
 case "$1" in
@@ -535,7 +536,7 @@ def _link_applets(tree: Tree, unpacked: Unpacked) -> None:
         ) from exc
     for line in listing.split():
         path = usr_path(line)
-        if path not in tree.members:
+        if path not in tree.members and path != "linuxrc":  # linuxrc: for initrds, not a root's top level
             tree.link(path, "/usr/bin/busybox")
 
 
@@ -586,7 +587,7 @@ def _write_system(tree: Tree, recipe: Recipe, host_key: Ed25519PrivateKey, clien
         "etc/os-release": (_os_release(recipe), 0o644),
         "etc/inittab": (_INITTAB.format(host_key=DROPBEAR_HOST_KEY, agent=agent), 0o644),
         "etc/init.d/rcS": (_RCS, 0o755),
-        "usr/share/udhcpc/default.script": (_UDHCPC_SCRIPT, 0o755),
+        "etc/udhcpc/default.script": (_UDHCPC_SCRIPT, 0o755),
         "etc/resolv.conf": ("", 0o644),
     }
     if has_agent:
