@@ -237,6 +237,7 @@ class Unpacked:
 
     def find(self, relative: str) -> Path | None:
         """The first package directory holding ``relative`` (as shipped, or under /usr)."""
+        relative = relative.lstrip("/")
         for directory in self.packages.values():
             for candidate in (relative, usr_path(relative)):
                 if os.path.lexists(directory / candidate):

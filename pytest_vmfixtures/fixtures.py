@@ -17,6 +17,7 @@ from .backends.base import MachineConfig
 from .errors import VMError
 from .evidence import artifact_dir, collect
 from .guest import VM
+from .network import Network
 from .options import DEFAULT_IMAGE, MarkerSpec, OptionError, parse_marker
 from .session import VMSession
 
@@ -133,3 +134,14 @@ def vm_factory(request: pytest.FixtureRequest, _vm_image: str | None) -> Iterato
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def vm_network(request: pytest.FixtureRequest, vm_factory: VMFactory) -> Network:
+    """A private L2 network for this test: ``server = vm_network.add("server", image="debian-12")``.
+
+    Guests on it get static addresses (``server.ip``) and find each other by
+    name (/etc/hosts); the network reaches neither the host nor anything else.
+    ``vm_network.attach(vm, "name")`` puts a guest the test already has on it.
+    """
+    return Network(_session(request).pool.backend, vm_factory)

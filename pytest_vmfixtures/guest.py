@@ -191,6 +191,8 @@ class VM:
         self.boot_timeout = boot_timeout
         self.state = GuestState.READY
         self.qmp = QMPProxy(self)
+        self.network_ip: str | None = None
+        self.network_name: str | None = None
 
     # -- descriptive -------------------------------------------------------
     @property
@@ -212,6 +214,13 @@ class VM:
     def machine(self) -> Machine:
         """The backend's machine; whoever holds it can change the guest, so it counts as use."""
         return self._usable().machine
+
+    @property
+    def ip(self) -> str:
+        """This guest's address on the test's private network (see the vm_network fixture)."""
+        if self.network_ip is None:
+            raise GuestError(f"{self.name} is on no private network; add it with vm_network.add() or .attach()")
+        return self.network_ip
 
     @property
     def console_log(self) -> Path:
@@ -363,6 +372,7 @@ class VM:
             self._discard(old)
             raise
         self._discard(old)
+        self.network_ip = self.network_name = None  # the hot-plugged NIC went with the old instance
         self.state = GuestState.READY
 
     def reboot(self, timeout: float | None = None) -> None:

@@ -30,15 +30,21 @@ class GuestOS:
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """A complete image directory; paths are absolute."""
+    """A complete image directory; paths are absolute.
+
+    ``kernel`` and ``initrd`` are None for an image that boots through
+    firmware from its own bootloader (``firmware`` "bios" or "uefi"), as a
+    cloud image does; such an image may also carry a cloud-init ``seed``
+    volume and keep its disk outside ``directory`` (a user's own file).
+    """
 
     directory: Path
     name: str
     recipe_digest: str
     disk: Path
     disk_sha256: str
-    kernel: Path
-    initrd: Path
+    kernel: Path | None
+    initrd: Path | None
     cmdline: str
     user: str
     client_key: Path
@@ -48,6 +54,13 @@ class BuiltImage:
     agent: bool
     built_at: float
     builder_version: str
+    firmware: str = ""  # "" boots ``kernel`` directly; "bios" or "uefi" boot the disk
+    seed: Path | None = None  # a NoCloud seed attached as a read-only CD-ROM
+    disk_format: str = "qcow2"
+
+    @property
+    def firmware_boot(self) -> bool:
+        return self.kernel is None
 
     @classmethod
     def load(cls, directory: Path) -> BuiltImage:
@@ -65,8 +78,8 @@ class BuiltImage:
             image = cls._from_dict(directory, data)
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageError(f"{manifest} has a bad or missing field ({exc}); {hint}") from exc
-        for path in (image.disk, image.kernel, image.initrd, image.client_key):
-            if not path.is_file():
+        for path in (image.disk, image.kernel, image.initrd, image.client_key, image.seed):
+            if path is not None and not path.is_file():
                 raise ImageError(f"{manifest} names {path.name}, which is missing; {hint}")
         return image
 
@@ -86,8 +99,8 @@ class BuiltImage:
             recipe_digest=_str(data, "recipe_digest"),
             disk=directory / _file_name(data, "disk"),
             disk_sha256=_str(data, "disk_sha256"),
-            kernel=directory / _file_name(data, "kernel"),
-            initrd=directory / _file_name(data, "initrd"),
+            kernel=_optional_file(directory, data, "kernel"),
+            initrd=_optional_file(directory, data, "initrd"),
             cmdline=_str(data, "cmdline"),
             user=_str(data, "user"),
             client_key=directory / _file_name(data, "client_key"),
@@ -102,6 +115,9 @@ class BuiltImage:
             agent=agent,
             built_at=float(data["built_at"]),
             builder_version=_str(data, "builder_version"),
+            firmware=str(data.get("firmware", "")),
+            seed=_optional_file(directory, data, "seed"),
+            disk_format=str(data.get("disk_format", "qcow2")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,8 +127,8 @@ class BuiltImage:
             "recipe_digest": self.recipe_digest,
             "disk": self.disk.name,
             "disk_sha256": self.disk_sha256,
-            "kernel": self.kernel.name,
-            "initrd": self.initrd.name,
+            "kernel": self.kernel.name if self.kernel is not None else None,
+            "initrd": self.initrd.name if self.initrd is not None else None,
             "cmdline": self.cmdline,
             "user": self.user,
             "client_key": self.client_key.name,
@@ -127,6 +143,9 @@ class BuiltImage:
             "agent": self.agent,
             "built_at": self.built_at,
             "builder_version": self.builder_version,
+            "firmware": self.firmware,
+            "seed": self.seed.name if self.seed is not None else None,
+            "disk_format": self.disk_format,
         }
 
     def save(self) -> None:
@@ -143,6 +162,10 @@ def _str(data: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{key!r} is not a string")
     return value
+
+
+def _optional_file(directory: Path, data: dict[str, Any], key: str) -> Path | None:
+    return None if data.get(key) is None else directory / _file_name(data, key)
 
 
 def _file_name(data: dict[str, Any], key: str) -> str:

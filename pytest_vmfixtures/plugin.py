@@ -15,7 +15,7 @@ from .backends.base import Backend
 from .cache import default_cache_dir
 from .catalog import available_recipes
 from .errors import ImageError
-from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory  # noqa: F401
+from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
 from .guest import console_tail
 from .options import (
     DEFAULT_IMAGE,
@@ -29,7 +29,7 @@ from .options import (
 from .runtime import Runtime
 from .session import Settings, VMSession, builtin_dirs, describe_settings, missing_tools
 
-GUEST_FIXTURES = ("vm", "vm_factory")
+GUEST_FIXTURES = ("vm", "vm_factory", "vm_network")
 
 # (option, ini name, ini type, default, help)
 _OPTIONS: list[tuple[str, str, str, Any, str]] = [

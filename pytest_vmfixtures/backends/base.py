@@ -28,6 +28,22 @@ class MachineConfig:
 
 
 @dataclass(frozen=True)
+class LanSegment:
+    """A private L2 segment between guests: a multicast group on the host's loopback.
+
+    Frames never leave the host and no host address is on the segment, so
+    guests on it reach each other and nothing else.
+    """
+
+    group: str
+    port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.group}:{self.port}"
+
+
+@dataclass(frozen=True)
 class SavedState:
     """A ready guest frozen on disk: a read-only disk layer plus device and RAM state."""
 
@@ -104,6 +120,10 @@ class Backend(Protocol):
 
     def restore(self, image: BuiltImage, config: MachineConfig, state: SavedState, name: str) -> Machine:
         """Start a new guest from ``state``; returns with the guest running."""
+        ...
+
+    def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
+        """Hot-plug a NIC on ``segment`` into a running machine (gone with the instance at revert)."""
         ...
 
     def close(self) -> None: ...

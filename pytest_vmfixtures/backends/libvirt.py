@@ -61,8 +61,8 @@ from ..errors import BootError, GuestError, QMPError, SnapshotError
 from ..image import BuiltImage
 from ..runtime import Runtime, pid_alive
 from ..waiting import Deadline, wait_for
-from .base import Machine, MachineConfig, SavedState
-from .qemu import KERNEL_ARGS, TB_SIZE_MB, free_port, mac_for
+from .base import LanSegment, Machine, MachineConfig, SavedState
+from .qemu import KERNEL_ARGS, TB_SIZE_MB, free_port, hotplug_lan, mac_for
 
 try:
     import libvirt  # type: ignore[import-untyped]
@@ -602,6 +602,11 @@ class LibvirtBackend:
         os.chmod(memory, 0o600)
         os.replace(machine.overlay, directory / "disk.qcow2")
         machine.stop()
+
+    def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
+        # libvirt cannot hot-plug an mcast interface, so the NIC goes in through the monitor;
+        # the domain is transient and dropped at revert, so libvirt's view need not include it.
+        hotplug_lan(machine, segment, mac)
 
     def close(self) -> None:
         with self._lock:

@@ -28,7 +28,7 @@ from ..errors import BootError, GuestError, SnapshotError, VMError
 from ..image import BuiltImage
 from ..runtime import Runtime
 from ..waiting import wait_for
-from .base import Machine, MachineConfig, SavedState
+from .base import LanSegment, Machine, MachineConfig, SavedState
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
@@ -151,6 +151,13 @@ def host_cpu_id() -> str:
     model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
     flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
     return hashlib.sha256(f"{model and model.group(1)}|{flags and flags.group(1)}".encode()).hexdigest()[:16]
+
+
+def hotplug_lan(machine: Machine, segment: LanSegment, mac: str) -> None:
+    """A virtio NIC on the segment's multicast group, plugged into the running guest through QMP."""
+    netdev = f"lan{mac.replace(':', '')[-6:]}"
+    machine.qmp.execute("netdev_add", {"type": "socket", "id": netdev, "mcast": segment.endpoint, "localaddr": "127.0.0.1"})
+    machine.qmp.execute("device_add", {"driver": "virtio-net-pci", "netdev": netdev, "mac": mac, "id": f"{netdev}-nic"})
 
 
 class QemuMachine:
@@ -353,6 +360,9 @@ class QemuBackend:
         machine.process.wait(30)
         os.replace(machine.paths.overlay, directory / "disk.qcow2")
         machine.stop()
+
+    def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
+        hotplug_lan(machine, segment, mac)
 
     def close(self) -> None:
         pass

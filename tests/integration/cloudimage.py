@@ -1,0 +1,200 @@
+"""A stand-in for a vendor's cloud image: Debian 12 with cloud-init, booted by UEFI firmware.
+
+Built without root, loop devices or mounts: mmdebstrap writes the root
+filesystem as an ext2 image (genext2fs keeps the files' owners), e2fsprogs
+turns it into ext4, an EFI system partition is made with ``mkfs.vfat -C`` and
+filled with mtools (systemd-boot as the removable-media loader, one loader
+entry, the kernel and initrd), and ``sfdisk`` lays a GPT on a plain file into
+which the two partitions are copied. No key is baked in: like a vendor image,
+it gets its keys, user and host name from cloud-init's NoCloud seed.
+
+This lives in the test tree: it is how the tests get a UEFI cloud image
+without the internet, not something the plugin offers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pytest_vmfixtures.cache import Cache
+
+VERSION = "1"
+RELEASE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+PACKAGES = (
+    "linux-image-cloud-amd64",
+    "systemd-sysv",
+    "udev",
+    "openssh-server",
+    "cloud-init",
+    "sudo",
+    "systemd-boot-efi",  # only its EFI binary is used, copied onto the ESP
+    "iproute2",
+    "procps",
+)
+ROOT_LABEL = "cloudimg-rootfs"
+ROOT_SIZE = 2 << 30
+ESP_SIZE = 96 << 20
+SECTOR = 512
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+DISK_NAME = "debian-12-uefi-cloud.qcow2"
+TOOLS = {
+    "mmdebstrap": "mmdebstrap",
+    "genext2fs": "genext2fs",
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "sfdisk": "fdisk",
+    "tune2fs": "e2fsprogs",
+    "qemu-img": "qemu-utils",
+}
+
+# Runs chrooted in the finished tree. What a vendor does to a cloud image:
+# no host keys, no host name, a locked root, the root found by label.
+_GUEST_SCRIPT = f"""\
+set -eu
+rm -f /etc/ssh/ssh_host_*
+rm -f /etc/hostname
+echo 'LABEL={ROOT_LABEL} / ext4 rw,relatime 0 1' > /etc/fstab
+sed -i 's/^root:[^:]*:/root:*:/' /etc/shadow
+: > /etc/resolv.conf
+mkdir -p /etc/systemd/network /etc/systemd/journald.conf.d /etc/cloud/cloud.cfg.d
+printf '[Match]\\nName=en* eth*\\n\\n[Network]\\nDHCP=ipv4\\nLinkLocalAddressing=no\\n' > /etc/systemd/network/99-dhcp.network
+printf '[Journal]\\nStorage=volatile\\n' > /etc/systemd/journald.conf.d/10-volatile.conf
+# Like Debian's "nocloud" images: look for a NoCloud seed only, never wait for a metadata server.
+echo 'datasource_list: [NoCloud, None]' > /etc/cloud/cloud.cfg.d/90-datasource.cfg
+systemctl enable systemd-networkd.service
+systemctl mask apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer
+systemctl mask systemd-networkd-wait-online.service getty@tty1.service
+kernel=$(ls /boot/vmlinuz-* | sort -V | tail -n 1)
+version=${{kernel#/boot/vmlinuz-}}
+mkdir -p /vmfix-out
+cp "$kernel" /vmfix-out/vmlinuz
+cp "/boot/initrd.img-$version" /vmfix-out/initrd.img
+cp /usr/lib/systemd/boot/efi/systemd-bootx64.efi /vmfix-out/BOOTX64.EFI
+"""
+
+_LOADER_CONF = "default debian.conf\ntimeout 0\n"
+_ENTRY = f"""\
+title Debian 12 (cloud image stand-in)
+linux /vmlinuz
+initrd /initrd.img
+options root=LABEL={ROOT_LABEL} rw console=ttyS0 quiet panic=-1
+"""
+
+
+def recipe_digest() -> str:
+    document = {
+        "version": VERSION,
+        "release": RELEASE,
+        "packages": PACKAGES,
+        "script": _GUEST_SCRIPT,
+        "loader": _LOADER_CONF,
+        "entry": _ENTRY,
+        "sizes": [ROOT_SIZE, ESP_SIZE],
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def missing_tools() -> list[str]:
+    env_path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool, path=env_path) is None]
+
+
+def _run(command: list[str], **kwargs: object) -> None:
+    env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace", env=env, check=False, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({result.returncode}):\n{(result.stderr or result.stdout)[-3000:]}")
+
+
+def build(out: Path, progress: Callable[[str], None] = print) -> dict[str, float]:
+    """Build the disk into ``out/DISK_NAME``; returns seconds per step."""
+    timings: dict[str, float] = {}
+    work = out / "work"
+    work.mkdir()
+    rootfs = work / "root.ext2"
+    t0 = time.monotonic()
+    progress("cloud image: mmdebstrap")
+    _run(
+        [
+            "mmdebstrap", "--mode=auto", "--variant=apt", "--format=ext2",
+            "--include=" + ",".join(PACKAGES),
+            f"--customize-hook=chroot \"$1\" /bin/sh -c {shlex.quote(_GUEST_SCRIPT)}",
+            f"--customize-hook=copy-out /vmfix-out/vmlinuz /vmfix-out/initrd.img /vmfix-out/BOOTX64.EFI {work}",
+            '--customize-hook=rm -rf "$1/vmfix-out"',
+            RELEASE, str(rootfs), MIRROR,
+            f"deb {MIRROR} {RELEASE}-updates main",
+        ],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    timings["mmdebstrap"] = time.monotonic() - t0
+    t1 = time.monotonic()
+    # ext2 -> ext4 of the final size, labelled so the kernel command line and fstab find it.
+    _run(["tune2fs", "-O", "extents,uninit_bg,dir_index,has_journal", "-L", ROOT_LABEL, str(rootfs)])
+    subprocess.run(["e2fsck", "-f", "-y", str(rootfs)], capture_output=True, check=False)
+    _run(["resize2fs", str(rootfs), f"{ROOT_SIZE // 1024}K"])
+    # The EFI system partition, filled without mounting it.
+    esp = work / "esp.img"
+    _run(["mkfs.vfat", "-C", "-F", "32", "-n", "ESP", str(esp), str(ESP_SIZE // 1024)])
+    (work / "loader.conf").write_text(_LOADER_CONF)
+    (work / "debian.conf").write_text(_ENTRY)
+    mtools = ["-i", str(esp)]
+    _run(["mmd", *mtools, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"])
+    for source, target in (
+        ("BOOTX64.EFI", "::/EFI/BOOT/BOOTX64.EFI"),
+        ("loader.conf", "::/loader/loader.conf"),
+        ("debian.conf", "::/loader/entries/debian.conf"),
+        ("vmlinuz", "::/vmlinuz"),
+        ("initrd.img", "::/initrd.img"),
+    ):
+        _run(["mcopy", *mtools, str(work / source), target])
+    # A GPT on a plain file: ESP first, then the root; no BIOS boot partition, so UEFI only.
+    raw = work / "disk.raw"
+    esp_start = 2048
+    root_start = esp_start + ESP_SIZE // SECTOR
+    total = root_start + ROOT_SIZE // SECTOR + 2048
+    with open(raw, "wb") as handle:
+        handle.truncate(total * SECTOR)
+    layout = (
+        "label: gpt\nunit: sectors\n"
+        f"start={esp_start}, size={ESP_SIZE // SECTOR}, type={ESP_TYPE}, name=\"EFI\"\n"
+        f"start={root_start}, size={ROOT_SIZE // SECTOR}, type={LINUX_TYPE}, name=\"root\"\n"
+    )
+    _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(raw)], input=layout)
+    for part, start in ((esp, esp_start), (rootfs, root_start)):
+        _run(["dd", f"if={part}", f"of={raw}", "bs=4M", f"seek={start * SECTOR}", "oflag=seek_bytes", "conv=notrunc,sparse"])
+    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out / DISK_NAME)])
+    timings["assemble"] = time.monotonic() - t1
+    shutil.rmtree(work)
+    return timings
+
+
+def ensure(cache: Cache, progress: Callable[[str], None] = print) -> Path:
+    """The test cloud image's qcow2, built once per recipe digest into the cache."""
+    key = f"test-cloudimage-{recipe_digest()[:16]}"
+
+    def create(directory: Path) -> None:
+        timings = build(directory, progress)
+        cache.write_manifest(directory, {"kind": "test-cloudimage", "timings": timings}, [DISK_NAME])
+
+    directory = cache.entry("images", key, create, cache.check_manifest, waiting=lambda: progress("waiting for another build"))
+    return directory / DISK_NAME
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(build(target)))
