@@ -228,7 +228,7 @@ def ensure_image(cache: Cache, name: str, image_dirs: Sequence[Path], progress: 
         cache.write_manifest(
             directory,
             {"kind": "image", "name": name, "recipe_digest": recipe.digest},
-            [image.disk.name, image.kernel.name, image.initrd.name],
+            [p.name for p in (image.disk, image.kernel, image.initrd) if p is not None],
         )
         progress(f"built image {name} in {time.monotonic() - started:.0f} s")
 

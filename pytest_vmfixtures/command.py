@@ -41,8 +41,14 @@ def new_tag() -> str:
     return uuid.uuid4().hex
 
 
-def ssh_command_line(command: str, tag: str) -> str:
-    """The line sent over SSH: the user's login shell execs a POSIX sh with the tag set."""
+def ssh_command_line(command: str, tag: str, sudo: bool = False) -> str:
+    """The line sent over SSH: the user's login shell execs a POSIX sh with the tag set.
+
+    With ``sudo`` (a login user other than root) the shell runs as root through
+    ``sudo -n``, the tag set inside, since sudo resets the environment.
+    """
+    if sudo:
+        return f"exec sudo -n /usr/bin/env {TAG}={tag} /bin/sh -c {shlex.quote(command)}"
     return f"{TAG}={tag} exec /bin/sh -c {shlex.quote(command)}"
 
 

@@ -78,6 +78,9 @@ def vm(request: pytest.FixtureRequest, _vm_image: str | None) -> Iterator[VM]:
         memory_mb=spec.memory_mb,
         cpus=spec.cpus,
         network=spec.network,
+        sha256=spec.sha256,
+        user=spec.user,
+        firmware=spec.firmware,
     )
     session = _session(request)
     guest = session.pool.acquire(config)
@@ -97,9 +100,22 @@ class VMFactory:
         self._default_image = default_image
         self.guests: list[VM] = []
 
-    def __call__(self, image: str | None = None, memory_mb: int | None = None, cpus: int | None = None, network: str | None = None) -> VM:
+    def __call__(
+        self,
+        image: str | None = None,
+        memory_mb: int | None = None,
+        cpus: int | None = None,
+        network: str | None = None,
+        sha256: str | None = None,
+        user: str | None = None,
+        firmware: str | None = None,
+    ) -> VM:
         where = f"{self._request.node.nodeid}: vm_factory"
-        kwargs = {k: v for k, v in {"image": image, "memory_mb": memory_mb, "cpus": cpus, "network": network}.items() if v is not None}
+        given = {
+            "image": image, "memory_mb": memory_mb, "cpus": cpus, "network": network,
+            "sha256": sha256, "user": user, "firmware": firmware,
+        }
+        kwargs = {k: v for k, v in given.items() if v is not None}
         try:
             spec = parse_marker(where, [((), kwargs)])
         except OptionError as exc:
@@ -109,6 +125,10 @@ class VMFactory:
             memory_mb=spec.memory_mb if "memory_mb" in kwargs else self._default.memory_mb,
             cpus=spec.cpus if "cpus" in kwargs else self._default.cpus,
             network=spec.network if "network" in kwargs else self._default.network,
+            # Your own image's digest, user and firmware go with the image they were given for.
+            sha256=spec.sha256 if image is not None else self._default.sha256,
+            user=spec.user if image is not None else self._default.user,
+            firmware=spec.firmware if image is not None else self._default.firmware,
         )
         guest = _session(self._request).pool.acquire(config)
         self.guests.append(guest)

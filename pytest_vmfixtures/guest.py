@@ -89,6 +89,7 @@ class Instance:
 def bind_channels(machine: Machine, image: BuiltImage) -> Instance:
     key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
     ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name)
+    ssh.sudo = image.user != "root"
     agent: Agent | None = None
     if machine.agent_transport is not None:
         agent = Agent.over(machine.agent_transport, machine.name)

@@ -71,8 +71,8 @@ class Network:
 
         device = wait_for(f"{vm.name}: the hot-plugged NIC", nic, 60.0, interval=0.1,
                           error=lambda m: GuestError(f"{m}; does the guest kernel support PCI hotplug?"))
-        vm.run(f"udevadm settle -t 10 2>/dev/null; ip link set dev {device} up && ip addr add {ip}/24 dev {device}",
-               check=True, timeout=30)
+        vm.run(f"udevadm settle -t 10 2>/dev/null; ip link set dev {device} up && ip addr add {ip}/24 dev {device}"
+               f" && hostname {name}", check=True, timeout=30)
         vm.network_ip = ip
         vm.network_name = name
         self.members[name] = vm

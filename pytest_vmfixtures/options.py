@@ -13,11 +13,12 @@ from typing import Any
 
 from .accel import ACCELS
 from .backends.base import NETWORKS
+from .byo import check_spec
 
 DEFAULT_IMAGE = "debian-12"
 DEFAULT_MEMORY_MB = 512
 DEFAULT_CPUS = 1
-MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network")
+MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network", "sha256", "user", "firmware")
 BACKENDS = ("qemu", "libvirt")
 
 
@@ -35,6 +36,10 @@ class MarkerSpec:
     cpus: int = DEFAULT_CPUS
     network: str = "restricted"
     explicit: frozenset[str] = field(default_factory=frozenset)
+    # Only for your own image (a path or URL): its digest, login user and firmware.
+    sha256: str | None = None
+    user: str | None = None
+    firmware: str | None = None
 
 
 def _int_in(where: str, key: str, value: Any, low: int, high: int) -> int:
@@ -73,6 +78,12 @@ def parse_marker(where: str, marks: Iterable[tuple[tuple[Any, ...], Mapping[str,
         images = tuple(images)
         if image is not None:
             raise OptionError(f"{where}: give either image= (pin one) or images= (restrict the matrix), not both")
+    byo = {key: merged.get(key) for key in ("sha256", "user", "firmware")}
+    if image is None and any(v is not None for v in byo.values()):
+        raise OptionError(f"{where}: sha256=, user= and firmware= need image= (the path or URL of your image)")
+    problem = check_spec(image, byo["sha256"], byo["user"], byo["firmware"]) if image is not None else None
+    if problem is not None:
+        raise OptionError(f"{where}: {problem}")
     network = merged.get("network", "restricted")
     if network not in NETWORKS:
         raise OptionError(f"{where}: network={network!r} is not one of {', '.join(NETWORKS)}")
@@ -83,6 +94,9 @@ def parse_marker(where: str, marks: Iterable[tuple[tuple[Any, ...], Mapping[str,
         cpus=_int_in(where, "cpus", merged.get("cpus", DEFAULT_CPUS), 1, 256),
         network=network,
         explicit=frozenset(merged),
+        sha256=byo["sha256"].lower() if isinstance(byo["sha256"], str) else None,
+        user=byo["user"],
+        firmware=byo["firmware"],
     )
 
 

@@ -12,8 +12,10 @@ import pytest
 from . import hookspecs
 from .accel import AccelChoice
 from .backends.base import Backend
+from .byo import is_byo
 from .cache import default_cache_dir
 from .catalog import available_recipes
+from .doctor import run_checks, summary
 from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
 from .guest import console_tail
@@ -108,15 +110,18 @@ def _settings(config: pytest.Config) -> Settings:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(image=None, images=None, memory_mb=512, cpus=1, network='restricted'): "
+        "vm(image=None, images=None, memory_mb=512, cpus=1, network='restricted', sha256=None, user=None, firmware=None): "
         "configure the guest the vm fixture gives this test (pytest-vmfixtures)",
     )
     config.stash[SESSION_KEY] = VMSession(config, _settings(config))
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     session = config.stash[SESSION_KEY]
-    return describe_settings(session.settings, session.accel, images=",".join(session.settings.images))
+    settings = session.settings
+    checks = run_checks(settings.cache_dir, settings.accel, settings.qemu_binary,
+                        settings.libvirt_uris if settings.backend == "libvirt" else ())
+    return [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
 
 
 @pytest.hookimpl(trylast=True)
@@ -181,7 +186,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         raise pytest.UsageError(problems[0])
     known = _known_images(vms)
     for name in sorted(wanted):
-        if name not in known and config.hook.pytest_vm_image_resolve(config=config, name=name) is None:
+        if name not in known and not is_byo(name) and config.hook.pytest_vm_image_resolve(config=config, name=name) is None:
             raise pytest.UsageError(
                 f"unknown image {name!r}; available: {', '.join(sorted(known))} "
                 "(or add a recipe NAME.toml with --vm-images-dir DIR)"
@@ -190,7 +195,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         vms.cache.ensure_writable()
     except ImageError as exc:
         raise pytest.UsageError(str(exc)) from None
-    if shutil.which("mmdebstrap") is None and not any(vms.cache.images.glob("*/manifest.json")):
+    recipes_wanted = any(not is_byo(name) for name in wanted)
+    if recipes_wanted and shutil.which("mmdebstrap") is None and not any(vms.cache.images.glob("*/manifest.json")):
         raise pytest.UsageError("mmdebstrap not found and no image is cached: install it (Debian: apt install mmdebstrap)")
 
 

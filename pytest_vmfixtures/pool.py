@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .backends.base import Backend, MachineConfig, SavedState, config_inputs, digest_of
+from .byo import DEFAULT_USER, ByoSpec, is_byo
+from .byo import prepare as prepare_byo
 from .cache import Cache, ensure_image
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
@@ -46,7 +48,7 @@ class Slot:
         self._closed = False
 
     def new_instance(self) -> Instance:
-        name = self.pool.runtime.new_name(self.config.image)
+        name = self.pool.runtime.new_name(self.config.label)
         state = self.state
         try:
             machine = self.pool.backend.restore(self.image, self.config, state, name)
@@ -145,15 +147,22 @@ class Pool:
         self.kept: list[tuple[VM, str]] = []
 
     # -- images and states ----------------------------------------------------
-    def image(self, name: str) -> BuiltImage:
-        if name in self._images:
-            return self._images[name]
+    def image(self, name: str, config: MachineConfig | None = None) -> BuiltImage:
+        """The image ``name`` names: a hook's, the user's own file or URL (see byo.py), or a recipe's."""
+        byo = is_byo(name) and config is not None
+        key = f"{name}|{config.sha256}|{config.user}|{config.firmware}" if byo and config is not None else name
+        if key in self._images:
+            return self._images[key]
         provided = self.resolve(name)
         if provided is not None:
-            self._images[name] = provided
+            self._images[key] = provided
             return provided
-        image = ensure_image(self.cache, name, self.image_dirs, self.progress)
-        self._images[name] = image
+        if byo and config is not None:
+            spec = ByoSpec(name, config.sha256, config.user or DEFAULT_USER, config.firmware or "auto")
+            image = prepare_byo(self.cache, spec, self.progress)
+        else:
+            image = ensure_image(self.cache, name, self.image_dirs, self.progress)
+        self._images[key] = image
         return image
 
     def state_key(self, image: BuiltImage, config: MachineConfig) -> str:
@@ -164,14 +173,17 @@ class Pool:
             "backend": self.backend.state_inputs(image, config),
             "provision": self.provision_key,
         }
-        return f"{config.image}-{digest_of(inputs)[:16]}"
+        if image.seed is not None:  # the seed carries the guest's keys: new keys, new state
+            inputs["seed"] = image.recipe_digest
+        return f"{config.label}-{digest_of(inputs)[:16]}"
 
     def saved_state(self, image: BuiltImage, config: MachineConfig) -> SavedState:
         key = self.state_key(image, config)
 
         def create(directory: Path) -> None:
             self._make_state(image, config, directory)
-            self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config)}, ["disk.qcow2", "memory"])
+            files = ["disk.qcow2", "memory"] + (["nvram.qcow2"] if (directory / "nvram.qcow2").exists() else [])
+            self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config)}, files)
 
         directory = self.cache.entry(
             "states", key, create, self.cache.check_manifest,
@@ -183,14 +195,17 @@ class Pool:
         """Cold boot, provision, and freeze: done once per state key, ever."""
         started = time.monotonic()
         self.progress(f"booting {config.describe()} with accel {self.accel} (first use; warm starts afterwards)")
-        name = self.runtime.new_name(f"{config.image}-boot")
+        name = self.runtime.new_name(f"{config.label}-boot")
         machine = self.backend.boot(image, config, name)
         instance = bind_channels(machine, image)
         try:
             wait_ssh_ready(instance, self.boot_timeout, self.accel)
-            self.progress(f"{config.image} booted in {time.monotonic() - started:.0f} s; provisioning")
+            self.progress(f"{config.label} booted in {time.monotonic() - started:.0f} s; provisioning")
             vm = self._handle(image, config, instance, slot=None)
             vm.state = GuestState.DIRTY
+            if image.seed is not None:
+                # Let cloud-init finish its first boot, so every guest starts from a settled system.
+                vm.run("cloud-init status --wait >/dev/null 2>&1 || true", timeout=self.boot_timeout)
             self.provision(vm)
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
             vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
@@ -208,7 +223,7 @@ class Pool:
             slot = self._slots.get(config)
         if slot is not None:
             return slot
-        image = self.image(config.image)
+        image = self.image(config.image, config)
         state = self.saved_state(image, config)
         with self._lock:
             slot = self._slots.setdefault(config, Slot(self, image, config, state))

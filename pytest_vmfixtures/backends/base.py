@@ -22,9 +22,20 @@ class MachineConfig:
     memory_mb: int = 512
     cpus: int = 1
     network: str = "restricted"
+    # Only for your own image (a path or URL; see byo.py); None means the default.
+    sha256: str | None = None
+    user: str | None = None
+    firmware: str | None = None
 
     def describe(self) -> str:
-        return f"{self.image} ({self.memory_mb} MiB, {self.cpus} vCPU, network {self.network})"
+        return f"{self.label} ({self.memory_mb} MiB, {self.cpus} vCPU, network {self.network})"
+
+    @property
+    def label(self) -> str:
+        """The image as a short name safe in file and guest names (a URL or path is shortened)."""
+        from ..byo import is_byo, label_for
+
+        return label_for(self.image, self.sha256) if is_byo(self.image) else self.image
 
 
 @dataclass(frozen=True)
@@ -134,4 +145,10 @@ def digest_of(inputs: dict[str, object]) -> str:
 
 
 def config_inputs(config: MachineConfig) -> dict[str, object]:
-    return asdict(config)
+    """What a saved state depends on in the config. Unset bring-your-own keys are left out (so the
+    states of recipe images keep their keys), and a URL with a digest is known by the digest: the
+    same file served from elsewhere (another port) is the same image."""
+    inputs = {k: v for k, v in asdict(config).items() if v is not None}
+    if config.sha256 is not None:
+        inputs["image"] = f"sha256:{config.sha256.lower()}"
+    return inputs

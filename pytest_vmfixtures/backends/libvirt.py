@@ -57,7 +57,7 @@ from xml.sax.saxutils import escape
 
 from ..accel import AccelChoice
 from ..channels.agent import AgentError
-from ..errors import BootError, GuestError, QMPError, SnapshotError
+from ..errors import BootError, GuestError, ImageError, QMPError, SnapshotError
 from ..image import BuiltImage
 from ..runtime import Runtime, pid_alive
 from ..waiting import Deadline, wait_for
@@ -492,6 +492,8 @@ class LibvirtBackend:
         self, image: BuiltImage, config: MachineConfig, domain_name: str, files: Path, ssh_port: int, incoming: bool,
     ) -> str:
         kvm = self.accel.accel == "kvm"
+        if image.kernel is None:
+            raise ImageError(f"{image.name} boots through firmware (your own image); use --vm-backend qemu for it")
         return render_domain({
             "domain_type": "kvm" if kvm else "qemu",
             "name": domain_name,

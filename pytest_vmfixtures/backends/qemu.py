@@ -36,6 +36,21 @@ TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
 # holds only the memory in use: zero pages cost nothing to save or restore.
 KERNEL_ARGS = "init_on_free=1"
 PORT_ATTEMPTS = 5
+# UEFI firmware for images that boot through it (Debian/Ubuntu: package ovmf; Fedora: edk2-ovmf).
+# The code is read-only; each guest gets a qcow2 overlay of the variable store as its NVRAM.
+OVMF_CANDIDATES = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+)
+
+
+def find_ovmf() -> tuple[Path, Path]:
+    """The OVMF code and variable-store template, or a GuestError saying what to install."""
+    for code, variables in OVMF_CANDIDATES:
+        if Path(code).is_file() and Path(variables).is_file():
+            return Path(code), Path(variables)
+    raise GuestError("this image boots with UEFI, and no OVMF firmware was found: install it (Debian: apt install ovmf)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,11 @@ class MachinePaths:
     @property
     def pidfile(self) -> Path:
         return self.files / "pid"
+
+    @property
+    def nvram(self) -> Path:
+        """A UEFI guest's variable store: an overlay, like the disk, and saved with it."""
+        return self.files / "nvram.qcow2"
 
     @property
     def qmp(self) -> Path:
@@ -107,14 +127,27 @@ def build_command_line(
         argv += ["-kernel", str(image.kernel), "-append", f"{image.cmdline} {KERNEL_ARGS}"]
         if image.initrd is not None:
             argv += ["-initrd", str(image.initrd)]
+    elif image.firmware == "uefi":
+        code, _ = find_ovmf()
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            # qcow2, so savevm (vm.snapshot) can snapshot it with the disk
+            "-drive", f"if=pflash,format=qcow2,unit=1,file={paths.nvram}",
+        ]
     argv += [
         "-drive", f"file={paths.overlay},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
-        "-device", "virtio-blk-pci,drive=disk0",
+        "-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if image.kernel is None else ""),
     ]
+    if image.seed is not None:  # cloud-init's NoCloud seed, a read-only CD
+        argv += [
+            "-device", "virtio-scsi-pci,id=scsi0",
+            "-drive", f"file={image.seed},if=none,id=seed0,format=raw,readonly=on,media=cdrom",
+            "-device", "scsi-cd,drive=seed0,bus=scsi0.0",
+        ]
     restrict = "on" if config.network == "restricted" else "off"
     argv += [
         "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-        "-device", f"virtio-net-pci,netdev=net0,mac={mac_for(config.image)}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={mac_for(config.label)}",
         "-device", "virtio-rng-pci",
         "-device", "VGA",  # something to screendump when a test fails
         "-chardev", f"file,id=serial0,path={paths.console}",
@@ -229,7 +262,7 @@ class QemuMachine:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             pass
-        for path in (self.paths.overlay, self.paths.qmp, self.paths.agent, self.paths.pidfile):
+        for path in (self.paths.overlay, self.paths.nvram, self.paths.qmp, self.paths.agent, self.paths.pidfile):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -262,21 +295,40 @@ class QemuBackend:
         }
         if self.accel.accel == "kvm":
             inputs["cpu"] = host_cpu_id()
+        if image.kernel is None:  # firmware boot: the firmware is part of the machine
+            inputs["firmware"] = image.firmware
+            if image.firmware == "uefi":
+                inputs["ovmf"] = [hashlib.sha256(p.read_bytes()).hexdigest() for p in find_ovmf()]
         return inputs
 
     # -- starting ---------------------------------------------------------
-    def _overlay(self, backing: Path, overlay: Path) -> None:
+    def _overlay(self, backing: Path, overlay: Path, backing_format: str = "qcow2") -> None:
         result = subprocess.run(
-            [self.qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(overlay)],
+            [self.qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(overlay)],
             capture_output=True, text=True, timeout=60,
         )
         if result.returncode != 0:
             raise GuestError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
 
-    def _launch(self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, incoming: bool) -> QemuMachine:
+    def _launch(
+        self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, incoming: bool, state: SavedState | None = None
+    ) -> QemuMachine:
         files, socks = self.runtime.machine_dirs(name)
         paths = MachinePaths(files, socks)
-        self._overlay(backing, paths.overlay)
+        # A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
+        disk_format = "qcow2" if state is not None else image.disk_format
+
+        def overlays() -> None:
+            self._overlay(backing, paths.overlay, disk_format)
+            if image.kernel is None and image.firmware == "uefi":
+                # The NVRAM is disk state too (boot entries, variables the guest wrote): a cold boot
+                # starts from OVMF's template, a restore from the variables frozen with the state.
+                if state is not None:
+                    self._overlay(state.directory / "nvram.qcow2", paths.nvram)
+                else:
+                    self._overlay(find_ovmf()[1], paths.nvram, "raw")
+
+        overlays()
         last_error = ""
         for _ in range(PORT_ATTEMPTS):
             port = free_port()
@@ -291,7 +343,7 @@ class QemuBackend:
                 last_error = machine.stderr_tail()
                 machine.stop()
                 if "hostfwd" in last_error or "host forwarding" in last_error:
-                    self._overlay(backing, paths.overlay)
+                    overlays()
                     continue  # the port was taken between our probe and QEMU's bind
                 break
         raise BootError(f"QEMU for {name} did not start", console_tail=last_error, command_line=argv)
@@ -300,7 +352,7 @@ class QemuBackend:
         return self._launch(image, config, name, image.disk, incoming=False)
 
     def restore(self, image: BuiltImage, config: MachineConfig, state: SavedState, name: str) -> QemuMachine:
-        machine = self._launch(image, config, name, state.disk, incoming=True)
+        machine = self._launch(image, config, name, state.disk, incoming=True, state=state)
         try:
             self._load_state(machine, state)
         except VMError as exc:
@@ -359,6 +411,9 @@ class QemuBackend:
             pass  # quitting closes the monitor under our feet
         machine.process.wait(30)
         os.replace(machine.paths.overlay, directory / "disk.qcow2")
+        if machine.paths.nvram.exists():
+            # A UEFI guest's variable store is frozen with its disk; restore() overlays it per instance.
+            os.replace(machine.paths.nvram, directory / "nvram.qcow2")
         machine.stop()
 
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:

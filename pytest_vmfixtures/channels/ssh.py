@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import select
+import shlex
 import time
 
 import paramiko
@@ -40,6 +41,7 @@ class SSH:
         self.name = name
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self.sudo = False  # run commands as root through sudo -n (the login user is not root)
 
     def connect(self, timeout: float = 10.0) -> paramiko.SSHClient:
         self.close()
@@ -107,7 +109,7 @@ class SSH:
             raise SSHError(f"{self.name}: SSH transport is gone")
         try:
             chan = transport.open_session(timeout=10)
-            chan.exec_command(ssh_command_line(command, tag))
+            chan.exec_command(ssh_command_line(command, tag, self.sudo))
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self.close()
             raise SSHError(f"{self.name}: SSH session failed before {command!r} started: {exc}") from exc
@@ -139,7 +141,10 @@ class SSH:
 
     def _kill(self, tag: str) -> None:
         try:
-            _, stdout, _ = self.client.exec_command(kill_script(tag), timeout=10)
+            script = kill_script(tag)
+            if self.sudo:
+                script = f"sudo -n /bin/sh -c {shlex.quote(script)}"
+            _, stdout, _ = self.client.exec_command(script, timeout=10)
             stdout.channel.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError):
             pass  # the timeout error is what the user needs; this was best effort

@@ -118,7 +118,7 @@ def test_markers_lists_vm(env: Env) -> None:
     result = env.run("--markers")
     assert result.ret == 0
     result.stdout.fnmatch_lines(
-        ["@pytest.mark.vm(image=None, images=None, memory_mb=512, cpus=1, network='restricted'):*"]
+        ["@pytest.mark.vm(image=None, images=None, memory_mb=512, cpus=1, network='restricted'*):*"]
     )
 
 
@@ -172,7 +172,8 @@ def test_report_header_names_the_accel(env: Env) -> None:
     env.pytester.makepyfile("def test_plain():\n    pass\n")
     result = env.run("--vm-accel", "tcg")
     result.assert_outcomes(passed=1)
-    (header,) = [line for line in result.outlines if line.startswith("vmfixtures:")]
+    header, check = [line for line in result.outlines if line.startswith("vmfixtures:")]
+    assert check.startswith("vmfixtures: host check:")
     assert header.startswith("vmfixtures: accel tcg (requested)")
     assert f"cache {env.cache}" in header
 
@@ -180,7 +181,7 @@ def test_report_header_names_the_accel(env: Env) -> None:
 def test_report_header_under_auto_says_which_accel_and_why(env: Env) -> None:
     env.pytester.makepyfile("def test_plain():\n    pass\n")
     result = env.run()
-    (header,) = [line for line in result.outlines if line.startswith("vmfixtures:")]
+    header = [line for line in result.outlines if line.startswith("vmfixtures:")][0]
     assert re.match(r"vmfixtures: accel (kvm|tcg) \(.+\)", header), header
 
 

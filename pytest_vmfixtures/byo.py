@@ -1,0 +1,381 @@
+"""Bring your own image: any cloud image with cloud-init, from a local path or a URL.
+
+``@pytest.mark.vm(image="https://.../x.qcow2", sha256="...")`` boots a vendor's
+cloud image (Debian, Ubuntu, Fedora, ...) the way a cloud does:
+
+* **The disk** is downloaded once into ``cache/downloads/<sha256>/``, its digest
+  checked while it streams (a mismatch is an ``ImageError`` and nothing is
+  kept) and again on first use in every run. A local path is used in place,
+  read-only (guests write only to their own overlays), after its digest is
+  checked; ``sha256`` is required for URLs and optional for paths. A qcow2
+  with a backing file is refused: it could make QEMU read any host file.
+* **A NoCloud seed** (an ISO 9660 volume labelled ``cidata``, written here with
+  pycdlib) tells cloud-init the host name, creates the login user ``vmfix``
+  with password-less sudo (or uses ``root`` when ``user="root"``), authorises a
+  client key generated for this image, installs an sshd host key generated
+  here too (so the client pins it), and turns password logins off. The keys
+  and the seed live in ``cache/seeds/``, one set per (image digest, user).
+  ``vm.run`` runs commands as root either way (through ``sudo -n`` when the
+  login user is not root).
+* **Firmware**: no ``-kernel``; the disk's own bootloader starts under SeaBIOS
+  ("bios") or OVMF ("uefi"). ``firmware="auto"`` (the default) reads the
+  partition table: a GPT with an EFI system partition and no BIOS boot
+  partition is "uefi"; everything else, hybrid images included, is "bios".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .cache import Cache, sha256_file
+from .errors import ImageError
+from .image import BuiltImage, GuestOS
+
+BYO_SUFFIXES = (".qcow2", ".img", ".raw")
+URL_PREFIXES = ("http://", "https://")
+DEFAULT_USER = "vmfix"
+FIRMWARES = ("auto", "uefi", "bios")
+SEED_VERSION = "1"
+SEED_NAME = "seed.iso"
+CLIENT_KEY_NAME = "id_ed25519"
+HOST_KEY_NAME = "ssh_host_ed25519_key.pub"
+CHUNK = 1 << 20
+PROGRESS_EVERY = 3.0  # seconds between download progress lines
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_LABEL_RE = re.compile(r"[^A-Za-z0-9.-]+")
+
+# GPT partition type GUIDs (as text; the on-disk form is mixed-endian).
+ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+BIOS_BOOT_GUIDS = frozenset((
+    "21686148-6449-6e6f-744e-656564454649",  # GRUB's BIOS boot partition
+    "83bd6b9d-7f41-11dc-be0b-001560b84f0f",  # FreeBSD's freebsd-boot
+))
+
+Progress = Callable[[str], None]
+
+
+def is_url(image: str) -> bool:
+    return image.startswith(URL_PREFIXES)
+
+
+def is_byo(image: str) -> bool:
+    """A path or URL of a disk image rather than the name of a recipe."""
+    return is_url(image) or "/" in image or image.endswith(BYO_SUFFIXES)
+
+
+def check_spec(image: str, sha256: object, user: object, firmware: object) -> str | None:
+    """The complaint about a bring-your-own image's arguments, or None."""
+    byo = is_byo(image)
+    if not byo:
+        given = [k for k, v in (("sha256", sha256), ("user", user), ("firmware", firmware)) if v is not None]
+        if given:
+            return f"{given[0]}= applies only to your own image (a path or http(s) URL), not to {image!r}"
+        return None
+    if sha256 is None:
+        if is_url(image):
+            return f"image {image!r} is a URL: give its sha256= (the download is checked against it)"
+    elif not isinstance(sha256, str) or not _SHA256_RE.match(sha256.lower()):
+        return f"sha256 must be 64 hex digits, got {sha256!r}"
+    if user is not None and (not isinstance(user, str) or not _USER_RE.match(user)):
+        return f"user must be a user name such as {DEFAULT_USER!r} or 'root', got {user!r}"
+    if firmware is not None and firmware not in FIRMWARES:
+        return f"firmware={firmware!r} is not one of {', '.join(FIRMWARES)}"
+    return None
+
+
+def label_for(image: str, sha256: str | None = None) -> str:
+    """A short name for files and guests: the file's stem, safe for paths and host names."""
+    stem = urllib.parse.urlsplit(image).path.rsplit("/", 1)[-1] if is_url(image) else Path(image).name
+    for suffix in BYO_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    stem = _LABEL_RE.sub("-", stem).strip("-.")[:40] or "image"
+    return f"{stem}-{sha256[:8]}" if sha256 else stem
+
+
+def hostname_for(sha256: str) -> str:
+    """The host name the seed gives guests of the image with this digest."""
+    return f"vmfix-{sha256[:12]}"
+
+
+@dataclass(frozen=True)
+class ByoSpec:
+    source: str
+    sha256: str | None = None
+    user: str = DEFAULT_USER
+    firmware: str = "auto"
+
+
+# -- the disk ------------------------------------------------------------------
+def download(url: str, sha256: str, target: Path, progress: Progress, timeout: float = 60.0) -> None:
+    """Stream ``url`` into ``target``, hashing as it goes; a mismatch removes the file and raises."""
+    expected = sha256.lower()
+    digest = hashlib.sha256()
+    done = 0
+    started = last = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            progress(f"downloading {url}" + (f" ({total / 2**20:.0f} MiB)" if total else ""))
+            while chunk := response.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                done += len(chunk)
+                now = time.monotonic()
+                if now - last >= PROGRESS_EVERY:
+                    last = now
+                    share = f" ({100 * done / total:.0f}%)" if total else ""
+                    progress(f"downloaded {done / 2**20:.0f} MiB{share} of {url}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        target.unlink(missing_ok=True)
+        raise ImageError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
+    actual = digest.hexdigest()
+    if actual != expected:
+        target.unlink(missing_ok=True)
+        raise ImageError(
+            f"{url} has sha256 {actual}, not the expected {expected}; the download was removed. "
+            "Fix sha256= (or the URL)"
+        )
+    rate = done / 2**20 / max(time.monotonic() - started, 1e-3)
+    progress(f"downloaded {url}: {done / 2**20:.0f} MiB, checksum verified ({rate:.0f} MiB/s)")
+
+
+def cached_download(cache: Cache, url: str, sha256: str, progress: Progress) -> Path:
+    """The verified file for ``url``: downloaded once across processes, re-checked on first use per run."""
+    sha256 = sha256.lower()
+    name = label_for(url) + Path(urllib.parse.urlsplit(url).path).suffix
+
+    def create(directory: Path) -> None:
+        download(url, sha256, directory / name, progress)
+        (directory / name).chmod(0o444)
+        # The digest is known from the download: no second pass over a large file.
+        meta = {"kind": "download", "url": url, "files": {name: sha256}, "created": time.time()}
+        (directory / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    def verify(directory: Path) -> str | None:
+        problem = Cache.check_manifest(directory)
+        if problem is None and cache.read_manifest(directory).get("files") != {name: sha256}:
+            return "manifest does not name the expected file and digest"
+        return problem
+
+    (cache.root / "downloads").mkdir(parents=True, exist_ok=True)
+    directory = cache.entry(
+        "downloads", sha256, create, verify, waiting=lambda: progress(f"waiting for another run downloading {url}")
+    )
+    return directory / name
+
+
+def disk_info(disk: Path, qemu_img: str = "qemu-img") -> str:
+    """The disk's format ("qcow2" or "raw"); refuses a qcow2 with a backing file."""
+    result = subprocess.run(
+        [qemu_img, "info", "--output=json", str(disk)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        raise ImageError(f"qemu-img cannot read {disk}: {result.stderr.strip()}")
+    info = json.loads(result.stdout)
+    fmt = str(info.get("format", ""))
+    if fmt not in ("qcow2", "raw"):
+        raise ImageError(f"{disk} is a {fmt or 'unknown'} image; convert it to qcow2 (qemu-img convert -O qcow2)")
+    if info.get("backing-filename"):
+        raise ImageError(f"{disk} has a backing file ({info['backing-filename']}); flatten it: qemu-img convert -O qcow2")
+    return fmt
+
+
+def read_head(disk: Path, fmt: str, size: int, scratch: Path, qemu_img: str = "qemu-img") -> bytes:
+    """The first ``size`` bytes of the disk as the guest sees it."""
+    if fmt == "raw":
+        with open(disk, "rb") as f:
+            return f.read(size)
+    out = scratch / f"head-{uuid.uuid4().hex[:8]}"
+    try:
+        result = subprocess.run(
+            [qemu_img, "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={size // 512}", f"if={disk}", f"of={out}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        if result.returncode != 0:
+            raise ImageError(f"qemu-img cannot read {disk}: {result.stderr.strip()}")
+        return out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _guid(raw: bytes) -> str:
+    return str(uuid.UUID(bytes_le=raw))
+
+
+def detect_firmware(head: bytes) -> str:
+    """ "uefi" for a GPT with an EFI system partition and no BIOS boot partition, else "bios".
+
+    ``head`` holds at least the first 34 sectors (512-byte sectors assumed).
+    """
+    if len(head) < 1024 or head[512:520] != b"EFI PART":
+        if len(head) >= 512 and head[510:512] == b"\x55\xaa":  # MBR: an ESP (type 0xef) and nothing bootable else
+            kinds = [head[446 + 16 * i + 4] for i in range(4)]
+            if 0xEF in kinds and not any(t in (0x83, 0x07, 0x0B, 0x0C, 0xA5) for t in kinds):
+                return "uefi"
+        return "bios"
+    start = int.from_bytes(head[512 + 72 : 512 + 80], "little")
+    count = int.from_bytes(head[512 + 80 : 512 + 84], "little")
+    entry_size = int.from_bytes(head[512 + 84 : 512 + 88], "little")
+    types: set[str] = set()
+    for index in range(min(count, 128)):
+        offset = start * 512 + index * entry_size
+        raw = head[offset : offset + 16]
+        if len(raw) < 16:
+            break
+        if any(raw):
+            types.add(_guid(raw))
+    if ESP_GUID in types and not types & BIOS_BOOT_GUIDS:
+        return "uefi"
+    return "bios"
+
+
+# -- the seed ------------------------------------------------------------------
+def user_data(user: str, client_public: str, host_private: str, host_public: str) -> str:
+    """``#cloud-config`` (as JSON, which YAML reads): login user, keys, no passwords."""
+    config: dict[str, object] = {
+        # root's authorized_keys get the key too, unrestricted; the login user is ours.
+        "disable_root": False,
+        "ssh_authorized_keys": [client_public],
+        "ssh_pwauth": False,
+        "ssh_deletekeys": True,
+        "ssh_genkeytypes": [],
+        "ssh_keys": {"ed25519_private": host_private, "ed25519_public": host_public},
+        "users": [] if user == "root" else [{
+            "name": user,
+            "gecos": "pytest-vmfixtures",
+            "shell": "/bin/sh",
+            "sudo": "ALL=(ALL) NOPASSWD:ALL",
+            "lock_passwd": True,
+            "ssh_authorized_keys": [client_public],
+        }],
+    }
+    return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
+
+
+def meta_data(instance_id: str, hostname: str) -> str:
+    return f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
+
+
+def write_seed_iso(path: Path, meta: str, user: str) -> None:
+    """An ISO 9660 volume labelled ``cidata`` with ``meta-data`` and ``user-data`` (Rock Ridge and Joliet names)."""
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
+    for iso_name, name, text in (("/METADATA.;1", "meta-data", meta), ("/USERDATA.;1", "user-data", user)):
+        data = text.encode("utf-8")
+        iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path=f"/{name}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the host's private key
+    with os.fdopen(fd, "wb") as out:
+        iso.write_fp(out)
+    iso.close()
+
+
+def _public_line(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def _private_text(key: Ed25519PrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
+
+
+def make_seed(directory: Path, sha256: str, user: str) -> None:
+    """Keys and the seed ISO for guests of one image as one user."""
+    client = Ed25519PrivateKey.generate()
+    host = Ed25519PrivateKey.generate()
+    fd = os.open(directory / CLIENT_KEY_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(_private_text(client).encode())
+    (directory / (CLIENT_KEY_NAME + ".pub")).write_text(_public_line(client) + "\n")
+    (directory / HOST_KEY_NAME).write_text(_public_line(host) + "\n")
+    write_seed_iso(
+        directory / SEED_NAME,
+        meta_data(f"vmfix-{sha256[:16]}", hostname_for(sha256)),
+        user_data(user, _public_line(client), _private_text(host), _public_line(host)),
+    )
+
+
+# -- putting it together ---------------------------------------------------------
+def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qemu-img") -> BuiltImage:
+    """A bootable description of the user's image: disk verified, seed and keys made once."""
+    started = time.monotonic()
+    if is_url(spec.source):
+        if spec.sha256 is None:
+            raise ImageError(f"image {spec.source!r} is a URL: give its sha256=")
+        sha256 = spec.sha256.lower()
+        disk = cached_download(cache, spec.source, sha256, progress)
+    else:
+        disk = Path(spec.source).expanduser().resolve()
+        if not disk.is_file():
+            raise ImageError(f"image {spec.source!r}: no such file")
+        sha256 = sha256_file(disk)
+        if spec.sha256 is not None and sha256 != spec.sha256.lower():
+            raise ImageError(f"{disk} has sha256 {sha256}, not the expected {spec.sha256.lower()}")
+    fmt = disk_info(disk, qemu_img)
+    firmware = spec.firmware
+    if firmware == "auto":
+        scratch = cache.new_tmp("probe")
+        try:
+            firmware = detect_firmware(read_head(disk, fmt, 34 * 512, scratch, qemu_img))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def create(directory: Path) -> None:
+        make_seed(directory, sha256, spec.user)
+        cache.write_manifest(
+            directory,
+            {"kind": "seed", "image_sha256": sha256, "user": spec.user},
+            [CLIENT_KEY_NAME, CLIENT_KEY_NAME + ".pub", HOST_KEY_NAME, SEED_NAME],
+        )
+
+    (cache.root / "seeds").mkdir(parents=True, exist_ok=True)
+    seeds = cache.entry("seeds", f"{sha256[:32]}-{spec.user}-{SEED_VERSION}", create, cache.check_manifest)
+    seed_digest = str(dict(cache.read_manifest(seeds).get("files", {}) or {}).get(SEED_NAME, ""))  # type: ignore[call-overload]
+    with contextlib.suppress(OSError):
+        os.utime(seeds)  # most recently used, for whoever prunes the cache
+    progress(f"image {label_for(spec.source, sha256)}: {fmt}, firmware {firmware}, ready in {time.monotonic() - started:.1f} s")
+    return BuiltImage(
+        directory=seeds,
+        name=label_for(spec.source, sha256),
+        # The seed holds the keys: a new seed is a new guest, so it is part of the identity.
+        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}".encode()).hexdigest(),
+        disk=disk,
+        disk_sha256=sha256,
+        kernel=None,
+        initrd=None,
+        cmdline="",
+        user=spec.user,
+        client_key=seeds / CLIENT_KEY_NAME,
+        host_key=(seeds / HOST_KEY_NAME).read_text().strip(),
+        arch="x86_64",
+        os=GuestOS(id="unknown", version="", init="unknown", package_manager="unknown"),
+        agent=False,
+        built_at=time.time(),
+        builder_version=f"byo-{SEED_VERSION}",
+        firmware=firmware,
+        seed=seeds / SEED_NAME,
+        disk_format=fmt,
+    )
