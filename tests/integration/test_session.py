@@ -46,7 +46,7 @@ def test_failed_test_is_reverted_and_nothing_is_left(pytester: pytest.Pytester, 
     result = pytester.runpytest_subprocess(*_cache_args(request.config), "-rA")
     result.assert_outcomes(passed=1, failed=1)
     # The failed test's report carries the guest's console tail.
-    result.stdout.fnmatch_lines(["*vm debian-12-* console (call)*"])
+    result.stdout.fnmatch_lines(["*Captured stdout call: vm debian-12-* console*"])
     assert orphaned_qemu() == []
 
 

@@ -1,0 +1,172 @@
+"""Your own image: the seed ISO, the checked download, firmware detection, marker rules."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pycdlib
+import pytest
+
+from pytest_vmfixtures.backends.base import MachineConfig, config_inputs
+from pytest_vmfixtures.byo import (
+    BIOS_BOOT_GUIDS,
+    ESP_GUID,
+    cached_download,
+    detect_firmware,
+    download,
+    hostname_for,
+    is_byo,
+    make_seed,
+)
+from pytest_vmfixtures.cache import Cache
+from pytest_vmfixtures.errors import ImageError
+from pytest_vmfixtures.options import OptionError, parse_marker
+
+SHA = "ab" * 32
+
+
+def _read(iso: pycdlib.PyCdlib, rr_path: str) -> str:
+    out = io.BytesIO()
+    iso.get_file_from_iso_fp(out, rr_path=rr_path)
+    return out.getvalue().decode()
+
+
+def test_seed_iso_is_a_cidata_volume_with_the_keys(tmp_path: Path) -> None:
+    make_seed(tmp_path, SHA, "vmfix")
+    iso = pycdlib.PyCdlib()
+    iso.open(str(tmp_path / "seed.iso"))
+    try:
+        assert iso.pvd.volume_identifier.decode().strip() == "cidata"
+        names = {child.rock_ridge.name().decode() for child in iso.list_children(rr_path="/") if child.rock_ridge}
+        assert {"meta-data", "user-data"} <= names
+        meta = _read(iso, "/meta-data")
+        user = _read(iso, "/user-data")
+    finally:
+        iso.close()
+    assert f"local-hostname: {hostname_for(SHA)}" in meta and "instance-id:" in meta
+    assert user.startswith("#cloud-config\n")
+    client_public = (tmp_path / "id_ed25519.pub").read_text().strip()
+    host_public = (tmp_path / "ssh_host_ed25519_key.pub").read_text().strip()
+    assert client_public in user and host_public in user
+    assert "ed25519_private" in user and '"ssh_pwauth": false' in user and '"name": "vmfix"' in user
+    assert (tmp_path / "seed.iso").stat().st_mode & 0o077 == 0  # it holds the host's private key
+
+
+def test_root_user_seed_creates_no_user(tmp_path: Path) -> None:
+    make_seed(tmp_path, SHA, "root")
+    iso = pycdlib.PyCdlib()
+    iso.open(str(tmp_path / "seed.iso"))
+    user = _read(iso, "/user-data")
+    iso.close()
+    assert '"users": []' in user and '"disable_root": false' in user
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    payload = uuid.uuid4().bytes * 300_000  # 4.8 MB, several chunks
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "disk.qcow2").write_bytes(payload)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "www")))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/disk.qcow2", payload
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_download_checks_the_digest_while_streaming(tmp_path: Path, server: tuple[str, bytes]) -> None:
+    url, payload = server
+    messages: list[str] = []
+    target = tmp_path / "good"
+    download(url, hashlib.sha256(payload).hexdigest(), target, messages.append)
+    assert target.read_bytes() == payload
+    assert "checksum verified" in messages[-1]
+    with pytest.raises(ImageError, match="not the expected"):
+        download(url, SHA, tmp_path / "bad", messages.append)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cached_download_once_and_mismatch_leaves_nothing(tmp_path: Path, server: tuple[str, bytes]) -> None:
+    url, payload = server
+    cache = Cache(tmp_path / "cache")
+    cache.ensure_writable()
+    with pytest.raises(ImageError):
+        cached_download(cache, url, SHA, lambda m: None)
+    assert not (cache.root / "downloads" / SHA).exists()
+    assert list((cache.root / "tmp").iterdir()) == []
+    digest = hashlib.sha256(payload).hexdigest()
+    path = cached_download(cache, url, digest, lambda m: None)
+    assert path.read_bytes() == payload and path.parent == cache.root / "downloads" / digest
+    # A damaged cached copy is found on first use in a new run and fetched again.
+    path.chmod(0o644)
+    path.write_bytes(b"corrupt")
+    again = cached_download(Cache(cache.root), url, digest, lambda m: None)
+    assert again.read_bytes() == payload
+
+
+def _gpt(*types: str) -> bytes:
+    head = bytearray(34 * 512)
+    head[510:512] = b"\x55\xaa"
+    head[512:520] = b"EFI PART"
+    head[512 + 72 : 512 + 80] = (2).to_bytes(8, "little")
+    head[512 + 80 : 512 + 84] = (128).to_bytes(4, "little")
+    head[512 + 84 : 512 + 88] = (128).to_bytes(4, "little")
+    for index, kind in enumerate(types):
+        offset = 2 * 512 + index * 128
+        head[offset : offset + 16] = uuid.UUID(kind).bytes_le
+    return bytes(head)
+
+
+def test_firmware_detection() -> None:
+    linux = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+    bios_boot = sorted(BIOS_BOOT_GUIDS)[0]
+    assert detect_firmware(_gpt(ESP_GUID, linux)) == "uefi"
+    assert detect_firmware(_gpt(bios_boot, ESP_GUID, linux)) == "bios"  # hybrid: SeaBIOS is the faster start
+    assert detect_firmware(_gpt(linux)) == "bios"
+    mbr = bytearray(34 * 512)
+    mbr[510:512] = b"\x55\xaa"
+    mbr[446 + 4] = 0x83
+    assert detect_firmware(bytes(mbr)) == "bios"
+    assert detect_firmware(b"") == "bios"
+
+
+def test_what_counts_as_your_own_image() -> None:
+    assert is_byo("https://example.org/x.qcow2") and is_byo("images/x") and is_byo("x.img") and is_byo("x.raw")
+    assert not is_byo("debian-12")
+
+
+def test_marker_rules() -> None:
+    spec = parse_marker("t", [((), {"image": "https://e.org/x.qcow2", "sha256": SHA.upper(), "user": "root"})])
+    assert spec.sha256 == SHA and spec.user == "root"
+    assert parse_marker("t", [((), {"image": "./x.qcow2"})]).sha256 is None  # optional for paths
+    for kwargs, message in (
+        ({"image": "https://e.org/x.qcow2"}, "give its sha256"),
+        ({"image": "x.qcow2", "sha256": "12"}, "64 hex"),
+        ({"image": "debian-12", "sha256": SHA}, "only to your own image"),
+        ({"sha256": SHA}, "need image="),
+        ({"image": "x.qcow2", "firmware": "coreboot"}, "firmware"),
+        ({"image": "x.qcow2", "user": "Bad User"}, "user must be"),
+    ):
+        with pytest.raises(OptionError, match=message):
+            parse_marker("t", [((), kwargs)])
+
+
+def test_state_key_inputs() -> None:
+    # Recipe images keep their keys; a URL is known by its digest, not where it was served from.
+    assert config_inputs(MachineConfig("debian-12")) == {"image": "debian-12", "memory_mb": 512, "cpus": 1, "network": "restricted"}
+    one = MachineConfig("http://127.0.0.1:1/x.qcow2", sha256=SHA)
+    two = MachineConfig("http://127.0.0.1:2/x.qcow2", sha256=SHA)
+    assert config_inputs(one) == config_inputs(two) and one.label == two.label == f"x-{SHA[:8]}"
