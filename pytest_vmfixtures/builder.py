@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 # Part of every recipe digest: bump it whenever a change here changes what
 # an image contains, so cached images built by older code are rebuilt.
 BUILDER_VERSION = "1"
+# The same for what only another builder than mmdebstrap writes: bumping one
+# rebuilds the images that builder makes and leaves the others alone.
+BUILDER_VARIANT_VERSIONS = {"extract": "1"}
 
 DISK_NAME = "disk.qcow2"
 KERNEL_NAME = "vmlinuz"

@@ -110,6 +110,26 @@ class Cache:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def try_lock(self, key: str) -> Iterator[bool]:
+        """The lock ``key`` if it is free right now (True), else False at once.
+
+        For cleanup, which must neither wait for a build nor remove what one
+        is making or checking.
+        """
+        path = self.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def new_tmp(self, label: str) -> Path:
         path = self.root / "tmp" / f"{label}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True, mode=0o700)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_vmfixtures.builder import BUILDER_VERSION
+from pytest_vmfixtures.builder import BUILDER_VARIANT_VERSIONS, BUILDER_VERSION
 from pytest_vmfixtures.errors import ImageError
 
 BUILTIN_IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
@@ -136,7 +136,7 @@ class Recipe:
             "commands": list(self.commands),
         }
         if self.builder != _DEFAULTS["builder"]:
-            document["builder"] = self.builder
+            document["builder"] = [self.builder, BUILDER_VARIANT_VERSIONS[self.builder]]
         return document
 
     @property

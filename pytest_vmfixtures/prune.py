@@ -1,0 +1,195 @@
+"""What ``pytest-vmfixtures images prune`` may remove from the cache, and removing it.
+
+Nothing in the cache is ever removed by the plugin itself: an image built
+from an older recipe, or a saved state of an image that is gone, stays until
+someone prunes. Pruning must never break a run in progress, so it skips
+every entry that a live session's guests use (found through their overlays'
+qcow2 backing chains and their QEMU command lines) and every entry whose lock
+is taken (it is being built or checked), without waiting for either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import Cache, remove_tree
+from .runtime import pid_alive
+
+DAY = 86400.0
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A cache entry that can go, and why."""
+
+    path: Path
+    lock: str
+    reason: str
+    size: int
+
+
+def tree_size(path: Path) -> int:
+    """Bytes on disk (allocated blocks, so a sparse disk counts what it uses)."""
+    total = 0
+    for item in (path, *path.rglob("*")) if path.is_dir() else (path,):
+        try:
+            total += item.lstat().st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def qcow2_backing(path: Path) -> Path | None:
+    """The backing file a qcow2 image names in its header, or None."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(20)
+            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if offset == 0 or size == 0 or size > 4096:
+                return None
+            handle.seek(offset)
+            name = handle.read(size).decode("utf-8", "replace")
+    except OSError:
+        return None
+    backing = Path(name)
+    return backing if backing.is_absolute() else path.parent / backing
+
+
+def entries_in_use(cache: Cache) -> set[Path]:
+    """Entry directories that guests of live pytest sessions use right now."""
+    used: set[Path] = set()
+    run = cache.root / "run"
+    for session in run.iterdir() if run.is_dir() else ():
+        try:
+            meta = json.loads((session / "session.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        if session.name.startswith(".") or pid_alive(int(meta.get("pid", 0)), meta.get("start_time")):
+            for machine in (p for p in session.iterdir() if p.is_dir()):
+                for path in _files_used(machine):
+                    entry = _entry_of(cache, path)
+                    if entry is not None:
+                        used.add(entry)
+    return used
+
+
+def _files_used(machine: Path) -> Iterator[Path]:
+    """Every file a machine reads: its overlays' backing chains and what its QEMU command line names."""
+    for overlay in machine.glob("*.qcow2"):
+        layer: Path | None = overlay
+        for _ in range(16):
+            layer = qcow2_backing(layer) if layer is not None else None
+            if layer is None:
+                break
+            yield layer
+    try:
+        pid = int((machine / "pid").read_text(encoding="ascii").split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except (OSError, ValueError, IndexError):
+        return
+    for argument in argv:
+        for part in argument.replace("=", ",").split(","):
+            if part.startswith("/"):
+                yield Path(part)
+
+
+def _entry_of(cache: Cache, path: Path) -> Path | None:
+    """The ``cache/<kind>/<key>`` directory ``path`` lies in, if any."""
+    try:
+        relative = path.relative_to(cache.root)
+    except ValueError:
+        return None
+    return cache.root / relative.parts[0] / relative.parts[1] if len(relative.parts) >= 3 else None
+
+
+def plan(
+    cache: Cache,
+    current: Mapping[str, str],
+    *,
+    everything: bool = False,
+    older_than_days: float | None = None,
+    now: float | None = None,
+) -> tuple[list[Candidate], list[Path]]:
+    """What to remove, and the images kept because no recipe known here names them.
+
+    ``current`` maps each recipe name to the cache key of its current build.
+    Images of other recipe names may belong to another project's recipes, so
+    only ``everything`` removes them. ``older_than_days`` also removes saved
+    states made, and cloud-init seeds last used, longer ago than that.
+    """
+    now = time.time() if now is None else now
+    cutoff = None if older_than_days is None else now - older_than_days * DAY
+    used = entries_in_use(cache)
+    candidates: list[Candidate] = []
+    unknown: list[Path] = []
+    gone: set[Path] = set()
+
+    def add(path: Path, reason: str) -> None:
+        candidates.append(Candidate(path, f"{path.parent.name}-{path.name}", reason, tree_size(path)))
+
+    for image in _entries(cache, "images", used):
+        name = image.name.rsplit("-", 1)[0]
+        if everything:
+            add(image, "--all")
+        elif name not in current:
+            unknown.append(image)
+            continue
+        elif current[name] != image.name:
+            add(image, f"built from an older {name} recipe")
+        else:
+            continue
+        gone.add(image)
+    for state in _entries(cache, "states", used):
+        backing = qcow2_backing(state / "disk.qcow2")
+        if everything:
+            add(state, "--all")
+        elif backing is None:
+            add(state, "incomplete: no disk layer")
+        elif not backing.exists() or any(backing.is_relative_to(image) for image in gone):
+            add(state, "its image is gone")
+        elif cutoff is not None and _created(state) < cutoff:
+            add(state, f"made more than {older_than_days:g} days ago")
+    for seed in _entries(cache, "seeds", used):
+        if everything:
+            add(seed, "--all")
+        elif cutoff is not None and seed.stat().st_mtime < cutoff:
+            add(seed, f"not used for {older_than_days:g} days")
+    for download in _entries(cache, "downloads", used):
+        if everything:
+            add(download, "--all")
+    for leftover in sorted((cache.root / "tmp").iterdir()) if (cache.root / "tmp").is_dir() else ():
+        kind, sep, rest = leftover.name.partition("--")
+        if sep:  # cache.entry names them <kind>--<key>-<random>
+            candidates.append(Candidate(leftover, f"{kind}-{rest.rsplit('-', 1)[0]}", "left by an interrupted run",
+                                        tree_size(leftover)))
+    return candidates, unknown
+
+
+def _entries(cache: Cache, kind: str, used: set[Path]) -> list[Path]:
+    directory = cache.root / kind
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p not in used) if directory.is_dir() else []
+
+
+def _created(entry: Path) -> float:
+    try:
+        return float(json.loads((entry / "manifest.json").read_text(encoding="utf-8"))["created"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return entry.stat().st_mtime
+
+
+def remove(cache: Cache, candidates: list[Candidate]) -> Iterator[tuple[Candidate, bool]]:
+    """Remove each candidate whose lock is free now; yields (candidate, removed)."""
+    for candidate in candidates:
+        with cache.try_lock(candidate.lock) as free:
+            if free and os.path.lexists(candidate.path):
+                remove_tree(candidate.path)
+            yield candidate, free
