@@ -101,9 +101,8 @@ def test_pytest_killed_mid_boot_leaves_nothing(tmp_path: Path, outer_cache: Path
     # What remains is being built right now by a live run (its lock is held), never the dead run's.
     for leftover in (outer_cache / "tmp").iterdir():
         kind, _, rest = leftover.name.partition("--")
-        with open(outer_cache / "locks" / f"{kind}-{rest.rsplit('-', 1)[0]}.lock", "a") as lock:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with open(outer_cache / "locks" / f"{kind}-{rest.rsplit('-', 1)[0]}.lock", "a") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _assert_gone(pids: list[int]) -> None:
