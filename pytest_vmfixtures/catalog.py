@@ -23,7 +23,7 @@ from typing import Any
 from pytest_vmfixtures.builder import BUILDER_VARIANT_VERSIONS, BUILDER_VERSION
 from pytest_vmfixtures.errors import ImageError
 
-BUILTIN_IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+BUILTIN_IMAGES_DIR = Path(__file__).resolve().parent / "images"  # ships in the wheel; images/ at the repo root links here
 
 RECIPE_SUFFIX = ".toml"
 

@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cache import Cache, default_cache_dir, ensure_image, image_key
-from .catalog import BUILTIN_IMAGES_DIR, available_recipes, load_recipe
+from .catalog import BUILTIN_IMAGES_DIR, Recipe, available_recipes, load_recipe
 from .errors import VMError
-from .image import BuiltImage
-from .prune import plan, remove, tree_size
+from .prune import created_at, plan, remove, tree_size
 
 PROG = "pytest-vmfixtures"
 
@@ -99,37 +98,41 @@ def _dirs(args: argparse.Namespace) -> list[Path]:
     return [*(Path(d).expanduser() for d in args.images_dir), BUILTIN_IMAGES_DIR]
 
 
-def _current_keys(dirs: Sequence[Path]) -> tuple[dict[str, str], dict[str, str]]:
-    """Each recipe's current cache key, and the error of each recipe that does not load."""
-    keys: dict[str, str] = {}
+def _recipes(dirs: Sequence[Path]) -> tuple[dict[str, Recipe], dict[str, str]]:
+    """Every recipe that loads, and the error of each one that does not."""
+    recipes: dict[str, Recipe] = {}
     broken: dict[str, str] = {}
     for name in available_recipes(dirs):
         try:
-            recipe = load_recipe(name, dirs)
+            recipes[name] = load_recipe(name, dirs)
         except VMError as exc:
             broken[name] = str(exc).partition("\n")[0]
-            continue
-        keys[name] = image_key(name, recipe.digest)
-    return keys, broken
+    return recipes, broken
+
+
+def _current_keys(recipes: dict[str, Recipe]) -> dict[str, str]:
+    """The cache key each recipe's image has now."""
+    return {name: image_key(name, recipe.digest) for name, recipe in recipes.items()}
 
 
 def _list(args: argparse.Namespace) -> int:
-    cache, dirs = _cache(args), _dirs(args)
-    keys, broken = _current_keys(dirs)
+    cache = _cache(args)
+    recipes, broken = _recipes(_dirs(args))
+    keys = _current_keys(recipes)
     built = {p.parent.name: p.parent for p in cache.images.glob("*/manifest.json")} if cache.images.is_dir() else {}
     rows = [("NAME", "STATUS", "SIZE", "AGE", "DESCRIPTION / PATH")]
-    for name in sorted({*keys, *broken}):
+    for name in sorted({*recipes, *broken}):
         if name in broken:
             rows.append((name, "broken", "-", "-", broken[name]))
             continue
-        recipe = load_recipe(name, dirs)
+        recipe = recipes[name]
         directory = built.get(keys[name])
         older = [key for key in built if key.rsplit("-", 1)[0] == name and key != keys[name]]
         if directory is None:
             status = "outdated" if older else "-"
             rows.append((name, status, "-", "-", recipe.description))
             continue
-        rows.append((name, "built", _size(tree_size(directory)), _age(_built_at(directory)), recipe.description))
+        rows.append((name, "built", _size(tree_size(directory)), _age(created_at(directory)), recipe.description))
         rows.append(("", "", "", "", str(directory)))
     _table(rows)
     print(f"\ncache {cache.root}: {_size(_usage(cache))}; prune with: {PROG} images prune")
@@ -160,8 +163,7 @@ def _prune(args: argparse.Namespace) -> int:
     if not cache.root.is_dir():
         print(f"nothing to prune: no cache at {cache.root}")
         return 0
-    keys, _ = _current_keys(dirs)
-    candidates, unknown = plan(cache, keys, everything=args.all, older_than_days=args.older_than)
+    candidates, unknown = plan(cache, _current_keys(_recipes(dirs)[0]), everything=args.all, older_than_days=args.older_than)
     freed, busy = 0, 0
     verb = "would remove" if args.dry_run else "removed"
     results = ((c, True) for c in candidates) if args.dry_run else remove(cache, candidates)
@@ -194,13 +196,6 @@ def _progress(name: str) -> Callable[[str], None]:
         print(f"{name}: {message}", flush=True)
 
     return say
-
-
-def _built_at(directory: Path) -> float:
-    try:
-        return BuiltImage.load(directory).built_at
-    except VMError:
-        return directory.stat().st_mtime
 
 
 def _usage(cache: Cache) -> int:

@@ -291,10 +291,13 @@ def _library_index(unpacked: Unpacked) -> dict[str, tuple[Path, str]]:
 
 def _newest_mtime(unpacked: Unpacked) -> int:
     """A timestamp for generated files that depends only on the packages, so rebuilds match."""
-    return max(
-        (int(path.lstat().st_mtime) for directory in unpacked.packages.values() for path in directory.rglob("*")),
-        default=0,
+    times = (
+        int(path.lstat().st_mtime)
+        for directory in unpacked.packages.values()
+        for path in directory.rglob("*")
+        if path.is_file() and not path.is_symlink()  # directories got the unpacking's time
     )
+    return max(times, default=0)
 
 
 def _link_applets(tree: Tree, busybox: Path) -> None:

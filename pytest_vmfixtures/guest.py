@@ -135,7 +135,7 @@ def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
             diagnosis=diagnose_console(text, accel),
         )
 
-    wait_for(f"SSH on {machine.name}", attempt, timeout, interval=1.0, max_interval=2.0, error=fail)
+    wait_for(f"SSH on {machine.name}", attempt, timeout, interval=0.25, max_interval=1.0, error=fail)
 
 
 def clock_command() -> str:

@@ -156,7 +156,7 @@ def plan(
             add(state, "incomplete: no disk layer")
         elif not backing.exists() or any(backing.is_relative_to(image) for image in gone):
             add(state, "its image is gone")
-        elif cutoff is not None and _created(state) < cutoff:
+        elif cutoff is not None and created_at(state) < cutoff:
             add(state, f"made more than {older_than_days:g} days ago")
     for seed in _entries(cache, "seeds", used):
         if everything:
@@ -179,7 +179,8 @@ def _entries(cache: Cache, kind: str, used: set[Path]) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p not in used) if directory.is_dir() else []
 
 
-def _created(entry: Path) -> float:
+def created_at(entry: Path) -> float:
+    """When the cache entry was made, from its manifest (its directory's time if that is unreadable)."""
     try:
         return float(json.loads((entry / "manifest.json").read_text(encoding="utf-8"))["created"])
     except (OSError, ValueError, KeyError, TypeError):

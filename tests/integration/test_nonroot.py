@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 import pytest_vmfixtures
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
 
 USER = os.environ.get("VMFIX_TEST_USER", "")
 
@@ -54,7 +53,6 @@ def test_build_boot_and_revert_as_ordinary_user() -> None:
     source = shared / "src"
     shutil.copytree(Path(pytest_vmfixtures.__file__).parent, source / "pytest_vmfixtures",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(BUILTIN_IMAGES_DIR, source / BUILTIN_IMAGES_DIR.name)
     suite = shared / "suite"
     suite.mkdir()
     (suite / "test_as_user.py").write_text(SUITE)
