@@ -100,16 +100,18 @@ def parse_marker(where: str, marks: Iterable[tuple[tuple[Any, ...], Mapping[str,
     )
 
 
-def parse_accel(value: str) -> str:
-    if value not in ACCELS:
-        raise OptionError(f"--vm-accel {value!r} is not one of {', '.join(ACCELS)}")
+def parse_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def parse_accel(value: str) -> str:
+    return parse_choice("--vm-accel", value, ACCELS)
 
 
 def parse_backend(value: str) -> str:
-    if value not in BACKENDS:
-        raise OptionError(f"--vm-backend {value!r} is not one of {', '.join(BACKENDS)}")
-    return value
+    return parse_choice("--vm-backend", value, BACKENDS)
 
 
 def parse_positive(option: str, value: Any) -> float:

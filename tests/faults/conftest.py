@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from integration.helpers import qemu_processes
 
 from pytest_vmfixtures.fixtures import SESSION_KEY
 
@@ -57,18 +58,14 @@ def spawn_pytest(tmp_path: Path) -> Iterator[object]:
 
 def session_qemu(session_pid: int) -> list[int]:
     """Live QEMU processes started by the pytest process ``session_pid`` (its run dir is named after it)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if "qemu-system" in cmdline and re.search(rf"/run/{session_pid}-[0-9a-f]{{8}}/", cmdline) and state != "Z":
-            found.append(int(proc.name))
-    return found
+    return [pid for pid in qemu_processes("/run/") if re.search(rf"/run/{session_pid}-[0-9a-f]{{8}}/", _cmdline(pid))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def wait_for_file(path: Path, inner: Inner, timeout: float = 600) -> None:
