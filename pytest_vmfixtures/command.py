@@ -58,8 +58,8 @@ def agent_environment(tag: str, home: str = "/root", user: str = "root") -> list
 
 
 def agent_script(command: str) -> str:
-    """Start in $HOME as an SSH session does; the agent's own working directory is /."""
-    return 'cd "$HOME" 2>/dev/null || :\n' + command
+    """Start in $HOME with umask 022 as an SSH session does (the agent daemon may have 077, and / as its cwd)."""
+    return 'cd "$HOME" 2>/dev/null || :; umask 022\n' + command
 
 
 def kill_script(tag: str) -> str:

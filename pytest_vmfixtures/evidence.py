@@ -18,10 +18,8 @@ from .guest import VM
 
 log = logging.getLogger("pytest_vmfixtures")
 
-JOURNAL = (
-    "journalctl -b --no-pager -o short-monotonic 2>/dev/null | tail -n 3000 "
-    "|| dmesg 2>/dev/null | tail -n 3000"
-)
+# Without journald (sysvinit, busybox) journalctl fails and the kernel log stands in.
+JOURNAL = "{ journalctl -b --no-pager -o short-monotonic 2>/dev/null || dmesg 2>/dev/null; } | tail -n 3000"
 
 
 def artifact_dir(root: Path, nodeid: str, vm_name: str) -> Path:

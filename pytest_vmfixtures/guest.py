@@ -254,7 +254,9 @@ class VM:
         qmp.execute("screendump", {"filename": str(path), "format": "png"})
 
     def ssh_command(self) -> str:
-        """A command line a person can paste to get a shell in this guest."""
+        """A command line a person can paste to get a shell in this guest (getting one counts as use)."""
+        if self.state == GuestState.READY:
+            self.state = GuestState.DIRTY
         return (
             f"ssh -i {shlex.quote(str(self._image.client_key))} -p {self._instance.machine.ssh_port} "
             "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "

@@ -42,7 +42,7 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-boot-timeout", "vm_boot_timeout", "string", "600", "seconds a cold boot may take before BootError"),
     ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu (embedded) or libvirt"),
     ("--vm-libvirt-uri", "vm_libvirt_uris", "args", [], "libvirt URI the libvirt backend uses (repeatable: guests go to the least loaded)"),
-    ("--vm-standby", "vm_standby", "string", "1", "clean spare guests restored in the background per config (0: revert in line)"),
+    ("--vm-standby", "vm_standby", "string", "1", "1: a clean spare guest is restored in the background per config; 0: revert in line"),
     ("--vm-qemu-binary", "vm_qemu_binary", "string", "qemu-system-x86_64", "the QEMU system emulator to run"),
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
     ("--vm-artifacts", "vm_artifacts", "string", "", "where failed tests' console logs, screendumps and journals go"),
@@ -51,6 +51,7 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
 
 
 _DEFAULT_TEXT = {
+    "vm_images": "debian-12",
     "vm_cache": "~/.cache/pytest-vmfixtures",
     "vm_artifacts": "vm-artifacts under pytest's basetemp",
     "vm_libvirt_uris": "qemu:///system",
@@ -210,8 +211,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 tail = console_tail(guest.console_log, 30)
             except Exception:
                 continue
-            # "Captured stdout ..." joins JUnit's system-out when junit_logging asks for it; the
-            # property is in the JUnit XML whatever junit_logging says.
+            # The section shows in the terminal report; the property carries the same tail into
+            # JUnit XML whatever junit_logging says.
             tail = tail or "(nothing on the console since this guest was restored)"
             report.sections.append((f"Captured stdout {report.when}: vm {guest.name} console, last 30 lines", tail))
             item.user_properties.append((f"vm {guest.name} console ({report.when})", tail))

@@ -240,13 +240,21 @@ class QemuMachine:
         return " | ".join(text.strip().splitlines()[-lines:])
 
     def connect_qmp(self, timeout: float) -> None:
-        def ready() -> bool | None:
+        """Connect once QEMU accepts: the socket file appears a moment before QEMU listens on it."""
+
+        def connected() -> bool | None:
             if not self.alive():
                 raise GuestError(f"{self.name}: {self.exit_description()}")
-            return True if self.paths.qmp.exists() else None
+            if not self.paths.qmp.exists():
+                return None
+            try:
+                self.qmp.connect(min(5.0, timeout))
+            except GuestError:
+                self.qmp = QMP(self.paths.qmp, self.name)  # a failed client cannot be reused
+                return None
+            return True
 
-        wait_for(f"{self.name}: QMP socket", ready, timeout, interval=0.005)
-        self.qmp.connect(timeout)
+        wait_for(f"{self.name}: QMP", connected, timeout, interval=0.01)
 
     def stop(self) -> None:
         if self._stopped:
