@@ -216,10 +216,8 @@ def test_connect_to_a_missing_socket(socket_dir: Path) -> None:
 def test_connect_to_a_silent_agent_is_an_agent_error(fake: FakeGuestAgent, agent: Agent) -> None:
     # Callers fall back to SSH on AgentError; the agent not answering the sync must raise that, not TimeoutError.
     fake.sync_chunks = lambda token: []
-    started = time.monotonic()
-    with pytest.raises(AgentError):
+    with pytest.raises(AgentError, match="did not answer the sync within 0.3 s"):
         agent.connect(0.3)
-    assert time.monotonic() - started < 3
     assert not agent.connected
 
 
@@ -366,10 +364,8 @@ def test_exec_timeout_kills_by_tag_and_returns_partial_output(fake: FakeGuestAge
     fake.exec_script = script
     fake.handlers["guest-exec-status"] = status
     agent.connect(5)
-    started = time.monotonic()
     with pytest.raises(CommandTimeout) as info:
         agent.exec("echo started; sleep 1000", "slowtag", timeout=0.2)
-    assert time.monotonic() - started < 3
     assert killed.is_set()
     assert info.value.timeout == 0.2
     assert info.value.stdout == "started\n"

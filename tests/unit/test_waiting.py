@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from pytest_vmfixtures import waiting
 from pytest_vmfixtures.errors import BootError, GuestError, WaitTimeout
 from pytest_vmfixtures.waiting import Deadline, wait_for
 
@@ -33,13 +34,34 @@ def test_zero_timeout_still_makes_one_attempt() -> None:
         wait_for("step", lambda: None, 0)
 
 
-def test_times_out_with_the_step_name_and_the_diagnosis() -> None:
-    started = time.monotonic()
+class FakeClock:
+    """Deterministic time for the polling helper: sleeping advances the clock and is recorded."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(waiting.time, "monotonic", fake.monotonic)
+    monkeypatch.setattr(waiting.time, "sleep", fake.sleep)
+    return fake
+
+
+def test_times_out_with_the_step_name_and_the_diagnosis(clock: FakeClock) -> None:
     with pytest.raises(WaitTimeout) as info:
         wait_for("SSH on debian-12-1", lambda: None, 0.2, interval=0.01, diagnose=lambda: "sshd never started")
-    elapsed = time.monotonic() - started
     assert str(info.value) == "timed out after 0.2 s waiting for SSH on debian-12-1: sshd never started"
-    assert 0.2 <= elapsed < 2.0
+    assert sum(clock.sleeps) == pytest.approx(0.2)
 
 
 def test_raises_the_given_error_type() -> None:
@@ -89,33 +111,24 @@ def test_an_attempt_that_raises_aborts_at_once() -> None:
             raise GuestError("QEMU exited with status 1")
         return None
 
-    started = time.monotonic()
     with pytest.raises(GuestError, match="QEMU exited"):
         wait_for("QMP socket", attempt, 30.0, interval=0.001, diagnose=lambda: pytest.fail("no diagnosis on abort"))
-    assert len(calls) == 2
-    assert time.monotonic() - started < 1.0
+    assert len(calls) == 2  # aborted at once, not after the 30 s deadline
 
 
-def test_interval_backs_off_up_to_the_maximum() -> None:
-    stamps: list[float] = []
-
-    def attempt() -> None:
-        stamps.append(time.monotonic())
-        return None
-
+def test_interval_backs_off_up_to_the_maximum(clock: FakeClock) -> None:
     with pytest.raises(WaitTimeout):
-        wait_for("x", attempt, 0.5, interval=0.01, max_interval=0.08)
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    assert gaps[0] < 0.05
-    assert max(gaps[:-1]) < 0.08 + 0.05  # never much beyond max_interval
-    assert 5 <= len(stamps) < 40
+        wait_for("x", lambda: None, 0.5, interval=0.01, max_interval=0.08)
+    assert clock.sleeps[0] == pytest.approx(0.01)
+    assert all(b >= a or b < 0.08 for a, b in zip(clock.sleeps, clock.sleeps[1:], strict=False))
+    assert max(clock.sleeps) == pytest.approx(0.08)
+    assert sum(clock.sleeps) == pytest.approx(0.5)
 
 
-def test_the_last_sleep_does_not_overshoot_the_deadline() -> None:
-    started = time.monotonic()
+def test_the_last_sleep_does_not_overshoot_the_deadline(clock: FakeClock) -> None:
     with pytest.raises(WaitTimeout):
         wait_for("x", lambda: None, 0.1, interval=5.0, max_interval=5.0)
-    assert time.monotonic() - started < 1.0
+    assert clock.sleeps == [pytest.approx(0.1)]
 
 
 def test_deadline() -> None:
