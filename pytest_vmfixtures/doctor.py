@@ -43,13 +43,13 @@ def _version(argv: Sequence[str]) -> str | None:
     return match.group(1) if match else (out.strip().splitlines() or [""])[0]
 
 
-def check_qemu(binary: str) -> Check:
+def check_qemu(binary: str, versions: bool = True) -> Check:
     path = shutil.which(binary)
     if path is None:
         return Check(FAIL, "qemu", f"{binary} not found: install QEMU (Debian/Ubuntu: apt install qemu-system-x86 qemu-utils)")
     if shutil.which("qemu-img") is None:
         return Check(FAIL, "qemu", "qemu-img not found: install qemu-utils")
-    return Check(OK, "qemu", f"{path}, version {_version([binary, '--version'])}")
+    return Check(OK, "qemu", f"{path}, version {_version([binary, '--version'])}" if versions else path)
 
 
 def check_kvm() -> Check:
@@ -84,7 +84,7 @@ def check_accel(requested: str) -> Check:
     )
 
 
-def check_image_tools(cache_dir: Path) -> list[Check]:
+def check_image_tools(cache_dir: Path, versions: bool = True) -> list[Check]:
     cached = any(cache_dir.glob("images/*/manifest.json"))
     checks = []
     missing = [t for t in ("mmdebstrap", "genext2fs", "resize2fs", "tune2fs") if shutil.which(t) is None]
@@ -93,7 +93,8 @@ def check_image_tools(cache_dir: Path) -> list[Check]:
         checks.append(Check(status, "image build", f"missing {', '.join(missing)}: apt install mmdebstrap genext2fs e2fsprogs"
                             + (" (cached images still work)" if cached else "")))
     else:
-        checks.append(Check(OK, "image build", _version(["mmdebstrap", "--version"]) or "mmdebstrap present"))
+        found = _version(["mmdebstrap", "--version"]) if versions else None
+        checks.append(Check(OK, "image build", found or "mmdebstrap present"))
     if os.geteuid() != 0:
         user = os.environ.get("USER") or str(os.geteuid())
         try:
@@ -154,12 +155,13 @@ def check_libvirt(uris: Sequence[str]) -> list[Check]:
 
 
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
-               libvirt_uris: Sequence[str] = ()) -> list[Check]:
+               libvirt_uris: Sequence[str] = (), versions: bool = True) -> list[Check]:
+    """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check)."""
     return [
-        check_qemu(qemu_binary),
+        check_qemu(qemu_binary, versions),
         check_kvm(),
         check_accel(accel),
-        *check_image_tools(cache_dir),
+        *check_image_tools(cache_dir, versions),
         check_cache(cache_dir),
         check_stale(cache_dir),
         *check_libvirt(libvirt_uris),

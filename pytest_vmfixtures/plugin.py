@@ -120,8 +120,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     session = config.stash[SESSION_KEY]
     settings = session.settings
+    # No version probes here: every pytest start shows this line, guest tests or not.
     checks = run_checks(settings.cache_dir, settings.accel, settings.qemu_binary,
-                        settings.libvirt_uris if settings.backend == "libvirt" else ())
+                        settings.libvirt_uris if settings.backend == "libvirt" else (), versions=False)
     return [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
 
 

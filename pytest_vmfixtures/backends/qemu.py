@@ -17,7 +17,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -410,9 +409,7 @@ class QemuBackend:
                 raise SnapshotError(f"{machine.name}: saving state failed: {info.get('error-desc', status)}")
             return None
 
-        started = time.monotonic()
         wait_for(f"{machine.name}: saving state", done, 300.0, interval=0.02, error=SnapshotError)
-        del started
         try:
             qmp.execute("quit")
         except GuestError:

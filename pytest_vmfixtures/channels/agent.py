@@ -142,7 +142,7 @@ class Agent:
         try:
             chunk = self._sock.recv(65536)
         except TimeoutError:
-            raise
+            raise  # the caller decides: a timeout is not a broken connection
         except OSError as exc:
             self.close()
             raise AgentError(f"{self.name}: guest agent connection lost: {exc}") from exc

@@ -55,15 +55,19 @@ def test_kernel_panic_is_a_boot_error_with_diagnosis(tmp_path: Path, outer_cache
     assert session_qemu(inner.proc.pid) == []
 
 
-def test_truncated_and_bit_flipped_states_are_rebuilt(tmp_path: Path, outer_cache: Path, spawn_pytest) -> None:
+def _state_of_its_own(tmp_path: Path, outer_cache: Path, spawn_pytest, check: str) -> tuple[Path, str, Path]:
+    """A one-test suite run once with a provision key of its own: its suite, that key, and the state it saved."""
     suite = tmp_path / "suite"
     suite.mkdir()
-    (suite / "test_s.py").write_text("def test_s(vm):\n    assert vm.run('true').ok\n")
+    (suite / "test_s.py").write_text(f"def test_s(vm):\n    {check}\n")
     key = f"--vm-provision-key={uuid.uuid4().hex}"
     first = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
     assert first.proc.wait(600) == 0, first.output()[-3000:]
-    states = sorted((outer_cache / "states").iterdir(), key=lambda p: p.stat().st_mtime)
-    newest = states[-1]
+    return suite, key, max((outer_cache / "states").iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def test_truncated_and_bit_flipped_states_are_rebuilt(tmp_path: Path, outer_cache: Path, spawn_pytest) -> None:
+    suite, key, newest = _state_of_its_own(tmp_path, outer_cache, spawn_pytest, "assert vm.run('true').ok")
     memory = newest / "memory"
     memory.chmod(0o600)
     with open(memory, "r+b") as f:  # one flipped bit in the middle
@@ -173,13 +177,7 @@ def test_guest_reaches_host_with_nat_opt_in(vm, host_server: HostServer) -> None
 
 def test_state_qemu_refuses_is_replaced_by_a_boot(tmp_path: Path, outer_cache: Path, spawn_pytest) -> None:
     """A state whose digests match but that QEMU cannot load (as after a QEMU change the key missed)."""
-    suite = tmp_path / "suite"
-    suite.mkdir()
-    (suite / "test_s.py").write_text("def test_s(vm):\n    assert vm.run('echo ok').stdout == 'ok\\n'\n")
-    key = f"--vm-provision-key={uuid.uuid4().hex}"
-    first = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
-    assert first.proc.wait(600) == 0, first.output()[-3000:]
-    state = max((outer_cache / "states").iterdir(), key=lambda p: p.stat().st_mtime)
+    suite, key, state = _state_of_its_own(tmp_path, outer_cache, spawn_pytest, "assert vm.run('echo ok').stdout == 'ok\\n'")
     memory = state / "memory"
     memory.chmod(0o600)
     memory.write_bytes(b"not a migration stream" * 100)

@@ -272,16 +272,17 @@ def test_class_and_module_markers_apply(env: Env) -> None:
 # -- errors a user can make ----------------------------------------------------------------
 
 
-def test_unknown_marker_argument_is_an_error_naming_the_key(env: Env) -> None:
-    env.pytester.makepyfile(
-        test_bad="""
-        import pytest
+BAD_MARKER = """
+import pytest
 
-        @pytest.mark.vm(colour="red")
-        def test_x(vm):
-            pass
-        """
-    )
+@pytest.mark.vm(colour="red")
+def test_x(vm):
+    pass
+"""
+
+
+def test_unknown_marker_argument_is_an_error_naming_the_key(env: Env) -> None:
+    env.pytester.makepyfile(test_bad=BAD_MARKER)
     result = env.collect()
     assert result.ret != 0
     output = result.stdout.str() + result.stderr.str()
@@ -291,15 +292,7 @@ def test_unknown_marker_argument_is_an_error_naming_the_key(env: Env) -> None:
 
 def test_bad_marker_is_reported_as_one_line_not_a_traceback(env: Env) -> None:
     # A typo in a marker is the user's mistake, not the plugin's: the message alone, no pytest/pluggy frames.
-    env.pytester.makepyfile(
-        test_bad="""
-        import pytest
-
-        @pytest.mark.vm(colour="red")
-        def test_x(vm):
-            pass
-        """
-    )
+    env.pytester.makepyfile(test_bad=BAD_MARKER)
     result = env.collect()
     output = result.stdout.str() + result.stderr.str()
     assert "unknown argument 'colour'" in output
