@@ -88,7 +88,7 @@ class Instance:
 
 def bind_channels(machine: Machine, image: BuiltImage) -> Instance:
     key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
-    ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name)
+    ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name, machine.ssh_proxy)
     ssh.sudo = image.user != "root"
     agent: Agent | None = None
     if machine.agent_transport is not None:
@@ -257,10 +257,12 @@ class VM:
         """A command line a person can paste to get a shell in this guest (getting one counts as use)."""
         if self.state == GuestState.READY:
             self.state = GuestState.DIRTY
+        machine = self._instance.machine
         return (
-            f"ssh -i {shlex.quote(str(self._image.client_key))} -p {self._instance.machine.ssh_port} "
+            f"ssh -i {shlex.quote(str(self._image.client_key))} -p {machine.ssh_port} "
             "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-            f"{self._image.user}@{self._instance.machine.ssh_host}"
+            + (f"-o ProxyCommand={shlex.quote(machine.ssh_proxy)} " if machine.ssh_proxy else "")
+            + f"{self._image.user}@{machine.ssh_host}"
         )
 
     def __repr__(self) -> str:

@@ -45,6 +45,7 @@ class Settings:
     artifacts: Path | None = None
     keep_on_failure: bool = False
     libvirt_uris: list[str] = field(default_factory=list)
+    libvirt_pool: str = "vmfixtures"
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:

@@ -87,6 +87,7 @@ class Machine(Protocol):
     name: str
     ssh_host: str
     ssh_port: int
+    ssh_proxy: str | None  # a command whose stdin/stdout reach ssh_host:ssh_port (OpenSSH's ProxyCommand)
     console_log: Path
 
     @property

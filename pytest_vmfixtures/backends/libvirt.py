@@ -26,27 +26,36 @@ The guest agent's socket belongs to libvirt; commands reach the agent through
 through ``virDomainQemuMonitorCommand`` (:class:`LibvirtQMP`).
 
 Several hosts: each URI is one libvirtd; a new guest goes to the connection
-with the fewest running guests. Images and saved states are files of this
-machine, so only libvirtds on this machine are accepted for now (a second
-daemon with its own socket is fine); copying them to other hosts is not done.
+with the fewest running guests. A libvirtd reached over a unix socket shares
+this machine's files (the cache is used in place, the saved RAM is handed over
+as a descriptor). Any other transport (``qemu+ssh://``, ``+tcp``, ``+tls``,
+``+ext``) is a *remote* host: images, kernels and saved states are copied into
+its storage pool once and kept there by digest (libvirt_storage.py); guests
+are restored by libvirt itself from a per-guest copy of the saved RAM with its
+own UUID (libvirt_save.py); the serial console is streamed back over the
+connection into the local console.log; SSH reaches the guest's forwarded port
+on the host's loopback, through ``ssh -W`` for ``qemu+ssh://`` hosts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
+import random
 import re
+import shlex
+import shutil
 import socket
 import string
-import struct
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -61,7 +70,9 @@ from ..errors import BootError, GuestError, ImageError, QMPError, SnapshotError
 from ..image import BuiltImage
 from ..runtime import Runtime, pid_alive
 from ..waiting import Deadline, wait_for
+from . import libvirt_save
 from .base import LanSegment, Machine, MachineConfig, SavedState
+from .libvirt_storage import DEFAULT_POOL, HostStorage, file_chunks
 from .qemu import KERNEL_ARGS, TB_SIZE_MB, free_port, hotplug_lan, mac_for
 
 try:
@@ -77,14 +88,13 @@ DEVICES_VERSION = 1  # bump when domain.xml's virtual hardware changes
 DOMAIN_PREFIX = "vmfx-"
 PORT_ATTEMPTS = 5
 DEFAULT_TIMEOUT = 60.0
-# libvirt's save image: magic, then 19 little-endian uint32 (version, xml length,
-# was_running, compressed, cookie offset, 14 unused), then the XML, then QEMU's stream.
-SAVE_MAGIC = b"LibvirtQemudSave"
-SAVE_HEADER = struct.Struct("<16s5I56x")
-QEMU_STREAM_MAGIC = b"QEVM"
-# Our domains: vmfx-<pid>-<8 hex>-<label>; the pid names the pytest process that owns it.
-OWNED = re.compile(r"^vmfx-(\d+)-[0-9a-f]{8}-")
+# Our domains: vmfx-<pid>-<8 hex>-<client>-<label>: the pid of the pytest process that owns
+# it, on the machine whose hostname hashes to <client> (hosts are shared between machines).
+OWNED = re.compile(r"^vmfx-(\d+)-[0-9a-f]{8}-([0-9a-f]{8})-")
+CLIENT = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 LIBVIRT_LOG_DIR = Path("/var/log/libvirt/qemu")
+REMOTE_PORTS = (20000, 60000)  # ports on a remote host cannot be probed from here: pick, retry if taken
+SSH_TRANSPORTS = {"ssh", "libssh", "libssh2"}
 
 T = TypeVar("T")
 _calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vmfixtures-libvirt")
@@ -110,31 +120,21 @@ def _version(number: int) -> str:
 
 def render_domain(values: dict[str, object]) -> str:
     """Fill in domain.xml; values are escaped, except the ones that are whole XML elements."""
-    raw = {"tcg_features", "cpu", "incoming"}
+    raw = {"tcg_features", "cpu", "incoming", "seclabel", "serial"}
     text = TEMPLATE.read_text()
     return string.Template(text).substitute(
         {k: (str(v) if k in raw else escape(str(v), {"'": "&apos;", '"': "&quot;"})) for k, v in values.items()}
     )
 
 
-def save_image_stream_offset(path: Path) -> int:
-    """Where QEMU's migration stream starts in a libvirt save image; checks the image is one we can load."""
-    with open(path, "rb") as f:
-        header = f.read(SAVE_HEADER.size)
-        if len(header) < SAVE_HEADER.size:
-            raise SnapshotError(f"{path} is too short to be a libvirt save image")
-        magic, version, xml_len, _running, compressed, _cookie = SAVE_HEADER.unpack(header)
-        if magic != SAVE_MAGIC:
-            raise SnapshotError(f"{path} is not a libvirt save image (magic {magic!r})")
-        if compressed:
-            raise SnapshotError(
-                f"{path} is compressed (save_image_format in qemu.conf); set it to raw and delete the saved state"
-            )
-        offset: int = SAVE_HEADER.size + int(xml_len)
-        f.seek(offset)
-        if f.read(4) != QEMU_STREAM_MAGIC:
-            raise SnapshotError(f"{path}: no QEMU migration stream after libvirt's header (format version {version})")
-    return offset
+@dataclass
+class StateCopy:
+    """A remote host's copy of a saved RAM state, under its own UUID; one guest restores from it at a time."""
+
+    uuid: str
+    name: str  # of the domain restored from it, and (+ ".save") of its volume
+    path: str
+    busy: bool = True
 
 
 @dataclass
@@ -147,11 +147,87 @@ class Host:
     qemu_version: str
     running: int = 0
     machines: set[str] = field(default_factory=set)
+    storage: HostStorage | None = None  # None: the host shares this machine's files
+    copies: dict[str, list[StateCopy]] = field(default_factory=dict)  # saved-state key -> RAM copies
 
 
-def is_local(uri: str) -> bool:
-    host = urlsplit(uri).hostname
-    return host in (None, "", "localhost", "127.0.0.1", "::1", socket.gethostname())
+def shares_files(uri: str) -> bool:
+    """Whether the libvirtd at ``uri`` runs on this machine and is reached over a unix socket.
+
+    Only then are the cache's files usable in place and descriptors passable;
+    every other transport is treated as another host, even one that loops back.
+    """
+    parts = urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    return transport in ("", "unix") and not parts.hostname
+
+
+def ssh_route(uri: str, port: int) -> str | None:
+    """How SSH reaches a guest's port forwarded on the host's loopback: None (directly) or a proxy command."""
+    parts = urlsplit(uri)
+    host = parts.hostname
+    if host in (None, "", "localhost", "127.0.0.1", "::1", socket.gethostname()):
+        return None
+    if parts.scheme.partition("+")[2] not in SSH_TRANSPORTS:
+        raise GuestError(
+            f"guests on {uri} forward SSH to that host's loopback, which this machine reaches through ssh: "
+            f"use qemu+ssh://{host}/system for it"
+        )
+    argv = ["ssh", "-o", "BatchMode=yes", "-W", f"127.0.0.1:{port}"]
+    if parts.port:
+        argv += ["-p", str(parts.port)]
+    if parts.username:
+        argv += ["-l", parts.username]
+    return shlex.join([*argv, host])
+
+
+def qcow2_virtual_size(path: Path) -> int:
+    """The disk size a qcow2 file presents (header bytes 24-31, big-endian)."""
+    with open(path, "rb") as f:
+        header = f.read(32)
+    if header[:4] != b"QFI\xfb":
+        raise ImageError(f"{path} is not a qcow2 image")
+    return int.from_bytes(header[24:32], "big")
+
+
+class ConsolePump:
+    """A remote guest's serial console, streamed over libvirt into a local file.
+
+    The stream gets a connection of its own: a thread blocked reading it would
+    otherwise hold up every other call on the guest's connection.
+    """
+
+    def __init__(self, uri: str, domain: Any, target: Path) -> None:
+        self.conn = libvirt.open(uri)
+        try:
+            self.stream = self.conn.newStream(0)
+            self.conn.lookupByUUIDString(domain.UUIDString()).openConsole(
+                None, self.stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE
+            )
+        except BaseException:
+            self.conn.close()
+            raise
+        self.target = target
+        self._thread = threading.Thread(target=self._pump, name=f"console-{target.parent.name}", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        with open(self.target, "ab") as f:
+            while True:
+                try:
+                    data = self.stream.recv(65536)
+                except libvirt.libvirtError:
+                    return  # the domain ended
+                if isinstance(data, int) or not data:
+                    return
+                f.write(data)
+                f.flush()
+
+    def close(self) -> None:
+        """After the domain is gone (which ends the stream)."""
+        self._thread.join(timeout=10)
+        with contextlib.suppress(Exception):
+            _bounded("closing a console stream", self.conn.close, 10)
 
 
 class LibvirtQMP:
@@ -285,27 +361,29 @@ class LibvirtMachine:
 
     def __init__(
         self, backend: LibvirtBackend, host: Host, domain: Any, name: str, files: Path, ssh_port: int, xml: str,
-        has_agent: bool,
+        has_agent: bool, backing: Path, overlay: str,
     ) -> None:
         self.backend = backend
         self.host = host
         self.domain = domain
         self.domain_name = str(domain.name())
+        self.placed_as = self.domain_name  # the name the backend placed it under (see _restore_copy)
         self.name = name
         self.files = files
         self.xml = xml
         self.ssh_host = "127.0.0.1"
         self.ssh_port = ssh_port
+        self.ssh_proxy = ssh_route(host.uri, ssh_port) if host.storage is not None else None
         self.console_log = files / "console.log"
         self.agent_socket: Path | None = None  # libvirt owns it; see agent_transport
         self.agent_transport = LibvirtAgentTransport(domain, name) if has_agent else None
         self.qmp = LibvirtQMP(domain, name)
+        self.backing = backing  # the local file this guest's disk layer sits on
+        self.overlay = overlay  # a path on the host: a file here, or a volume in a remote host's pool
+        self.console: ConsolePump | None = None
+        self.state_copy: StateCopy | None = None
         self._stopped = False
         self._lock = threading.Lock()
-
-    @property
-    def overlay(self) -> Path:
-        return self.files / "overlay.qcow2"
 
     @property
     def uri(self) -> str:
@@ -335,6 +413,8 @@ class LibvirtMachine:
         return f"libvirt domain {self.domain_name} on {self.host.uri} ended" + (f": {tail}" if tail else "")
 
     def log_tail(self, lines: int = 10) -> str:
+        if self.host.storage is not None:
+            return ""  # libvirt's log of the domain is on the other host
         try:
             text = (LIBVIRT_LOG_DIR / f"{self.domain_name}.log").read_text(errors="replace")
         except OSError:
@@ -361,8 +441,14 @@ class LibvirtMachine:
             self.agent_transport.close()
         with contextlib.suppress(libvirt.libvirtError):  # already gone (saved, crashed, destroyed by someone)
             self.domain.destroy()
+        if self.console is not None:
+            self.console.close()
         self.backend._forget(self)
-        for path in (self.overlay, LIBVIRT_LOG_DIR / f"{self.domain_name}.log"):
+        if self.host.storage is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.host.storage.delete(Path(self.overlay).name)
+            return
+        for path in (Path(self.overlay), LIBVIRT_LOG_DIR / f"{self.domain_name}.log"):
             with contextlib.suppress(OSError):  # absent, or libvirt's log is not ours to remove
                 path.unlink()
 
@@ -372,15 +458,19 @@ class LibvirtBackend:
 
     def __init__(
         self, runtime: Runtime, accel: AccelChoice, uris: list[str] | None = None, qemu_img: str = "qemu-img",
+        pool: str = DEFAULT_POOL, progress: Callable[[str], None] = lambda message: None,
     ) -> None:
         _require_libvirt()
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
         self.runtime = runtime
         self.accel = accel
         self.qemu_img = qemu_img
+        self.pool_name = pool
+        self.progress = progress
         self.hosts: list[Host] = []
         self._lock = threading.Lock()
         self._machines: dict[str, LibvirtMachine] = {}
+        self._pending_copy: dict[str, StateCopy] = {}
         self._template_check()
         try:
             for uri in uris or [DEFAULT_URI]:
@@ -402,11 +492,8 @@ class LibvirtBackend:
             raise GuestError(f"the libvirt domain template {TEMPLATE} is missing (broken installation)")
 
     def _connect(self, uri: str) -> Host:
-        if not is_local(uri):
-            raise GuestError(
-                f"libvirt URI {uri} is on another host, which cannot see this machine's image and state cache; "
-                "copying images to remote hosts is not supported yet: use libvirtds on this machine"
-            )
+        if not shares_files(uri):
+            ssh_route(uri, 22)  # refuse now a host whose guests' SSH this machine could not reach
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
@@ -419,7 +506,8 @@ class LibvirtBackend:
                 raise GuestError(f"{uri} is a {conn.getType()} driver; the libvirt backend needs a qemu:// URI")
             if not hasattr(libvirt_qemu, "qemuMonitorCommandWithFiles") or conn.getLibVersion() < 8002000:
                 raise GuestError(f"{uri}: libvirt >= 8.2 is needed (to hand QEMU a saved state through the monitor)")
-            return Host(uri, conn, _version(conn.getLibVersion()), _version(conn.getVersion()))
+            storage = None if shares_files(uri) else HostStorage(conn, uri, self.pool_name)
+            return Host(uri, conn, _version(conn.getLibVersion()), _version(conn.getVersion()), storage=storage)
         except BaseException:
             conn.close()
             raise
@@ -432,11 +520,13 @@ class LibvirtBackend:
             return
         for dom in domains:
             match = OWNED.match(dom.name())
-            if match and not pid_alive(int(match.group(1)), None):
+            if match and match.group(2) == CLIENT and not pid_alive(int(match.group(1)), None):
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
                 with contextlib.suppress(OSError):
                     (LIBVIRT_LOG_DIR / f"{dom.name()}.log").unlink()
+        if host.storage is not None:
+            host.storage.reap(CLIENT)
 
     def describe(self) -> str:
         host = self.hosts[0]
@@ -471,8 +561,10 @@ class LibvirtBackend:
 
     def _forget(self, machine: LibvirtMachine) -> None:
         with self._lock:
-            self._machines.pop(machine.domain_name, None)
-        self._release_host(machine.host, machine.domain_name)
+            self._machines.pop(machine.placed_as, None)
+            if machine.state_copy is not None:
+                machine.state_copy.busy = False
+        self._release_host(machine.host, machine.placed_as)
 
     def load(self) -> dict[str, int]:
         """Running guests per URI."""
@@ -480,101 +572,201 @@ class LibvirtBackend:
             return {h.uri: h.running for h in self.hosts}
 
     # -- starting ------------------------------------------------------------
-    def _overlay(self, backing: Path, overlay: Path) -> None:
-        result = subprocess.run(
-            [self.qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(overlay)],
-            capture_output=True, text=True, timeout=60,
-        )
+    def _qemu_img(self, *args: str) -> None:
+        result = subprocess.run([self.qemu_img, *args], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise GuestError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
+            raise GuestError(f"qemu-img {args[0]} failed: {result.stderr.strip()}")
 
     def domain_xml(
-        self, image: BuiltImage, config: MachineConfig, domain_name: str, files: Path, ssh_port: int, incoming: bool,
+        self, image: BuiltImage, config: MachineConfig, domain_name: str, host: Host, paths: dict[str, object],
+        ssh_port: int, incoming: bool, domain_uuid: str | None = None,
     ) -> str:
+        """``paths``: kernel, initrd, overlay as the host sees them; console (local hosts only)."""
         kvm = self.accel.accel == "kvm"
         if image.kernel is None:
             raise ImageError(f"{image.name} boots through firmware (your own image); use --vm-backend qemu for it")
+        local = host.storage is None
         return render_domain({
             "domain_type": "kvm" if kvm else "qemu",
             "name": domain_name,
-            "uuid": uuid.uuid4(),
+            "uuid": domain_uuid or uuid.uuid4(),
             "memory_mb": config.memory_mb,
             "cpus": config.cpus,
-            "kernel": image.kernel,
-            "initrd": image.initrd,
+            "kernel": paths["kernel"],
+            "initrd": paths["initrd"],
             "cmdline": f"{image.cmdline} {KERNEL_ARGS}",
             "tcg_features": "" if kvm else f"<tcg><tb-cache unit='MiB'>{TB_SIZE_MB}</tb-cache></tcg>",
             "cpu": "<cpu mode='host-passthrough'/>" if kvm else "",
-            "dac_label": f"+{os.getuid()}:+{os.getgid()}",
-            "overlay": files / "overlay.qcow2",
-            "console": files / "console.log",
+            # Here QEMU runs as the user running the tests, and libvirt leaves our files' owners
+            # alone; on a remote host, as that host's libvirt is configured to run it.
+            "seclabel": (f"<seclabel type='static' model='dac' relabel='no'><label>+{os.getuid()}:+{os.getgid()}"
+                         "</label></seclabel>") if local else "",
+            "overlay": paths["overlay"],
+            # Here the console goes to a file; from a remote host it is streamed back (ConsolePump).
+            "serial": (f"<serial type='file'><source path='{escape(str(paths['console']))}'/><target port='0'/></serial>"
+                       if local else "<serial type='pty'><target port='0'/></serial>"),
             "restrict": "on" if config.network == "restricted" else "off",
             "ssh_port": ssh_port,
             "mac": mac_for(config.image),
             "incoming": "<qemu:arg value='-incoming'/><qemu:arg value='defer'/>" if incoming else "",
         })
 
+    def _host_files(self, host: Host, image: BuiltImage, backing: Path, overlay_name: str, files: Path,
+                    state: SavedState | None) -> dict[str, object]:
+        """Where the host finds this guest's kernel, initrd and (new) overlay; remote hosts get copies first."""
+        storage = host.storage
+        if storage is None:
+            self._qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(files / overlay_name))
+            return {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
+                    "console": files / "console.log"}
+        assert image.kernel is not None and image.initrd is not None
+        tag = f"vmfx-img-{image.disk_sha256[:16]}"
+
+        def local_file(path: Path) -> Callable[[], tuple[Iterator[bytes], int]]:
+            return lambda: (file_chunks(path), path.stat().st_size)
+
+        paths: dict[str, object] = {
+            "kernel": storage.ensure(f"{tag}.vmlinuz", local_file(image.kernel), self.progress),
+            "initrd": storage.ensure(f"{tag}.initrd", local_file(image.initrd), self.progress),
+        }
+        remote_backing = storage.ensure(f"{tag}.qcow2", local_file(image.disk), self.progress)
+        if state is not None:
+            remote_backing = self._remote_state_disk(storage, state, remote_backing, files)
+        paths["overlay"] = storage.overlay(overlay_name, remote_backing, qcow2_virtual_size(backing))
+        return paths
+
+    def _remote_state_disk(self, storage: HostStorage, state: SavedState, base: str, files: Path) -> str:
+        """The saved state's disk layer on a remote host, pointing at that host's copy of the image."""
+        rebased = files / "state-disk.qcow2"
+
+        def source() -> tuple[Iterator[bytes], int]:
+            shutil.copyfile(state.disk, rebased)
+            self._qemu_img("rebase", "-u", "-F", "qcow2", "-b", base, str(rebased))
+            return file_chunks(rebased), rebased.stat().st_size
+
+        try:
+            return storage.ensure(f"vmfx-state-{state.key}.qcow2", source, self.progress)
+        finally:
+            with contextlib.suppress(OSError):
+                rebased.unlink()
+
     def _start(
-        self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, incoming: bool,
+        self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, state: SavedState | None,
     ) -> LibvirtMachine:
-        domain_name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{name}"
+        """Start a domain: booting (``state`` None) or restoring ``state`` (paused; the caller loads and resumes)."""
+        domain_name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{name}"
         files, _socks = self.runtime.machine_dirs(name)
         host = self._pick_host(domain_name)
+        overlay_name = f"{domain_name}.qcow2" if host.storage is not None else "overlay.qcow2"
+        paths: dict[str, object] = {}
         try:
+            paths = self._host_files(host, image, backing, overlay_name, files, state)
             last_error = ""
             xml = ""
             for _ in range(PORT_ATTEMPTS):
-                self._overlay(backing, files / "overlay.qcow2")
-                port = free_port()
-                xml = self.domain_xml(image, config, domain_name, files, port, incoming)
-                flags = libvirt.VIR_DOMAIN_START_PAUSED if incoming else 0
-                create = functools.partial(host.conn.createXML, xml, flags)
+                port = free_port() if host.storage is None else random.randrange(*REMOTE_PORTS)
                 try:
-                    domain = _bounded(f"{name}: starting on {host.uri}", create, 120.0)
+                    if host.storage is not None and state is not None:
+                        domain, xml = self._restore_copy(host, image, config, domain_name, paths, port, state)
+                    else:
+                        xml = self.domain_xml(image, config, domain_name, host, paths, port, incoming=state is not None)
+                        paused = state is not None or host.storage is not None
+                        create = functools.partial(host.conn.createXML, xml, libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+                        domain = _bounded(f"{name}: starting on {host.uri}", create, 120.0)
                 except libvirt.libvirtError as exc:
                     last_error = str(exc.get_error_message())
                     if "host forwarding" in last_error or "hostfwd" in last_error:
-                        continue  # the port was taken between our probe and QEMU's bind
+                        continue  # the port was taken between our choice and QEMU's bind
                     break
-                machine = LibvirtMachine(self, host, domain, name, files, port, xml, image.agent)
+                machine = LibvirtMachine(self, host, domain, name, files, port, xml, image.agent, backing,
+                                         str(paths["overlay"]))
+                machine.placed_as = domain_name
                 with self._lock:
                     self._machines[domain_name] = machine
+                if host.storage is not None:
+                    self._attach_console(machine, resume=state is None)
                 return machine
             raise BootError(f"libvirt did not start {domain_name} on {host.uri}", console_tail=last_error,
                             command_line=["libvirt", host.uri, domain_name])
         except BaseException:
             self._release_host(host, domain_name)
-            with contextlib.suppress(OSError):
-                (files / "overlay.qcow2").unlink()
+            self._drop_overlay(host, overlay_name, files)
             raise
 
+    def _drop_overlay(self, host: Host, overlay_name: str, files: Path) -> None:
+        if host.storage is not None:
+            with contextlib.suppress(Exception):
+                host.storage.delete(overlay_name)
+        else:
+            with contextlib.suppress(OSError):
+                (files / overlay_name).unlink()
+
+    def _attach_console(self, machine: LibvirtMachine, resume: bool) -> None:
+        """Stream a remote guest's console here before it runs, so its first words are kept."""
+        try:
+            machine.console = ConsolePump(machine.host.uri, machine.domain, machine.console_log)
+            if resume:
+                machine.domain.resume()
+        except BaseException:
+            machine.stop()
+            raise
+
+    def _restore_copy(
+        self, host: Host, image: BuiltImage, config: MachineConfig, domain_name: str, paths: dict[str, object],
+        port: int, state: SavedState,
+    ) -> tuple[Any, str]:
+        """Restore ``state`` on a remote host through libvirt, from a RAM copy nobody else is using.
+
+        libvirt wants the restored domain to keep the save image's name and UUID, so
+        the domain is named after the copy (still with the session id in it).
+        """
+        assert host.storage is not None
+        copy = self._free_copy(host, state, image, config, paths)
+        xml = self.domain_xml(image, config, copy.name, host, paths, port, incoming=False, domain_uuid=copy.uuid)
+        try:
+            restore = functools.partial(host.conn.restoreFlags, copy.path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+            _bounded(f"{domain_name}: restoring on {host.uri}", restore, 300.0)
+            domain = host.conn.lookupByName(copy.name)
+        except BaseException:
+            copy.busy = False
+            raise
+        with self._lock:
+            self._pending_copy[domain_name] = copy
+        return domain, xml
+
+    def _free_copy(
+        self, host: Host, state: SavedState, image: BuiltImage, config: MachineConfig, paths: dict[str, object],
+    ) -> StateCopy:
+        with self._lock:
+            copies = host.copies.setdefault(state.key, [])
+            for copy in copies:
+                if not copy.busy:
+                    copy.busy = True
+                    return copy
+            index = len(copies)
+        assert host.storage is not None
+        copy_uuid = str(uuid.uuid4())
+        name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{state.key}-{index}"
+        header_xml = self.domain_xml(image, config, name, host, paths, 22, incoming=False, domain_uuid=copy_uuid)
+        size = libvirt_save.rewrapped_size(state.memory, header_xml)
+        path = host.storage.upload(f"{name}.save", libvirt_save.rewrap(state.memory, header_xml), size)
+        copy = StateCopy(copy_uuid, name, path)
+        with self._lock:
+            host.copies[state.key].append(copy)
+        return copy
+
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
-        return self._start(image, config, name, image.disk, incoming=False)
+        return self._start(image, config, name, image.disk, None)
 
     def restore(self, image: BuiltImage, config: MachineConfig, state: SavedState, name: str) -> LibvirtMachine:
-        offset = save_image_stream_offset(state.memory)
-        machine = self._start(image, config, name, state.disk, incoming=True)
+        offset = libvirt_save.stream_offset(state.memory)
+        machine = self._start(image, config, name, state.disk, state)
         try:
-            fd = os.open(state.memory, os.O_RDONLY)
-            try:
-                os.lseek(fd, offset, os.SEEK_SET)
-                machine.qmp.send_fd(fd, "state")
-            finally:
-                os.close(fd)
-            machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
-
-            def loaded() -> bool | None:
-                if not machine.alive():
-                    raise SnapshotError(f"{name}: saved state did not load: {machine.exit_description()}")
-                status = machine.qmp.execute("query-status")["status"]
-                if status in ("inmigrate", "prelaunch"):
-                    return None
-                if status not in ("paused", "running"):
-                    info = machine.qmp.execute("query-migrate")
-                    raise SnapshotError(f"{name}: loading the saved state ended in {status}: {info}")
-                return True
-
-            wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+            if machine.host.storage is None:
+                self._load_through_monitor(machine, state.memory, offset)
+            else:
+                with self._lock:
+                    machine.state_copy = self._pending_copy.pop(machine.domain_name, None)
             try:
                 machine.domain.resume()  # through libvirt, so its idea of the domain's state stays right
             except libvirt.libvirtError as exc:
@@ -586,15 +778,43 @@ class LibvirtBackend:
             raise
         return machine
 
+    @staticmethod
+    def _load_through_monitor(machine: LibvirtMachine, memory: Path, offset: int) -> None:
+        name = machine.name
+        fd = os.open(memory, os.O_RDONLY)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            machine.qmp.send_fd(fd, "state")
+        finally:
+            os.close(fd)
+        machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
+
+        def loaded() -> bool | None:
+            if not machine.alive():
+                raise SnapshotError(f"{name}: saved state did not load: {machine.exit_description()}")
+            status = machine.qmp.execute("query-status")["status"]
+            if status in ("inmigrate", "prelaunch"):
+                return None
+            if status not in ("paused", "running"):
+                info = machine.qmp.execute("query-migrate")
+                raise SnapshotError(f"{name}: loading the saved state ended in {status}: {info}")
+            return True
+
+        wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+
     def save(self, machine: Machine, directory: Path) -> None:
         if not isinstance(machine, LibvirtMachine):
             raise TypeError(f"the libvirt backend cannot save {machine!r}")
         memory = directory / "memory"
+        storage = machine.host.storage
+        target = str(memory) if storage is None else f"{storage.directory}/{machine.domain_name}.save"
         try:
-            _bounded(f"{machine.name}: saving state", lambda: machine.domain.save(str(memory)), 600.0)
+            _bounded(f"{machine.name}: saving state", lambda: machine.domain.save(target), 600.0)
         except libvirt.libvirtError as exc:
             raise SnapshotError(f"{machine.name}: libvirt could not save the guest: {exc.get_error_message()}") from exc
-        save_image_stream_offset(memory)  # fail now, not at the first restore
+        if storage is not None:
+            self._fetch_saved(machine, storage, directory)
+        libvirt_save.stream_offset(memory)  # fail now, not at the first restore
         info = memory.stat()
         if info.st_uid != os.getuid():
             try:
@@ -602,8 +822,20 @@ class LibvirtBackend:
             except OSError as exc:
                 raise SnapshotError(f"{memory} belongs to uid {info.st_uid}, not to us, and cannot be chowned") from exc
         os.chmod(memory, 0o600)
-        os.replace(machine.overlay, directory / "disk.qcow2")
+        if storage is None:
+            os.replace(machine.overlay, directory / "disk.qcow2")
         machine.stop()
+
+    def _fetch_saved(self, machine: LibvirtMachine, storage: HostStorage, directory: Path) -> None:
+        """Bring a state saved on a remote host into the local cache, its disk layer over the local image."""
+        saved = f"{machine.domain_name}.save"
+        try:
+            storage.refresh()  # the save file appeared behind libvirt's back
+            storage.download(saved, directory / "memory")
+            storage.download(Path(machine.overlay).name, directory / "disk.qcow2")
+        finally:
+            storage.delete(saved)
+        self._qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(machine.backing), str(directory / "disk.qcow2"))
 
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
         # libvirt cannot hot-plug an mcast interface, so the NIC goes in through the monitor;
@@ -616,6 +848,12 @@ class LibvirtBackend:
         for machine in machines:
             with contextlib.suppress(Exception):
                 machine.stop()
+        for host in self.hosts:
+            for copies in host.copies.values():
+                for copy in copies:
+                    with contextlib.suppress(Exception):
+                        host.storage.delete(f"{copy.name}.save")  # type: ignore[union-attr]
+            host.copies.clear()
         for host in self.hosts:
             with contextlib.suppress(Exception):
                 host.conn.close()

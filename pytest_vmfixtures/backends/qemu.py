@@ -203,6 +203,7 @@ class QemuMachine:
         self.paths = paths
         self._argv = argv
         self.ssh_host = "127.0.0.1"
+        self.ssh_proxy: str | None = None
         self.ssh_port = ssh_port
         self.console_log = paths.console
         self.agent_socket = paths.agent if has_agent else None

@@ -32,9 +32,12 @@ def parse_host_key(line: str) -> paramiko.PKey:
 
 
 class SSH:
-    def __init__(self, host: str, port: int, user: str, key: paramiko.PKey, host_key: str, name: str) -> None:
+    def __init__(
+        self, host: str, port: int, user: str, key: paramiko.PKey, host_key: str, name: str, proxy: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.proxy = proxy  # reach host:port through this command's stdin/stdout (ssh -W through a hypervisor)
         self.user = user
         self.key = key
         self.host_key = host_key
@@ -61,6 +64,7 @@ class SSH:
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,
+                sock=paramiko.ProxyCommand(self.proxy) if self.proxy else None,
             )
         except paramiko.BadHostKeyException as exc:
             client.close()

@@ -78,6 +78,18 @@ def second_uri(primary_uri: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def remote_uri(second_uri: str) -> str:
+    """The second libvirtd again, reached the way a hypervisor elsewhere is (see second_libvirtd.sh)."""
+    uri = os.environ.get("VMFX_LIBVIRT_REMOTE_URI") or subprocess.run(
+        [str(HERE / "second_libvirtd.sh"), "remote-uri"], capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+    why = reachable(uri)
+    if why:
+        pytest.skip(why)
+    return uri
+
+
+@pytest.fixture(scope="session")
 def accel() -> AccelChoice:
     return choose_accel(os.environ.get("VMFX_ACCEL", "auto"), probe_host())
 

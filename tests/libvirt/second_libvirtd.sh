@@ -1,8 +1,9 @@
 #!/bin/sh
 # A second, private libvirtd on this machine, to test the libvirt backend with two "hosts".
 #
-#   tests/libvirt/second_libvirtd.sh start   # prints the URI to use, e.g. for VMFX_LIBVIRT_URI2
+#   tests/libvirt/second_libvirtd.sh start        # prints the URI to use, e.g. for VMFX_LIBVIRT_URI2
 #   tests/libvirt/second_libvirtd.sh uri
+#   tests/libvirt/second_libvirtd.sh remote-uri   # the same daemon, reached as a remote host
 #   tests/libvirt/second_libvirtd.sh stop
 #
 # A privileged libvirtd keeps its state in fixed places (/run/libvirt, /var/lib/libvirt,
@@ -11,11 +12,19 @@
 # a private mount namespace where those directories are bind mounts of directories under
 # $VMFX_LIBVIRTD2_DIR; only their socket directory is outside the bind mounts, so clients
 # reach it at qemu:///system?socket=$VMFX_LIBVIRTD2_DIR/sock/libvirt-sock.
-# Needs root (as the first libvirtd does) and util-linux's unshare.
+#
+# The daemon can also pass for another machine: its storage pool "vmfixtures" is a tmpfs mounted
+# only inside its namespace (so this side cannot see the files in it), and remote-uri reaches it
+# through libvirt's "ext" transport (a command's stdin/stdout, here nc on its socket) rather than a
+# unix socket, so no file descriptor can be passed. The plugin then treats it as a remote host:
+# images and saved states are uploaded into the pool, exactly as to a hypervisor elsewhere.
+# Needs root (as the first libvirtd does), util-linux's unshare and netcat-openbsd.
 set -eu
 
 BASE=${VMFX_LIBVIRTD2_DIR:-/tmp/vmfx-libvirtd2}
 URI="qemu:///system?socket=$BASE/sock/libvirt-sock"
+REMOTE_URI="qemu+ext:///system?command=$BASE/connect"
+POOL_DIR=/var/lib/libvirt/vmfixtures
 
 start() {
     if [ -f "$BASE/libvirtd.pid" ] && kill -0 "$(cat "$BASE/libvirtd.pid")" 2>/dev/null; then
@@ -23,8 +32,10 @@ start() {
         return 0
     fi
     rm -rf "$BASE"
-    mkdir -p "$BASE/sock" "$BASE/run" "$BASE/lib" "$BASE/cache" "$BASE/log"
+    mkdir -p "$BASE/sock" "$BASE/run" "$BASE/lib/vmfixtures" "$BASE/cache" "$BASE/log"
     chmod 0700 "$BASE"
+    printf '#!/bin/sh\nexec nc -U %s/sock/libvirt-sock\n' "$BASE" >"$BASE/connect"
+    chmod 0700 "$BASE/connect"
     # Our own copy of the configuration, without the first daemon's persistent domains and networks.
     cp -a /etc/libvirt "$BASE/etc"
     find "$BASE/etc/qemu" -maxdepth 1 -name '*.xml' -delete 2>/dev/null || true
@@ -46,6 +57,7 @@ EOF
         mount --bind "$base/lib" /var/lib/libvirt
         mount --bind "$base/cache" /var/cache/libvirt
         mount --bind "$base/log" /var/log/libvirt
+        mount -t tmpfs -o size=8g,mode=0711 vmfx-pool '"$POOL_DIR"'
         mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu
         virtlogd -d -p "$base/virtlogd.pid"
         libvirtd -d -f "$base/etc/libvirtd.conf" -p "$base/libvirtd.pid"
@@ -59,6 +71,8 @@ EOF
         fi
         sleep 0.1
     done
+    virsh -q -c "$URI" pool-define-as vmfixtures dir --target "$POOL_DIR" >/dev/null
+    virsh -q -c "$URI" pool-start vmfixtures >/dev/null
     echo "$URI"
 }
 
@@ -88,5 +102,6 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     uri) echo "$URI" ;;
-    *) echo "usage: $0 start|stop|uri" >&2; exit 2 ;;
+    remote-uri) echo "$REMOTE_URI" ;;
+    *) echo "usage: $0 start|stop|uri|remote-uri" >&2; exit 2 ;;
 esac

@@ -13,7 +13,8 @@ import pytest
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
-from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine, save_image_stream_offset
+from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine
+from pytest_vmfixtures.backends.libvirt_save import stream_offset
 from pytest_vmfixtures.cache import Cache
 from pytest_vmfixtures.command import new_tag
 from pytest_vmfixtures.errors import GuestError, QMPError
@@ -41,11 +42,11 @@ def two_hosts(pool_factory: PoolFactory, primary_uri: str, second_uri: str) -> I
         runtime.close()
 
 
-def test_remote_uri_is_refused_clearly(cache: Cache, accel: AccelChoice) -> None:
+def test_remote_host_without_an_ssh_route_is_refused_clearly(cache: Cache, accel: AccelChoice) -> None:
     runtime = Runtime(cache.root, "libvirt-tests")
     try:
-        with pytest.raises(GuestError, match="on another host, which cannot see this machine's image"):
-            LibvirtBackend(runtime, accel, ["qemu+ssh://build-farm.example/system"])
+        with pytest.raises(GuestError, match=r"use qemu\+ssh://build-farm.example/system for it"):
+            LibvirtBackend(runtime, accel, ["qemu+tcp://build-farm.example/system"])
     finally:
         runtime.close()
 
@@ -58,7 +59,7 @@ def test_saved_state_is_a_private_libvirt_save_image(two_hosts: tuple[Pool, Runt
         assert info.st_uid == os.getuid()
         assert not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     assert not state.memory.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH)
-    assert save_image_stream_offset(state.memory) > 0
+    assert stream_offset(state.memory) > 0
 
 
 def test_two_instances_from_one_state_run_at_once(two_hosts: tuple[Pool, Runtime]) -> None:

@@ -1,0 +1,81 @@
+"""libvirt's save image format: what ``virDomainSave`` writes and ``virDomainRestore`` reads.
+
+A save image is a fixed header, the domain XML (plus libvirt's cookie), then
+QEMU's migration stream. The backend reads it in two ways:
+
+* on this machine, it hands QEMU the stream part as a file descriptor
+  (:func:`stream_offset` says where it starts);
+* on another host, where no descriptor can be passed, libvirt restores the
+  file itself. libvirt insists that the domain restored from a save image has
+  the image's UUID and runs one domain per UUID, so each guest restored there
+  at the same time needs its own copy: :func:`rewrap` gives a copy a new domain
+  XML (new UUID) in front of the same migration stream.
+
+Header: magic, then 19 little-endian uint32 (version, length of XML + cookie,
+was_running, compressed, offset of the cookie in that data, 14 unused).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import SnapshotError
+
+SAVE_MAGIC = b"LibvirtQemudSave"
+SAVE_HEADER = struct.Struct("<16s5I56x")
+QEMU_STREAM_MAGIC = b"QEVM"
+CHUNK = 1 << 20
+
+
+def _read_header(f: object, path: Path) -> tuple[int, int, int, int, int]:
+    header = f.read(SAVE_HEADER.size)  # type: ignore[attr-defined]
+    if len(header) < SAVE_HEADER.size:
+        raise SnapshotError(f"{path} is too short to be a libvirt save image")
+    magic, version, data_len, running, compressed, cookie = SAVE_HEADER.unpack(header)
+    if magic != SAVE_MAGIC:
+        raise SnapshotError(f"{path} is not a libvirt save image (magic {magic!r})")
+    if compressed:
+        raise SnapshotError(
+            f"{path} is compressed (save_image_format in qemu.conf); set it to raw and delete the saved state"
+        )
+    return version, data_len, running, compressed, cookie
+
+
+def stream_offset(path: Path) -> int:
+    """Where QEMU's migration stream starts in a save image; checks the image is one we can load."""
+    with open(path, "rb") as f:
+        version, data_len, _running, _compressed, _cookie = _read_header(f, path)
+        offset: int = SAVE_HEADER.size + int(data_len)
+        f.seek(offset)
+        if f.read(4) != QEMU_STREAM_MAGIC:
+            raise SnapshotError(f"{path}: no QEMU migration stream after libvirt's header (format version {version})")
+    return offset
+
+
+def rewrap(path: Path, xml: str) -> Iterator[bytes]:
+    """The bytes of a copy of save image ``path`` carrying domain ``xml`` instead of its own."""
+    offset = stream_offset(path)
+    with open(path, "rb") as f:
+        version, data_len, running, _compressed, cookie_at = _read_header(f, path)
+        data = f.read(data_len)
+        cookie = data[cookie_at:].rstrip(b"\0") if cookie_at else b""
+        new_xml = xml.encode() + b"\0"
+        new_data = new_xml + (cookie + b"\0" if cookie else b"")
+        yield SAVE_HEADER.pack(SAVE_MAGIC, version, len(new_data), running, 0, len(new_xml) if cookie else 0)
+        yield new_data
+        f.seek(offset)
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def rewrapped_size(path: Path, xml: str) -> int:
+    """How many bytes :func:`rewrap` yields (a storage volume is created with its size up front)."""
+    offset = stream_offset(path)
+    with open(path, "rb") as f:
+        _version, data_len, _running, _compressed, cookie_at = _read_header(f, path)
+        data = f.read(data_len)
+    cookie = data[cookie_at:].rstrip(b"\0") if cookie_at else b""
+    new_data_len = len(xml.encode()) + 1 + (len(cookie) + 1 if cookie else 0)
+    return SAVE_HEADER.size + new_data_len + path.stat().st_size - offset
