@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -96,7 +97,7 @@ def test_two_instances_from_one_state_run_at_once(two_hosts: tuple[Pool, Runtime
         machine = instance.machine
         assert isinstance(machine, LibvirtMachine)
         assert machine.domain_name not in domains(machine.uri)
-        assert not machine.overlay.exists()
+        assert not Path(machine.overlay).exists()
         machine.stop()  # twice is fine
 
 

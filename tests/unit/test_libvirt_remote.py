@@ -1,0 +1,100 @@
+"""The pure parts of the libvirt backend's remote-host support: URI reading, save-image rewrapping."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_vmfixtures.backends.libvirt import qcow2_virtual_size, shares_files, ssh_route
+from pytest_vmfixtures.backends.libvirt_save import SAVE_HEADER, SAVE_MAGIC, rewrap, rewrapped_size, stream_offset
+from pytest_vmfixtures.backends.libvirt_storage import RUN_OWNED, volume_xml
+from pytest_vmfixtures.errors import GuestError, ImageError, SnapshotError
+
+
+@pytest.mark.parametrize(("uri", "shared"), [
+    ("qemu:///system", True),
+    ("qemu:///session", True),
+    ("qemu+unix:///system?socket=/srv/l2/sock", True),
+    ("qemu:///system?socket=/srv/l2/sock", True),
+    ("qemu+ssh://hv1/system", False),
+    ("qemu+tcp://127.0.0.1:16509/system", False),  # loops back, but no descriptor passes over TCP
+    ("qemu+ext:///system?command=/usr/local/bin/hv-tunnel", False),
+    ("qemu://hv1/system", False),  # TLS
+])
+def test_only_unix_socket_uris_share_this_machines_files(uri: str, shared: bool) -> None:
+    assert shares_files(uri) is shared
+
+
+def test_ssh_reaches_a_remote_guest_through_the_hypervisor() -> None:
+    assert ssh_route("qemu+ssh://ci@hv1:2222/system", 40123) == (
+        "ssh -o BatchMode=yes -W 127.0.0.1:40123 -p 2222 -l ci hv1"
+    )
+    assert ssh_route("qemu+libssh2://hv2/system", 40000) == "ssh -o BatchMode=yes -W 127.0.0.1:40000 hv2"
+
+
+def test_ssh_to_a_loopback_host_goes_direct() -> None:
+    assert ssh_route("qemu+ext:///system?command=/x", 40123) is None
+    assert ssh_route("qemu+tcp://127.0.0.1/system", 40123) is None
+
+
+def test_a_remote_host_ssh_cannot_reach_is_refused_with_the_uri_to_use() -> None:
+    with pytest.raises(GuestError, match=r"use qemu\+ssh://hv3/system for it"):
+        ssh_route("qemu+tcp://hv3/system", 40123)
+
+
+def _save_image(path: Path, xml: bytes, cookie: bytes, stream: bytes, pad: int = 37) -> None:
+    data = xml + b"\0" + cookie + b"\0" + b"\0" * pad  # libvirt pads the data before the stream
+    header = SAVE_HEADER.pack(SAVE_MAGIC, 2, len(data), 1, 0, len(xml) + 1)
+    path.write_bytes(header + data + stream)
+
+
+def test_rewrap_puts_new_xml_before_the_same_stream(tmp_path: Path) -> None:
+    original = tmp_path / "memory"
+    stream = b"QEVM" + bytes(range(256)) * 4000
+    _save_image(original, b"<domain><uuid>old</uuid></domain>", b"<cookie/>", stream)
+    xml = "<domain><uuid>new-and-longer</uuid></domain>"
+    copy = tmp_path / "copy"
+    copy.write_bytes(b"".join(rewrap(original, xml)))
+    assert copy.stat().st_size == rewrapped_size(original, xml)
+    offset = stream_offset(copy)
+    assert copy.read_bytes()[offset:] == stream
+    header = copy.read_bytes()[:SAVE_HEADER.size]
+    _magic, version, data_len, running, compressed, cookie_at = SAVE_HEADER.unpack(header)
+    data = copy.read_bytes()[SAVE_HEADER.size:SAVE_HEADER.size + data_len]
+    assert (version, running, compressed) == (2, 1, 0)
+    assert data[:cookie_at] == xml.encode() + b"\0"
+    assert data[cookie_at:] == b"<cookie/>\0"
+
+
+def test_rewrap_refuses_what_is_not_a_save_image(tmp_path: Path) -> None:
+    bogus = tmp_path / "memory"
+    bogus.write_bytes(struct.pack("<16s", b"NotASaveImage!!!") + b"\0" * 200)
+    with pytest.raises(SnapshotError, match="not a libvirt save image"):
+        list(rewrap(bogus, "<domain/>"))
+
+
+def test_qcow2_virtual_size_reads_the_header(tmp_path: Path) -> None:
+    disk = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "3G"], check=True)
+    assert qcow2_virtual_size(disk) == 3 << 30
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(b"\0" * 64)
+    with pytest.raises(ImageError, match="not a qcow2 image"):
+        qcow2_virtual_size(raw)
+
+
+def test_volume_xml_escapes_and_names_the_backing_store() -> None:
+    xml = volume_xml("vmfx-a&b.qcow2", 1024, "qcow2", "/pool/vmfx-img-1.qcow2")
+    assert "<name>vmfx-a&amp;b.qcow2</name>" in xml
+    assert "<backingStore><path>/pool/vmfx-img-1.qcow2</path><format type='qcow2'/></backingStore>" in xml
+    assert "<mode>0600</mode>" in xml
+
+
+def test_run_owned_volumes_name_the_process_and_the_machine() -> None:
+    match = RUN_OWNED.match("vmfx-4242-0123abcd-89abcdef-debian-12-1.qcow2")
+    assert match is not None and match.groups() == ("4242", "89abcdef")
+    assert RUN_OWNED.match("vmfx-img-0123456789abcdef.qcow2") is None
+    assert RUN_OWNED.match("vmfx-state-debian-12-0123456789abcdef.qcow2") is None
