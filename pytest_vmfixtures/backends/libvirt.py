@@ -43,6 +43,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -81,6 +82,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the optional extra
     libvirt = None
     libvirt_qemu = None
+
+log = logging.getLogger("pytest_vmfixtures")
 
 DEFAULT_URI = "qemu:///system"
 TEMPLATE = Path(__file__).with_name("domain.xml")
@@ -148,7 +151,19 @@ class Host:
     running: int = 0
     machines: set[str] = field(default_factory=set)
     storage: HostStorage | None = None  # None: the host shares this machine's files
+    down: str = ""  # why no more guests go there (its libvirtd stopped answering)
     copies: dict[str, list[StateCopy]] = field(default_factory=dict)  # saved-state key -> RAM copies
+
+
+class HostUnreachable(GuestError):
+    """A libvirt URI does not answer (at the start of the run, or any more)."""
+
+
+def connection_lost(conn: Any) -> bool:
+    try:
+        return not conn.isAlive()
+    except libvirt.libvirtError:
+        return True
 
 
 def shares_files(uri: str) -> bool:
@@ -409,6 +424,9 @@ class LibvirtMachine:
     def exit_description(self) -> str:
         if self.alive():
             return "still running"
+        if connection_lost(self.host.conn):
+            return (f"the connection to libvirt at {self.host.uri} was lost (libvirtd stopped or the host is "
+                    f"unreachable); domain {self.domain_name} may still run there until a later run reaps it")
         tail = self.log_tail(3)
         return f"libvirt domain {self.domain_name} on {self.host.uri} ended" + (f": {tail}" if tail else "")
 
@@ -472,12 +490,21 @@ class LibvirtBackend:
         self._machines: dict[str, LibvirtMachine] = {}
         self._pending_copy: dict[str, StateCopy] = {}
         self._template_check()
+        unreachable: list[str] = []
         try:
             for uri in uris or [DEFAULT_URI]:
-                self.hosts.append(self._connect(uri))
+                try:
+                    self.hosts.append(self._connect(uri))
+                except HostUnreachable as exc:
+                    unreachable.append(str(exc))
+            if not self.hosts:
+                raise HostUnreachable("; ".join(unreachable))
         except BaseException:
             self.close()
             raise
+        for reason in unreachable:  # the other hosts take the guests
+            log.warning("%s; placing guests on the other libvirt hosts", reason)
+            self.progress(f"{reason}; placing guests on the other libvirt hosts")
         versions = {(h.libvirt_version, h.qemu_version) for h in self.hosts}
         if len(versions) > 1:
             listing = ", ".join(f"{h.uri}: libvirt {h.libvirt_version}, QEMU {h.qemu_version}" for h in self.hosts)
@@ -497,7 +524,7 @@ class LibvirtBackend:
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
-            raise GuestError(
+            raise HostUnreachable(
                 f"cannot connect to libvirt at {uri}: {exc.get_error_message()} "
                 "(is libvirtd running? without systemd: virtlogd -d; libvirtd -d)"
             ) from exc
@@ -548,7 +575,11 @@ class LibvirtBackend:
     # -- placement ---------------------------------------------------------
     def _pick_host(self, name: str) -> Host:
         with self._lock:
-            host = min(self.hosts, key=lambda h: h.running)  # least loaded; ties go to the first URI
+            usable = [h for h in self.hosts if not h.down]
+            if not usable:
+                reasons = "; ".join(f"{h.uri}: {h.down}" for h in self.hosts)
+                raise HostUnreachable(f"no libvirt host is left to run guests ({reasons})")
+            host = min(usable, key=lambda h: h.running)  # least loaded; ties go to the first URI
             host.running += 1
             host.machines.add(name)
             return host
@@ -653,10 +684,35 @@ class LibvirtBackend:
     def _start(
         self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, state: SavedState | None,
     ) -> LibvirtMachine:
-        """Start a domain: booting (``state`` None) or restoring ``state`` (paused; the caller loads and resumes)."""
+        """Start a domain: booting (``state`` None) or restoring ``state`` (paused; the caller loads and resumes).
+
+        A host whose libvirtd stops answering is marked down and the guest goes to another one.
+        """
         domain_name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{name}"
+        while True:
+            host = self._pick_host(domain_name)
+            try:
+                return self._start_on(host, image, config, name, domain_name, backing, state)
+            except Exception as exc:
+                if not self._mark_if_down(host, exc):
+                    raise
+
+    def _mark_if_down(self, host: Host, exc: BaseException) -> bool:
+        """Whether ``exc`` came from losing ``host``; if so no more guests go there."""
+        if not connection_lost(host.conn):
+            return False
+        with self._lock:
+            if not host.down:
+                host.down = f"connection lost ({exc})"
+                log.warning("libvirt at %s stopped answering; placing guests on the other hosts", host.uri)
+                self.progress(f"libvirt at {host.uri} stopped answering; placing guests on the other hosts")
+        return True
+
+    def _start_on(
+        self, host: Host, image: BuiltImage, config: MachineConfig, name: str, domain_name: str, backing: Path,
+        state: SavedState | None,
+    ) -> LibvirtMachine:
         files, _socks = self.runtime.machine_dirs(name)
-        host = self._pick_host(domain_name)
         overlay_name = f"{domain_name}.qcow2" if host.storage is not None else "overlay.qcow2"
         paths: dict[str, object] = {}
         try:
@@ -773,8 +829,9 @@ class LibvirtBackend:
                 raise SnapshotError(f"{name}: cannot resume the restored guest: {exc.get_error_message()}") from exc
             if machine.domain.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
                 raise SnapshotError(f"{name}: the restored guest is {machine.state()}, not running")
-        except BaseException:
+        except BaseException as exc:
             machine.stop()
+            self._mark_if_down(machine.host, exc)
             raise
         return machine
 
@@ -842,6 +899,30 @@ class LibvirtBackend:
         # the domain is transient and dropped at revert, so libvirt's view need not include it.
         hotplug_lan(machine, segment, mac)
 
+    def _sweep(self, host: Host) -> None:
+        """After losing ``host``: if its libvirtd is back, remove this run's domains and volumes there."""
+        prefix = f"{DOMAIN_PREFIX}{self.runtime.session_id}-"
+        try:
+            conn = _bounded(f"reconnecting to {host.uri}", lambda: libvirt.open(host.uri), 15.0)
+        except Exception as exc:
+            log.warning("libvirt at %s is still gone (%s); a later run reaps this run's domains there", host.uri, exc)
+            return
+        try:
+            for domain in conn.listAllDomains(0):
+                if str(domain.name()).startswith(prefix):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        domain.destroy()
+            if host.storage is not None:
+                storage = HostStorage(conn, host.uri, self.pool_name)
+                for name in storage.names():
+                    if name.startswith(prefix):
+                        storage.delete(name)
+        except Exception as exc:
+            log.warning("cleaning up on %s after it came back failed: %s", host.uri, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
     def close(self) -> None:
         with self._lock:
             machines = list(self._machines.values())
@@ -849,6 +930,8 @@ class LibvirtBackend:
             with contextlib.suppress(Exception):
                 machine.stop()
         for host in self.hosts:
+            if host.down:
+                self._sweep(host)
             for copies in host.copies.values():
                 for copy in copies:
                     with contextlib.suppress(Exception):

@@ -4,6 +4,7 @@
 #   tests/libvirt/second_libvirtd.sh start        # prints the URI to use, e.g. for VMFX_LIBVIRT_URI2
 #   tests/libvirt/second_libvirtd.sh uri
 #   tests/libvirt/second_libvirtd.sh remote-uri   # the same daemon, reached as a remote host
+#   tests/libvirt/second_libvirtd.sh restart      # after it was killed, over the same state
 #   tests/libvirt/second_libvirtd.sh stop
 #
 # A privileged libvirtd keeps its state in fixed places (/run/libvirt, /var/lib/libvirt,
@@ -26,8 +27,53 @@ URI="qemu:///system?socket=$BASE/sock/libvirt-sock"
 REMOTE_URI="qemu+ext:///system?command=$BASE/connect"
 POOL_DIR=/var/lib/libvirt/vmfixtures
 
+# Start the daemons in a new private mount namespace over $BASE (made by start), and wait for them.
+launch() {
+    unshare --mount --propagation private sh -c '
+        set -e
+        base=$1
+        mount --bind "$base/etc" /etc/libvirt
+        mount --bind "$base/run" /run/libvirt
+        mount --bind "$base/lib" /var/lib/libvirt
+        mount --bind "$base/cache" /var/cache/libvirt
+        mount --bind "$base/log" /var/log/libvirt
+        mount -t tmpfs -o size=8g,mode=0711 vmfx-pool '"$POOL_DIR"'
+        mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu
+        if ! [ -f "$base/virtlogd.pid" ] || ! kill -0 "$(cat "$base/virtlogd.pid")" 2>/dev/null; then
+            virtlogd -d -p "$base/virtlogd.pid"
+        fi
+        libvirtd -d -f "$base/etc/libvirtd.conf" -p "$base/libvirtd.pid"
+    ' sh "$BASE"
+    i=0
+    until virsh -c "$URI" version >/dev/null 2>&1; do
+        i=$((i + 1))
+        if [ "$i" -gt 100 ]; then
+            echo "second libvirtd did not answer at $URI" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+}
+
+# Whether the daemon whose pid file is $1 runs (a killed one may linger a moment as a zombie).
+running() {
+    [ -f "$1" ] || return 1
+    pid=$(cat "$1")
+    [ -n "$pid" ] && [ -r "/proc/$pid/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
+}
+
+# After the daemon was killed (a fault test): start it again over the same state, so it finds the
+# guests that outlived it. Its pool comes back empty (a new tmpfs).
+restart() {
+    if running "$BASE/libvirtd.pid"; then
+        return 0
+    fi
+    rm -f "$BASE/libvirtd.pid"
+    launch
+}
+
 start() {
-    if [ -f "$BASE/libvirtd.pid" ] && kill -0 "$(cat "$BASE/libvirtd.pid")" 2>/dev/null; then
+    if running "$BASE/libvirtd.pid"; then
         echo "$URI"
         return 0
     fi
@@ -49,29 +95,9 @@ unix_sock_admin_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
 EOF
-    unshare --mount --propagation private sh -c '
-        set -e
-        base=$1
-        mount --bind "$base/etc" /etc/libvirt
-        mount --bind "$base/run" /run/libvirt
-        mount --bind "$base/lib" /var/lib/libvirt
-        mount --bind "$base/cache" /var/cache/libvirt
-        mount --bind "$base/log" /var/log/libvirt
-        mount -t tmpfs -o size=8g,mode=0711 vmfx-pool '"$POOL_DIR"'
-        mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu
-        virtlogd -d -p "$base/virtlogd.pid"
-        libvirtd -d -f "$base/etc/libvirtd.conf" -p "$base/libvirtd.pid"
-    ' sh "$BASE"
-    i=0
-    until virsh -c "$URI" version >/dev/null 2>&1; do
-        i=$((i + 1))
-        if [ "$i" -gt 100 ]; then
-            echo "second libvirtd did not answer at $URI" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
+    launch
     virsh -q -c "$URI" pool-define-as vmfixtures dir --target "$POOL_DIR" >/dev/null
+    virsh -q -c "$URI" pool-autostart vmfixtures >/dev/null
     virsh -q -c "$URI" pool-start vmfixtures >/dev/null
     echo "$URI"
 }
@@ -100,8 +126,9 @@ stop() {
 
 case "${1:-}" in
     start) start ;;
+    restart) restart ;;
     stop) stop ;;
     uri) echo "$URI" ;;
     remote-uri) echo "$REMOTE_URI" ;;
-    *) echo "usage: $0 start|stop|uri|remote-uri" >&2; exit 2 ;;
+    *) echo "usage: $0 start|restart|stop|uri|remote-uri" >&2; exit 2 ;;
 esac
