@@ -166,6 +166,18 @@ def connection_lost(conn: Any) -> bool:
         return True
 
 
+def is_session(uri: str) -> bool:
+    """``qemu:///session``: the user's own libvirtd, whose QEMUs run as the user anyway."""
+    return urlsplit(uri).path.rstrip("/") == "/session"
+
+
+def log_dir(uri: str) -> Path:
+    """Where libvirtd at ``uri`` (on this machine) writes its domains' QEMU logs."""
+    if is_session(uri):
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "libvirt" / "qemu" / "log"
+    return LIBVIRT_LOG_DIR
+
+
 def shares_files(uri: str) -> bool:
     """Whether the libvirtd at ``uri`` runs on this machine and is reached over a unix socket.
 
@@ -434,7 +446,7 @@ class LibvirtMachine:
         if self.host.storage is not None:
             return ""  # libvirt's log of the domain is on the other host
         try:
-            text = (LIBVIRT_LOG_DIR / f"{self.domain_name}.log").read_text(errors="replace")
+            text = (log_dir(self.host.uri) / f"{self.domain_name}.log").read_text(errors="replace")
         except OSError:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])
@@ -466,7 +478,7 @@ class LibvirtMachine:
             with contextlib.suppress(libvirt.libvirtError):
                 self.host.storage.delete(Path(self.overlay).name)
             return
-        for path in (Path(self.overlay), LIBVIRT_LOG_DIR / f"{self.domain_name}.log"):
+        for path in (Path(self.overlay), log_dir(self.host.uri) / f"{self.domain_name}.log"):
             with contextlib.suppress(OSError):  # absent, or libvirt's log is not ours to remove
                 path.unlink()
 
@@ -551,7 +563,7 @@ class LibvirtBackend:
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
                 with contextlib.suppress(OSError):
-                    (LIBVIRT_LOG_DIR / f"{dom.name()}.log").unlink()
+                    (log_dir(host.uri) / f"{dom.name()}.log").unlink()
         if host.storage is not None:
             host.storage.reap(CLIENT)
 
@@ -629,9 +641,10 @@ class LibvirtBackend:
             "tcg_features": "" if kvm else f"<tcg><tb-cache unit='MiB'>{TB_SIZE_MB}</tb-cache></tcg>",
             "cpu": "<cpu mode='host-passthrough'/>" if kvm else "",
             # Here QEMU runs as the user running the tests, and libvirt leaves our files' owners
-            # alone; on a remote host, as that host's libvirt is configured to run it.
+            # alone (a session libvirtd has no DAC driver: its QEMUs are the user's already); on a
+            # remote host, QEMU runs as that host's libvirt is configured to run it.
             "seclabel": (f"<seclabel type='static' model='dac' relabel='no'><label>+{os.getuid()}:+{os.getgid()}"
-                         "</label></seclabel>") if local else "",
+                         "</label></seclabel>") if local and not is_session(host.uri) else "",
             "overlay": paths["overlay"],
             # Here the console goes to a file; from a remote host it is streamed back (ConsolePump).
             "serial": (f"<serial type='file'><source path='{escape(str(paths['console']))}'/><target port='0'/></serial>"

@@ -43,7 +43,8 @@ def _as_user(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[s
     return subprocess.run(["runuser", "-u", USER, "--", *argv], env=env, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
 
 
-def test_build_boot_and_revert_as_ordinary_user() -> None:
+def _user_setup(extra_packages: tuple[str, ...] = ()) -> tuple[Path, Path, Path, Path]:
+    """The user's copy of the package, the suite, and a venv of the user's own: (home, source, suite, venv)."""
     home = Path(pwd.getpwnam(USER).pw_dir)
     entry = pwd.getpwnam(USER)
     # The checkout may sit where the user cannot read it: give the user a copy of the package.
@@ -65,7 +66,15 @@ def test_build_boot_and_revert_as_ordinary_user() -> None:
         assert made.returncode == 0, made.stderr
         deps = _as_user([str(venv / "bin" / "pip"), "install", "-q", "pytest", "paramiko", "qemu.qmp", "pluggy"])
         assert deps.returncode == 0, deps.stderr[-2000:]
+    if extra_packages:
+        deps = _as_user([str(venv / "bin" / "pip"), "install", "-q", *extra_packages], timeout=900)
+        assert deps.returncode == 0, deps.stderr[-2000:]
+    return home, source, suite, venv
 
+
+def test_build_boot_and_revert_as_ordinary_user() -> None:
+    home, source, suite, venv = _user_setup()
+    entry = pwd.getpwnam(USER)
     result = _as_user(
         [str(venv / "bin" / "python"), "-m", "pytest", "-p", "pytest_vmfixtures.plugin", "-p", "no:cacheprovider",
          "-v", "--vm-cache", str(home / ".cache" / "pytest-vmfixtures"), str(suite)],
@@ -77,3 +86,21 @@ def test_build_boot_and_revert_as_ordinary_user() -> None:
     assert "2 passed" in result.stdout
     images = list((home / ".cache" / "pytest-vmfixtures" / "images").glob("debian-12-*/disk.qcow2"))
     assert images and all(p.stat().st_uid == entry.pw_uid for p in images)
+
+
+@pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirt is not installed")
+def test_libvirt_backend_as_ordinary_user() -> None:
+    """The user's own libvirtd (qemu:///session): no root, no group, QEMU and every file the user's."""
+    home, source, suite, venv = _user_setup(("libvirt-python",))
+    result = _as_user(
+        [str(venv / "bin" / "python"), "-m", "pytest", "-p", "pytest_vmfixtures.plugin", "-p", "no:cacheprovider",
+         "-v", "--vm-cache", str(home / ".cache" / "pytest-vmfixtures"), "--vm-backend", "libvirt",
+         "--vm-libvirt-uri", "qemu:///session", str(suite)],
+        env={"PYTHONPATH": str(source)},
+        cwd=suite,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout and "backend libvirt qemu:///session" in result.stdout
+    left = _as_user(["virsh", "-q", "-c", "qemu:///session", "list", "--all", "--name"])
+    assert left.returncode == 0 and left.stdout.strip() == "", left.stdout + left.stderr
