@@ -290,6 +290,7 @@ class Pool:
         if slot is not None:
             with self._lock:
                 slot.busy.discard(vm)
+        self.backend.keep(vm._instance.machine)
         self.kept.append((vm, reason))
 
     def discard(self, instance: Instance) -> None:

@@ -134,6 +134,10 @@ class Backend(Protocol):
         """Start a new guest from ``state``; returns with the guest running."""
         ...
 
+    def keep(self, machine: Machine) -> None:
+        """Leave ``machine`` running past :meth:`close`: a failed test's guest kept for a person."""
+        ...
+
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
         """Hot-plug a NIC on ``segment`` into a running machine (gone with the instance at revert)."""
         ...

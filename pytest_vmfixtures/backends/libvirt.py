@@ -907,6 +907,12 @@ class LibvirtBackend:
             storage.delete(saved)
         self._qemu_img("rebase", "-u", "-F", "qcow2", "-b", str(machine.backing), str(directory / "disk.qcow2"))
 
+    def keep(self, machine: Machine) -> None:
+        """close() leaves it running; it carries this run's pid, so a later run's reaper ends it."""
+        if isinstance(machine, LibvirtMachine):
+            with self._lock:
+                self._machines.pop(machine.placed_as, None)
+
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
         # libvirt cannot hot-plug an mcast interface, so the NIC goes in through the monitor;
         # the domain is transient and dropped at revert, so libvirt's view need not include it.

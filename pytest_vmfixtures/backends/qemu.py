@@ -425,5 +425,8 @@ class QemuBackend:
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
         hotplug_lan(machine, segment, mac)
 
+    def keep(self, machine: Machine) -> None:
+        """Nothing to do: the backend stops no guests at close (the session's runtime owns the processes)."""
+
     def close(self) -> None:
         pass

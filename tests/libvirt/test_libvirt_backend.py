@@ -178,3 +178,23 @@ def test_close_leaves_no_domains_on_either_libvirtd(
         runtime.close()
     for uri in (primary_uri, second_uri):
         assert [n for n in domains(uri) if n.startswith(prefix)] == []
+
+
+def test_a_kept_guest_outlives_the_pool(pool_factory: PoolFactory, primary_uri: str) -> None:
+    """--vm-keep-on-failure with libvirt: the failed test's domain stays up after the run ends."""
+    pool, runtime = pool_factory([primary_uri], standby=0)
+    try:
+        vm = pool.acquire(CONFIG)
+        vm.run("touch /tmp/evidence", check=True)
+        machine = vm._instance.machine
+        assert isinstance(machine, LibvirtMachine)
+        pool.keep(vm, "test_x failed")
+    finally:
+        pool.close()
+    try:
+        assert machine.domain_name in domains(primary_uri)
+        assert machine.state() == "running"
+    finally:
+        machine.stop()
+        runtime.close()
+    assert machine.domain_name not in domains(primary_uri)
