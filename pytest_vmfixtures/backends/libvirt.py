@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -500,7 +501,7 @@ class LibvirtBackend:
         self.hosts: list[Host] = []
         self._lock = threading.Lock()
         self._machines: dict[str, LibvirtMachine] = {}
-        self._pending_copy: dict[str, StateCopy] = {}
+        self._copy_ids = itertools.count()
         self._template_check()
         unreachable: list[str] = []
         try:
@@ -734,9 +735,10 @@ class LibvirtBackend:
             xml = ""
             for _ in range(PORT_ATTEMPTS):
                 port = free_port() if host.storage is None else random.randrange(*REMOTE_PORTS)
+                copy: StateCopy | None = None
                 try:
                     if host.storage is not None and state is not None:
-                        domain, xml = self._restore_copy(host, image, config, domain_name, paths, port, state)
+                        domain, xml, copy = self._restore_copy(host, image, config, paths, port, state)
                     else:
                         xml = self.domain_xml(image, config, domain_name, host, paths, port, incoming=state is not None)
                         paused = state is not None or host.storage is not None
@@ -750,6 +752,7 @@ class LibvirtBackend:
                 machine = LibvirtMachine(self, host, domain, name, files, port, xml, image.agent, backing,
                                          str(paths["overlay"]))
                 machine.placed_as = domain_name
+                machine.state_copy = copy
                 with self._lock:
                     self._machines[domain_name] = machine
                 if host.storage is not None:
@@ -781,9 +784,9 @@ class LibvirtBackend:
             raise
 
     def _restore_copy(
-        self, host: Host, image: BuiltImage, config: MachineConfig, domain_name: str, paths: dict[str, object],
-        port: int, state: SavedState,
-    ) -> tuple[Any, str]:
+        self, host: Host, image: BuiltImage, config: MachineConfig, paths: dict[str, object], port: int,
+        state: SavedState,
+    ) -> tuple[Any, str, StateCopy]:
         """Restore ``state`` on a remote host through libvirt, from a RAM copy nobody else is using.
 
         libvirt wants the restored domain to keep the save image's name and UUID, so
@@ -794,14 +797,12 @@ class LibvirtBackend:
         xml = self.domain_xml(image, config, copy.name, host, paths, port, incoming=False, domain_uuid=copy.uuid)
         try:
             restore = functools.partial(host.conn.restoreFlags, copy.path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
-            _bounded(f"{domain_name}: restoring on {host.uri}", restore, 300.0)
+            _bounded(f"{copy.name}: restoring on {host.uri}", restore, 300.0)
             domain = host.conn.lookupByName(copy.name)
         except BaseException:
             copy.busy = False
             raise
-        with self._lock:
-            self._pending_copy[domain_name] = copy
-        return domain, xml
+        return domain, xml, copy
 
     def _free_copy(
         self, host: Host, state: SavedState, image: BuiltImage, config: MachineConfig, paths: dict[str, object],
@@ -812,16 +813,18 @@ class LibvirtBackend:
                 if not copy.busy:
                     copy.busy = True
                     return copy
-            index = len(copies)
+            name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{state.key}-{next(self._copy_ids)}"
+            copy = StateCopy(str(uuid.uuid4()), name, "")
+            copies.append(copy)  # busy while it uploads
         assert host.storage is not None
-        copy_uuid = str(uuid.uuid4())
-        name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{state.key}-{index}"
-        header_xml = self.domain_xml(image, config, name, host, paths, 22, incoming=False, domain_uuid=copy_uuid)
-        size = libvirt_save.rewrapped_size(state.memory, header_xml)
-        path = host.storage.upload(f"{name}.save", libvirt_save.rewrap(state.memory, header_xml), size)
-        copy = StateCopy(copy_uuid, name, path)
-        with self._lock:
-            host.copies[state.key].append(copy)
+        try:
+            header_xml = self.domain_xml(image, config, name, host, paths, 22, incoming=False, domain_uuid=copy.uuid)
+            size = libvirt_save.rewrapped_size(state.memory, header_xml)
+            copy.path = host.storage.upload(f"{name}.save", libvirt_save.rewrap(state.memory, header_xml), size)
+        except BaseException:
+            with self._lock:
+                copies.remove(copy)
+            raise
         return copy
 
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
@@ -831,11 +834,8 @@ class LibvirtBackend:
         offset = libvirt_save.stream_offset(state.memory)
         machine = self._start(image, config, name, state.disk, state)
         try:
-            if machine.host.storage is None:
+            if machine.host.storage is None:  # else libvirt loaded it already (_restore_copy)
                 self._load_through_monitor(machine, state.memory, offset)
-            else:
-                with self._lock:
-                    machine.state_copy = self._pending_copy.pop(machine.domain_name, None)
             try:
                 machine.domain.resume()  # through libvirt, so its idea of the domain's state stays right
             except libvirt.libvirtError as exc:

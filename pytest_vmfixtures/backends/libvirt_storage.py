@@ -183,7 +183,11 @@ class HostStorage:
                     if self._lookup(name) is not None:
                         continue  # someone else started the same upload first: wait for theirs
                     raise GuestError(f"{self.uri}: cannot upload {name}: {exc.get_error_message()}") from exc
-                self.pool.createXML(volume_xml(name + DONE, 0), 0)
+                try:
+                    self.pool.createXML(volume_xml(name + DONE, 0), 0)
+                except libvirt.libvirtError:
+                    if self._lookup(name + DONE) is None:
+                        raise
                 return path
             self._wait_or_take_over(name, volume, progress)
 
