@@ -153,6 +153,7 @@ class Host:
     machines: set[str] = field(default_factory=set)
     storage: HostStorage | None = None  # None: the host shares this machine's files
     down: str = ""  # why no more guests go there (its libvirtd stopped answering)
+    machine: str = ""  # the hypervisor's hostname: private networks stay within one machine
     copies: dict[str, list[StateCopy]] = field(default_factory=dict)  # saved-state key -> RAM copies
 
 
@@ -502,6 +503,7 @@ class LibvirtBackend:
         self._lock = threading.Lock()
         self._machines: dict[str, LibvirtMachine] = {}
         self._copy_ids = itertools.count()
+        self._segments: dict[LanSegment, Host] = {}  # each private network's first member's host
         self._template_check()
         unreachable: list[str] = []
         try:
@@ -547,7 +549,8 @@ class LibvirtBackend:
             if not hasattr(libvirt_qemu, "qemuMonitorCommandWithFiles") or conn.getLibVersion() < 8002000:
                 raise GuestError(f"{uri}: libvirt >= 8.2 is needed (to hand QEMU a saved state through the monitor)")
             storage = None if shares_files(uri) else HostStorage(conn, uri, self.pool_name)
-            return Host(uri, conn, _version(conn.getLibVersion()), _version(conn.getVersion()), storage=storage)
+            return Host(uri, conn, _version(conn.getLibVersion()), _version(conn.getVersion()), storage=storage,
+                        machine=str(conn.getHostname()))
         except BaseException:
             conn.close()
             raise
@@ -916,6 +919,15 @@ class LibvirtBackend:
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
         # libvirt cannot hot-plug an mcast interface, so the NIC goes in through the monitor;
         # the domain is transient and dropped at revert, so libvirt's view need not include it.
+        if isinstance(machine, LibvirtMachine):
+            with self._lock:
+                first = self._segments.setdefault(segment, machine.host)
+            if first.machine != machine.host.machine:
+                raise GuestError(
+                    f"{machine.name} runs on {machine.host.uri} ({machine.host.machine}), the other guests of this "
+                    f"vm_network on {first.uri} ({first.machine}): a private network is multicast on one "
+                    "hypervisor's loopback and cannot span machines; run such tests with one --vm-libvirt-uri"
+                )
         hotplug_lan(machine, segment, mac)
 
     def _sweep(self, host: Host) -> None:

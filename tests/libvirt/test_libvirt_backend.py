@@ -19,6 +19,7 @@ from pytest_vmfixtures.backends.libvirt_save import stream_offset
 from pytest_vmfixtures.cache import Cache
 from pytest_vmfixtures.command import new_tag
 from pytest_vmfixtures.errors import GuestError, QMPError
+from pytest_vmfixtures.network import Network
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
@@ -198,3 +199,20 @@ def test_a_kept_guest_outlives_the_pool(pool_factory: PoolFactory, primary_uri: 
         machine.stop()
         runtime.close()
     assert machine.domain_name not in domains(primary_uri)
+
+
+def test_a_private_network_does_not_span_two_hypervisor_machines(
+    pool_factory: PoolFactory, primary_uri: str, second_uri: str
+) -> None:
+    pool, runtime = pool_factory([primary_uri, second_uri], standby=0)
+    backend = pool.backend
+    assert isinstance(backend, LibvirtBackend)
+    backend.hosts[1].machine = "hv-elsewhere"  # as if the second libvirtd ran on another machine
+    try:
+        net = Network(backend, lambda **_: pool.acquire(CONFIG))
+        net.add("server")  # the first URI
+        with pytest.raises(GuestError, match=r"vm_network .* cannot span machines; run such tests with one"):
+            net.add("client")  # the least loaded: the second URI, "elsewhere"
+    finally:
+        pool.close()
+        runtime.close()
