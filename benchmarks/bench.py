@@ -211,6 +211,7 @@ def main() -> None:
     if "libvirt_revert" in results:
         ratios["libvirt_revert / revert"] = float(results["libvirt_revert"]["p50"]) / revert  # type: ignore[arg-type]
     document = {
+        "targets": check_targets(results, ratios, args.memory_mb),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "accel": accel.accel,
                     "accel_reason": accel.reason, "qemu": backend.version, "image": args.image,
                     "memory_mb": args.memory_mb, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
@@ -220,6 +221,29 @@ def main() -> None:
     args.output.write_text(json.dumps(document, indent=2) + "\n")
     print_table(document)
     print(f"\nwritten to {args.output}")
+
+
+def check_targets(results: dict[str, dict[str, object]], ratios: dict[str, float], memory_mb: int) -> dict[str, dict[str, object]]:
+    """The speed goals this benchmark exists for, each with the measured value and whether it is met."""
+
+    def p(scenario: str, q: str = "p50") -> float | None:
+        return float(results[scenario][q]) if scenario in results else None  # type: ignore[arg-type]
+
+    goals: list[tuple[str, float | None, str, float]] = [
+        ("revert p50 (s)", p("revert"), "<=", 0.5),
+        ("revert p95 (s)", p("revert", "p95"), "<=", 1.0),
+        ("fresh boot per test / revert (x)", ratios.get("fresh_boot_per_test / revert"), ">=", 60),
+        ("libvirt snapshot-revert / revert (x)", ratios.get("libvirt_revert / revert"), ">=", 8),
+        ("warm start p50 (s)", p("warm_start"), "<=", 2.5),
+        ("cold boot / warm start (x)", ratios.get("cold_boot / warm_start"), ">=", 12),
+        ("100 destructive tests, wall (s)", p("suite_100"), "<=", 90),
+        ("QEMU peak RSS p95 - guest RAM (MiB)", (p("qemu_peak_rss", "p95") or 0) - memory_mb, "<=", 150),
+    ]
+    return {
+        name: {"value": value, "goal": f"{op} {limit:g}",
+               "met": None if value is None else (value <= limit if op == "<=" else value >= limit)}
+        for name, value, op, limit in goals
+    }
 
 
 def print_table(document: dict[str, object]) -> None:
@@ -232,6 +256,11 @@ def print_table(document: dict[str, object]) -> None:
     print()
     for name, value in document["ratios"].items():  # type: ignore[union-attr]
         print(f"{name:<32} {value:>7.1f}x")
+    print()
+    for name, target in document["targets"].items():  # type: ignore[union-attr]
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        value = "-" if target["value"] is None else f"{target['value']:.2f}"
+        print(f"{name:<40} {value:>8}  goal {target['goal']:<8} {verdict}")
 
 
 if __name__ == "__main__":
