@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends.base import MachineConfig
@@ -246,7 +247,7 @@ def check_targets(results: dict[str, dict[str, object]], ratios: dict[str, float
     }
 
 
-def print_table(document: dict[str, object]) -> None:
+def print_table(document: dict[str, Any]) -> None:
     scenarios = document["scenarios"]
     assert isinstance(scenarios, dict)
     print(f"\n{'scenario':<22} {'p50':>9} {'p95':>9} {'n':>4}")
@@ -254,10 +255,10 @@ def print_table(document: dict[str, object]) -> None:
         unit = row["unit"]
         print(f"{name:<22} {row['p50']:>8.2f}{unit[0]} {row['p95']:>8.2f}{unit[0]} {row['n']:>4}")
     print()
-    for name, value in document["ratios"].items():  # type: ignore[union-attr]
+    for name, value in document["ratios"].items():
         print(f"{name:<32} {value:>7.1f}x")
     print()
-    for name, target in document["targets"].items():  # type: ignore[union-attr]
+    for name, target in document["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
         value = "-" if target["value"] is None else f"{target['value']:.2f}"
         print(f"{name:<40} {value:>8}  goal {target['goal']:<8} {verdict}")
