@@ -1,6 +1,10 @@
-"""Revert and restore timings, libvirt backend next to the QEMU backend, on the same image and config.
+"""Revert and restore timings of the backends side by side, on the same image and config.
 
-Run:  .venv/bin/python tests/libvirt/measure.py [--n 8] [--uri URI ...]
+Run:  .venv/bin/python benchmarks/backends.py [--n 8] [--uri URI ...]
+
+Measures the QEMU backend, then the libvirt backend once per --uri (default qemu:///system), each
+URI on its own: a remote-mode URI (see docs/libvirt.md) shows what uploads and libvirt's own restore
+cost. Prints a table and writes benchmarks/backends.json.
 
 revert            a dirtied guest -> vm.reset() (swap in the spare, which is ready) -> first vm.run returns
 restore_to_first  a new instance restored from the saved state -> its first command (the agent) returns
@@ -9,13 +13,12 @@ restore_to_first  a new instance restored from the saved state -> its first comm
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from pytest_vmfixtures import pool as pool_module
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends.base import Backend, MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
@@ -25,15 +28,14 @@ from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import bind_channels_any  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
-def p50(values: list[float]) -> str:
-    return f"p50 {statistics.median(values):.2f} s (min {min(values):.2f}, max {max(values):.2f}, n {len(values)})"
+def summary(values: list[float]) -> dict[str, float]:
+    return {"p50": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def measure(name: str, backend: Backend, cache: Cache, runtime: Runtime, accel: str, n: int) -> None:
+def measure(backend: Backend, cache: Cache, runtime: Runtime, accel: str, n: int) -> dict[str, dict[str, float]]:
     config = MachineConfig("debian-12")
     pool = Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel, standby=1,
                 progress=lambda m: print(f"  {m}", flush=True))
@@ -59,8 +61,7 @@ def measure(name: str, backend: Backend, cache: Cache, runtime: Runtime, accel: 
             reverts.append(time.monotonic() - started)
             assert result.ok
         pool.release(vm)
-        print(f"{name}: revert {p50(reverts)}")
-        print(f"{name}: restore_to_first_command {p50(restores)}")
+        return {"revert": summary(reverts), "restore_to_first_command": summary(restores)}
     finally:
         pool.close()
 
@@ -69,24 +70,26 @@ def main() -> None:
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--uri", action="append", default=[])
-    parser.add_argument("--only", choices=["libvirt", "qemu"])
+    parser.add_argument("--uri", action="append", default=[], help="a libvirt URI to measure (repeatable)")
+    parser.add_argument("--output", type=Path, default=HERE / "backends.json")
     args = parser.parse_args()
     accel = choose_accel("auto", probe_host())
     cache = Cache(default_cache_dir())
-    pool_module.bind_channels = bind_channels_any  # type: ignore[assignment]  # until guest.py has the patch
-    if args.only != "qemu":
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    backends: list[tuple[str, object]] = [("qemu", None)] + [(f"libvirt {uri}", uri) for uri in args.uri or ["qemu:///system"]]
+    for label, uri in backends:
+        print(f"measuring {label} ...", flush=True)
         runtime = Runtime(cache.root, "measure")
         try:
-            measure("libvirt", LibvirtBackend(runtime, accel, args.uri or None), cache, runtime, accel.accel, args.n)
+            backend: Backend = QemuBackend(runtime, accel) if uri is None else LibvirtBackend(runtime, accel, [str(uri)])
+            results[label] = measure(backend, cache, runtime, accel.accel, args.n)
         finally:
             runtime.close()
-    if args.only != "libvirt":
-        runtime = Runtime(cache.root, "measure")
-        try:
-            measure("qemu", QemuBackend(runtime, accel), cache, runtime, accel.accel, args.n)
-        finally:
-            runtime.close()
+    print(f"\n{'backend':<60} {'revert p50':>11} {'restore p50':>12}")
+    for label, row in results.items():
+        print(f"{label:<60} {row['revert']['p50']:>10.2f}s {row['restore_to_first_command']['p50']:>11.2f}s")
+    args.output.write_text(json.dumps({"accel": accel.accel, "results": results}, indent=2) + "\n")
+    print(f"\nwritten to {args.output}")
 
 
 if __name__ == "__main__":
