@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64", help="the QEMU system emulator to check")
     doctor.add_argument("--libvirt-uri", action="append", default=[], metavar="URI",
                         help="also check this libvirt connection (repeatable)")
+    doctor.add_argument("--libvirt-pool", default="vmfixtures", metavar="NAME",
+                        help="the storage pool remote libvirt hosts need (default: vmfixtures)")
     doctor.set_defaults(run=_doctor)
     return parser
 
@@ -184,7 +186,8 @@ def _prune(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, run_checks, summary
 
-    checks = run_checks((args.cache or default_cache_dir()).expanduser(), args.accel, args.qemu_binary, args.libvirt_uri)
+    checks = run_checks((args.cache or default_cache_dir()).expanduser(), args.accel, args.qemu_binary, args.libvirt_uri,
+                        libvirt_pool=args.libvirt_pool)
     for check in checks:
         print(check.line())
     print(summary(checks))

@@ -135,9 +135,12 @@ def check_stale(cache_dir: Path) -> Check:
     return Check(OK, "stale guests", "none")
 
 
-def check_libvirt(uris: Sequence[str]) -> list[Check]:
+def check_libvirt(uris: Sequence[str], pool: str = "vmfixtures") -> list[Check]:
+    """Each URI answers; a remote host (not a unix socket here) also has the storage pool for copies."""
     if not uris:
         return []
+    from .backends.libvirt import shares_files
+
     try:
         import libvirt  # type: ignore[import-untyped]
     except ImportError:
@@ -148,14 +151,29 @@ def check_libvirt(uris: Sequence[str]) -> list[Check]:
             conn = libvirt.open(uri)
             version = int(conn.getLibVersion())
             checks.append(Check(OK, "libvirt", f"{uri}: libvirt {version // 1000000}.{version // 1000 % 1000}.{version % 1000}"))
+            if not shares_files(uri):
+                checks.append(_check_pool(conn, uri, pool))
             conn.close()
         except libvirt.libvirtError as exc:
             checks.append(Check(FAIL, "libvirt", f"{uri} unreachable ({exc.get_error_message()}); start libvirtd or fix the URI"))
     return checks
 
 
+def _check_pool(conn: object, uri: str, pool: str) -> Check:
+    import libvirt
+
+    try:
+        active = conn.storagePoolLookupByName(pool).isActive()  # type: ignore[attr-defined]
+    except libvirt.libvirtError:
+        return Check(FAIL, "libvirt pool", f"{uri} has no storage pool {pool!r} for copied images: "
+                     f"virsh pool-define-as {pool} dir --target /var/lib/libvirt/{pool} (see docs/libvirt.md)")
+    if not active:
+        return Check(FAIL, "libvirt pool", f"{uri}: storage pool {pool!r} is not active: virsh pool-start {pool}")
+    return Check(OK, "libvirt pool", f"{uri}: storage pool {pool!r} (remote host: images are copied there)")
+
+
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
-               libvirt_uris: Sequence[str] = (), versions: bool = True) -> list[Check]:
+               libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = "vmfixtures") -> list[Check]:
     """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check)."""
     return [
         check_qemu(qemu_binary, versions),
@@ -164,7 +182,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
         *check_image_tools(cache_dir, versions),
         check_cache(cache_dir),
         check_stale(cache_dir),
-        *check_libvirt(libvirt_uris),
+        *check_libvirt(libvirt_uris, libvirt_pool),
     ]
 
 

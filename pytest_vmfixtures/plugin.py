@@ -124,7 +124,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = session.settings
     # No version probes here: every pytest start shows this line, guest tests or not.
     checks = run_checks(settings.cache_dir, settings.accel, settings.qemu_binary,
-                        settings.libvirt_uris if settings.backend == "libvirt" else (), versions=False)
+                        settings.libvirt_uris if settings.backend == "libvirt" else (), versions=False,
+                        libvirt_pool=settings.libvirt_pool)
     return [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
 
 

@@ -22,6 +22,7 @@ from pytest_vmfixtures.backends.libvirt import CLIENT, LibvirtBackend, LibvirtMa
 from pytest_vmfixtures.backends.libvirt_storage import DONE, HostStorage
 from pytest_vmfixtures.cache import Cache
 from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.doctor import FAIL, OK, check_libvirt
 from pytest_vmfixtures.errors import GuestError
 from pytest_vmfixtures.guest import GuestState
 from pytest_vmfixtures.pool import Pool
@@ -187,3 +188,12 @@ def test_an_abandoned_upload_is_replaced(remote_uri: str, tmp_path: Path) -> Non
 
 
 
+
+
+def test_doctor_checks_a_remote_hosts_pool(remote_uri: str) -> None:
+    ok = {c.name: c for c in check_libvirt([remote_uri])}
+    assert ok["libvirt pool"].status == OK
+    missing = {c.name: c for c in check_libvirt([remote_uri], pool="no-such-pool")}
+    assert missing["libvirt pool"].status == FAIL
+    assert "virsh pool-define-as no-such-pool" in missing["libvirt pool"].message
+    assert "libvirt pool" not in {c.name for c in check_libvirt(["qemu:///system"])}  # a local host needs none
