@@ -63,7 +63,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
 from ..accel import AccelChoice
@@ -202,11 +202,17 @@ def ssh_route(uri: str, port: int) -> str | None:
             f"guests on {uri} forward SSH to that host's loopback, which this machine reaches through ssh: "
             f"use qemu+ssh://{host}/system for it"
         )
+    # The same credentials libvirt's own ssh uses for this URI (its keyfile and no_verify parameters).
+    query = parse_qs(parts.query)
     argv = ["ssh", "-o", "BatchMode=yes", "-W", f"127.0.0.1:{port}"]
     if parts.port:
         argv += ["-p", str(parts.port)]
     if parts.username:
         argv += ["-l", parts.username]
+    if "keyfile" in query:
+        argv += ["-i", query["keyfile"][0]]
+    if query.get("no_verify", ["0"])[0] == "1":
+        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
     return shlex.join([*argv, host])
 
 

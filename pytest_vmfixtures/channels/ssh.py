@@ -7,8 +7,12 @@ in advance and rejects anything else (no AutoAddPolicy, no known_hosts file).
 from __future__ import annotations
 
 import base64
+import contextlib
 import select
 import shlex
+import socket
+import subprocess
+import tempfile
 import time
 
 import paramiko
@@ -31,6 +35,43 @@ def parse_host_key(line: str) -> paramiko.PKey:
         raise SSHError(f"malformed pinned host key {line[:40]!r}: rebuild the image") from exc
 
 
+class ProxyProcess:
+    """A command (``ssh -W host:port hypervisor``) whose stdin and stdout are one end of a socket pair.
+
+    paramiko gets the other end as an ordinary socket; closing it ends the command, which is reaped.
+    """
+
+    def __init__(self, command: str) -> None:
+        self.sock, theirs = socket.socketpair()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  # lives as long as the process
+        try:
+            self.process = subprocess.Popen(
+                shlex.split(command), stdin=theirs, stdout=theirs, stderr=self._stderr, start_new_session=True,
+            )
+        except OSError as exc:
+            self.sock.close()
+            self._stderr.close()
+            raise SSHError(f"cannot run the SSH proxy command {command!r}: {exc}") from exc
+        finally:
+            theirs.close()
+
+    def errors(self) -> str:
+        """What the command said on stderr (why the hypervisor refused, say)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._stderr.seek(0)
+            return self._stderr.read().decode(errors="replace").strip()[-500:]
+        return ""
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self._stderr.close()
+
+
 class SSH:
     def __init__(
         self, host: str, port: int, user: str, key: paramiko.PKey, host_key: str, name: str, proxy: str | None = None,
@@ -44,6 +85,7 @@ class SSH:
         self.name = name
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._proxy: ProxyProcess | None = None
         self.sudo = False  # run commands as root through sudo -n (the login user is not root)
 
     def connect(self, timeout: float = 10.0) -> paramiko.SSHClient:
@@ -51,6 +93,7 @@ class SSH:
         client = paramiko.SSHClient()
         pinned = parse_host_key(self.host_key)
         host_id = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        self._proxy = ProxyProcess(self.proxy) if self.proxy else None
         client.get_host_keys().add(host_id, pinned.get_name(), pinned)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
@@ -64,14 +107,17 @@ class SSH:
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,
-                sock=paramiko.ProxyCommand(self.proxy) if self.proxy else None,
+                sock=self._proxy.sock if self._proxy else None,
             )
         except paramiko.BadHostKeyException as exc:
             client.close()
+            self.close()
             raise SSHError(f"{self.name}: host key mismatch on {host_id}; refusing to connect") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
-            raise SSHError(f"{self.name}: SSH to {host_id} failed: {exc}") from exc
+            how = f" (through {self.proxy}: {self._proxy.errors()})" if self._proxy else ""
+            self.close()
+            raise SSHError(f"{self.name}: SSH to {host_id} failed: {exc}{how}") from exc
         transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(15)
@@ -105,6 +151,9 @@ class SSH:
                     pass
         self._sftp = None
         self._client = None
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
 
     def exec(self, command: str, tag: str, timeout: float | None) -> CommandResult:
         started = time.monotonic()

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -87,6 +88,34 @@ def remote_uri(second_uri: str) -> str:
     if why:
         pytest.skip(why)
     return uri
+
+
+@pytest.fixture(scope="session")
+def ssh_uri(second_uri: str) -> Iterator[str]:
+    """The second libvirtd through a test sshd on 127.0.0.2, as qemu+ssh:// (see ssh_hypervisor.sh)."""
+    script = str(HERE / "ssh_hypervisor.sh")
+    if os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists():
+        pytest.skip("the qemu+ssh:// test needs root and openssh-server (for a throwaway sshd on 127.0.0.2)")
+    result = subprocess.run(["sh", script, "start"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, VMFX_LIBVIRTD2_DIR=str(Path(second_socket_dir(second_uri)))))
+    if result.returncode != 0:
+        pytest.skip(f"cannot start the test sshd: {result.stderr.strip()}")
+    uri = result.stdout.strip()
+    why = reachable(uri)
+    try:
+        if why:
+            pytest.skip(why)
+        yield uri
+    finally:
+        subprocess.run(["sh", script, "stop"], timeout=60)
+
+
+def second_socket_dir(uri: str) -> str:
+    """The second libvirtd's directory, from its URI's socket parameter (.../sock/libvirt-sock)."""
+    socket_path = parse_qs(urlsplit(uri).query).get("socket", [""])[0]
+    if not socket_path:
+        pytest.skip(f"{uri} names no socket: the qemu+ssh:// test needs the second libvirtd of second_libvirtd.sh")
+    return str(Path(socket_path).parent.parent)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import pytest
 from pytest_vmfixtures.backends.libvirt import qcow2_virtual_size, shares_files, ssh_route
 from pytest_vmfixtures.backends.libvirt_save import SAVE_HEADER, SAVE_MAGIC, rewrap, rewrapped_size, stream_offset
 from pytest_vmfixtures.backends.libvirt_storage import RUN_OWNED, volume_xml
+from pytest_vmfixtures.channels.ssh import ProxyProcess
 from pytest_vmfixtures.errors import GuestError, ImageError, SnapshotError
 
 
@@ -33,6 +34,10 @@ def test_ssh_reaches_a_remote_guest_through_the_hypervisor() -> None:
         "ssh -o BatchMode=yes -W 127.0.0.1:40123 -p 2222 -l ci hv1"
     )
     assert ssh_route("qemu+libssh2://hv2/system", 40000) == "ssh -o BatchMode=yes -W 127.0.0.1:40000 hv2"
+    # libvirt's own keyfile and no_verify parameters apply to the guest's route too.
+    assert ssh_route("qemu+ssh://hv1/system?keyfile=/k/id&no_verify=1", 1) == (
+        "ssh -o BatchMode=yes -W 127.0.0.1:1 -i /k/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null hv1"
+    )
 
 
 def test_ssh_to_a_loopback_host_goes_direct() -> None:
@@ -98,3 +103,18 @@ def test_run_owned_volumes_name_the_process_and_the_machine() -> None:
     assert match is not None and match.groups() == ("4242", "89abcdef")
     assert RUN_OWNED.match("vmfx-img-0123456789abcdef.qcow2") is None
     assert RUN_OWNED.match("vmfx-state-debian-12-0123456789abcdef.qcow2") is None
+
+
+def test_proxy_process_is_a_socket_to_the_command_and_is_reaped() -> None:
+    proxy = ProxyProcess("cat")  # stands in for ssh -W: what goes in comes back
+    proxy.sock.sendall(b"hello")
+    assert proxy.sock.recv(5) == b"hello"
+    proxy.close()
+    assert proxy.process.returncode is not None
+
+
+def test_proxy_process_keeps_what_the_command_said() -> None:
+    proxy = ProxyProcess("sh -c 'echo Permission denied >&2'")
+    proxy.process.wait(10)
+    assert proxy.errors() == "Permission denied"
+    proxy.close()
