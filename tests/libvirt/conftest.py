@@ -48,12 +48,17 @@ def reachable(uri: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def primary_uri() -> str:
-    why = reachable(PRIMARY_URI)
+def require(uri: str) -> str:
+    """``uri``, or skip the test that needs it if libvirtd does not answer there."""
+    why = reachable(uri)
     if why:
         pytest.skip(why)
-    return PRIMARY_URI
+    return uri
+
+
+@pytest.fixture(scope="session")
+def primary_uri() -> str:
+    return require(PRIMARY_URI)
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +75,7 @@ def second_uri(primary_uri: str) -> Iterator[str]:
             if result.returncode != 0:
                 pytest.skip(f"cannot start a second libvirtd: {result.stderr.strip()}")
             started = True
-    why = reachable(uri)
-    if why:
-        pytest.skip(why)
-    yield uri
+    yield require(uri)
     if started:
         subprocess.run([str(HERE / "second_libvirtd.sh"), "stop"], timeout=60)
 
@@ -84,10 +86,7 @@ def remote_uri(second_uri: str) -> str:
     uri = os.environ.get("VMFX_LIBVIRT_REMOTE_URI") or subprocess.run(
         [str(HERE / "second_libvirtd.sh"), "remote-uri"], capture_output=True, text=True, timeout=10
     ).stdout.strip()
-    why = reachable(uri)
-    if why:
-        pytest.skip(why)
-    return uri
+    return require(uri)
 
 
 @pytest.fixture(scope="session")
@@ -100,12 +99,8 @@ def ssh_uri(second_uri: str) -> Iterator[str]:
                             env=dict(os.environ, VMFX_LIBVIRTD2_DIR=str(Path(second_socket_dir(second_uri)))))
     if result.returncode != 0:
         pytest.skip(f"cannot start the test sshd: {result.stderr.strip()}")
-    uri = result.stdout.strip()
-    why = reachable(uri)
     try:
-        if why:
-            pytest.skip(why)
-        yield uri
+        yield require(result.stdout.strip())
     finally:
         subprocess.run(["sh", script, "stop"], timeout=60)
 
