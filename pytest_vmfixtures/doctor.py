@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .accel import choose_accel, kvm_problem, probe_host
+from .backends.libvirt_storage import DEFAULT_POOL, pool_setup
 from .runtime import pid_alive
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -135,7 +136,7 @@ def check_stale(cache_dir: Path) -> Check:
     return Check(OK, "stale guests", "none")
 
 
-def check_libvirt(uris: Sequence[str], pool: str = "vmfixtures") -> list[Check]:
+def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_POOL) -> list[Check]:
     """Each URI answers; a remote host (not a unix socket here) also has the storage pool for copies."""
     if not uris:
         return []
@@ -165,15 +166,15 @@ def _check_pool(conn: object, uri: str, pool: str) -> Check:
     try:
         active = conn.storagePoolLookupByName(pool).isActive()  # type: ignore[attr-defined]
     except libvirt.libvirtError:
-        return Check(FAIL, "libvirt pool", f"{uri} has no storage pool {pool!r} for copied images: "
-                     f"virsh pool-define-as {pool} dir --target /var/lib/libvirt/{pool} (see docs/libvirt.md)")
+        return Check(FAIL, "libvirt pool", f"{uri} has no storage pool {pool!r} for copied images; on that host: "
+                     f"{pool_setup(pool)}")
     if not active:
         return Check(FAIL, "libvirt pool", f"{uri}: storage pool {pool!r} is not active: virsh pool-start {pool}")
     return Check(OK, "libvirt pool", f"{uri}: storage pool {pool!r} (remote host: images are copied there)")
 
 
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
-               libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = "vmfixtures") -> list[Check]:
+               libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_POOL) -> list[Check]:
     """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check)."""
     return [
         check_qemu(qemu_binary, versions),

@@ -23,6 +23,7 @@ import pytest
 
 from .accel import AccelChoice, choose_accel, probe_host
 from .backends.base import Backend
+from .backends.libvirt_storage import DEFAULT_POOL
 from .cache import Cache
 from .catalog import BUILTIN_IMAGES_DIR
 from .pool import Pool
@@ -45,7 +46,7 @@ class Settings:
     artifacts: Path | None = None
     keep_on_failure: bool = False
     libvirt_uris: list[str] = field(default_factory=list)
-    libvirt_pool: str = "vmfixtures"
+    libvirt_pool: str = DEFAULT_POOL
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:

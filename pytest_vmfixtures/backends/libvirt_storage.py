@@ -54,6 +54,12 @@ def file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
+def pool_setup(name: str) -> str:
+    """What a host's administrator runs once to give the plugin its pool there."""
+    return (f"virsh pool-define-as {name} dir --target /var/lib/libvirt/{name} && virsh pool-build {name} && "
+            f"virsh pool-start {name} && virsh pool-autostart {name}")
+
+
 def volume_xml(name: str, capacity: int, fmt: str = "raw", backing: str | None = None) -> str:
     backing_xml = (
         f"<backingStore><path>{escape(backing)}</path><format type='qcow2'/></backingStore>" if backing else ""
@@ -76,9 +82,7 @@ class HostStorage:
         except libvirt.libvirtError:
             raise GuestError(
                 f"{uri} has no storage pool {pool_name!r}, which remote hosts need for images and saved states; "
-                f"on that host: virsh pool-define-as {pool_name} dir --target /var/lib/libvirt/{pool_name} && "
-                f"virsh pool-build {pool_name} && virsh pool-start {pool_name} && virsh pool-autostart {pool_name} "
-                "(or name another pool with --vm-libvirt-pool)"
+                f"on that host: {pool_setup(pool_name)} (or name another pool with --vm-libvirt-pool)"
             ) from None
         if not self.pool.isActive():
             raise GuestError(f"{uri}: storage pool {pool_name!r} is not active: virsh pool-start {pool_name}")
