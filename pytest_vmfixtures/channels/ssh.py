@@ -46,7 +46,8 @@ class ProxyProcess:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  # lives as long as the process
         try:
             self.process = subprocess.Popen(
-                shlex.split(command), stdin=theirs, stdout=theirs, stderr=self._stderr, start_new_session=True,
+                shlex.split(command), stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=self._stderr,
+                start_new_session=True,
             )
         except OSError as exc:
             self.sock.close()

@@ -189,9 +189,9 @@ def test_command_without_action_shows_its_usage(capsys: pytest.CaptureFixture[st
 
 def test_doctor_exit_status_follows_the_checks(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     checks = [doctor.Check(doctor.OK, "qemu", "fine"), doctor.Check(doctor.FAIL, "cache", "not writable")]
-    monkeypatch.setattr(doctor, "run_checks", lambda *args: checks)
+    monkeypatch.setattr(doctor, "run_checks", lambda *args, **kwargs: checks)
     code, out, _ = run(capsys, "doctor")
     assert code == 1
     assert "[fail] cache: not writable" in out
-    monkeypatch.setattr(doctor, "run_checks", lambda *args: checks[:1])
+    monkeypatch.setattr(doctor, "run_checks", lambda *args, **kwargs: checks[:1])
     assert run(capsys, "doctor")[0] == 0
