@@ -152,12 +152,7 @@ class HostStorage:
         volume.download(stream, 0, 0, 0)
         try:
             with open(target, "wb") as f:
-                while True:
-                    data = stream.recv(CHUNK)
-                    if isinstance(data, int) or not data:
-                        if data == -2:
-                            continue
-                        break
+                while data := stream.recv(CHUNK):  # a blocking stream: b"" at the end, errors raise
                     f.write(data)
             stream.finish()
         except BaseException:

@@ -48,18 +48,17 @@ def volumes(uri: str) -> list[str]:
     return virsh_names(uri, "vol-list", "vmfixtures")
 
 
-def make(cache: Cache, accel: AccelChoice, uris: list[str], messages: list[str], **pool_args: object) -> Pool:
+def make(cache: Cache, accel: AccelChoice, uris: list[str], messages: list[str], provision_key: str = "") -> Pool:
+    """A pool on ``uris`` that reports its progress into ``messages``; close() it."""
     runtime = Runtime(cache.root, "libvirt-remote-tests")
     backend = LibvirtBackend(runtime, accel, uris, progress=messages.append)
-    pool = Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel, progress=messages.append,
-                **pool_args)  # type: ignore[arg-type]
-    pool.owned_runtime = runtime  # type: ignore[attr-defined]
-    return pool
+    return Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel, progress=messages.append,
+                provision_key=provision_key)
 
 
 def close(pool: Pool) -> None:
     pool.close()
-    pool.owned_runtime.close()  # type: ignore[attr-defined]
+    pool.runtime.close()
 
 
 @pytest.fixture(scope="module")
