@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import Cache, remove_tree
+from .qcow2 import backing_file
 from .runtime import pid_alive
 
 DAY = 86400.0
-_QCOW2_MAGIC = b"QFI\xfb"
 
 
 @dataclass(frozen=True)
@@ -44,24 +43,6 @@ def tree_size(path: Path) -> int:
         except OSError:
             continue
     return total
-
-
-def qcow2_backing(path: Path) -> Path | None:
-    """The backing file a qcow2 image names in its header, or None."""
-    try:
-        with path.open("rb") as handle:
-            header = handle.read(20)
-            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
-                return None
-            offset, size = struct.unpack(">QI", header[8:20])
-            if offset == 0 or size == 0 or size > 4096:
-                return None
-            handle.seek(offset)
-            name = handle.read(size).decode("utf-8", "replace")
-    except OSError:
-        return None
-    backing = Path(name)
-    return backing if backing.is_absolute() else path.parent / backing
 
 
 def entries_in_use(cache: Cache) -> set[Path]:
@@ -87,7 +68,7 @@ def _files_used(machine: Path) -> Iterator[Path]:
     for overlay in machine.glob("*.qcow2"):
         layer: Path | None = overlay
         for _ in range(16):
-            layer = qcow2_backing(layer) if layer is not None else None
+            layer = backing_file(layer) if layer is not None else None
             if layer is None:
                 break
             yield layer
@@ -149,7 +130,7 @@ def plan(
             continue
         gone.add(image)
     for state in _entries(cache, "states", used):
-        backing = qcow2_backing(state / "disk.qcow2")
+        backing = backing_file(state / "disk.qcow2")
         if everything:
             add(state, "--all")
         elif backing is None:

@@ -66,6 +66,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
+from .. import qcow2
 from ..accel import AccelChoice
 from ..channels.agent import AgentError
 from ..errors import BootError, GuestError, ImageError, QMPError, SnapshotError
@@ -149,12 +150,15 @@ class Host:
     conn: Any
     libvirt_version: str
     qemu_version: str
-    running: int = 0
-    machines: set[str] = field(default_factory=set)
+    machines: set[str] = field(default_factory=set)  # domains placed here by this run
     storage: HostStorage | None = None  # None: the host shares this machine's files
     down: str = ""  # why no more guests go there (its libvirtd stopped answering)
     machine: str = ""  # the hypervisor's hostname: private networks stay within one machine
     copies: dict[str, list[StateCopy]] = field(default_factory=dict)  # saved-state key -> RAM copies
+
+    @property
+    def running(self) -> int:
+        return len(self.machines)
 
 
 class HostUnreachable(GuestError):
@@ -217,12 +221,10 @@ def ssh_route(uri: str, port: int) -> str | None:
 
 
 def qcow2_virtual_size(path: Path) -> int:
-    """The disk size a qcow2 file presents (header bytes 24-31, big-endian)."""
-    with open(path, "rb") as f:
-        header = f.read(32)
-    if header[:4] != b"QFI\xfb":
+    size = qcow2.virtual_size(path)
+    if size is None:
         raise ImageError(f"{path} is not a qcow2 image")
-    return int.from_bytes(header[24:32], "big")
+    return size
 
 
 class ConsolePump:
@@ -602,15 +604,12 @@ class LibvirtBackend:
                 reasons = "; ".join(f"{h.uri}: {h.down}" for h in self.hosts)
                 raise HostUnreachable(f"no libvirt host is left to run guests ({reasons})")
             host = min(usable, key=lambda h: h.running)  # least loaded; ties go to the first URI
-            host.running += 1
             host.machines.add(name)
             return host
 
     def _release_host(self, host: Host, name: str) -> None:
         with self._lock:
-            if name in host.machines:
-                host.machines.discard(name)
-                host.running -= 1
+            host.machines.discard(name)
 
     def _forget(self, machine: LibvirtMachine) -> None:
         with self._lock:
