@@ -7,7 +7,6 @@ The domain is defined for the measurement and undefined afterwards, whatever hap
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,6 +16,7 @@ from xml.sax.saxutils import escape
 
 import paramiko
 
+from pytest_vmfixtures.backends.qemu import create_overlay, free_port
 from pytest_vmfixtures.channels.ssh import SSH
 from pytest_vmfixtures.command import new_tag
 from pytest_vmfixtures.image import BuiltImage
@@ -65,12 +65,6 @@ def _virsh(*args: str, check: bool = True) -> str:
     return result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure(image: BuiltImage, memory_mb: int, n: int) -> list[float]:
     if shutil.which("virsh") is None:
         raise Unavailable("virsh not installed (apt install libvirt-daemon-system)")
@@ -79,8 +73,8 @@ def measure(image: BuiltImage, memory_mb: int, n: int) -> list[float]:
     workdir = Path(tempfile.mkdtemp(prefix="vmfx-libvirt-"))
     name = f"vmfx-bench-{uuid.uuid4().hex[:8]}"
     overlay = workdir / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(overlay)], check=True)
-    port = _free_port()
+    create_overlay("qemu-img", image.disk, overlay)
+    port = free_port()
     xml = DOMAIN.format(name=name, memory=memory_mb, kernel=escape(str(image.kernel)), initrd=escape(str(image.initrd)),
                         cmdline=escape(image.cmdline), overlay=escape(str(overlay)), console=workdir / "console.log", port=port)
     (workdir / "domain.xml").write_text(xml)

@@ -76,7 +76,7 @@ from ..waiting import Deadline, wait_for
 from . import libvirt_save
 from .base import LanSegment, Machine, MachineConfig, SavedState
 from .libvirt_storage import DEFAULT_POOL, HostStorage, file_chunks
-from .qemu import KERNEL_ARGS, TB_SIZE_MB, free_port, hotplug_lan, mac_for
+from .qemu import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan, mac_for
 
 try:
     import libvirt  # type: ignore[import-untyped]
@@ -669,7 +669,7 @@ class LibvirtBackend:
         """Where the host finds this guest's kernel, initrd and (new) overlay; remote hosts get copies first."""
         storage = host.storage
         if storage is None:
-            self._qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(files / overlay_name))
+            create_overlay(self.qemu_img, backing, files / overlay_name)
             return {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
                     "console": files / "console.log"}
         assert image.kernel is not None and image.initrd is not None

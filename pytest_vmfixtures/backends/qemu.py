@@ -93,6 +93,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def create_overlay(qemu_img: str, backing: Path, overlay: Path, backing_format: str = "qcow2") -> None:
+    """A new qcow2 file ``overlay`` whose reads fall through to ``backing`` (left untouched)."""
+    result = subprocess.run(
+        [qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(overlay)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if result.returncode != 0:
+        raise GuestError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
+
+
 def mac_for(name: str) -> str:
     digest = hashlib.sha256(name.encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
@@ -311,12 +321,7 @@ class QemuBackend:
 
     # -- starting ---------------------------------------------------------
     def _overlay(self, backing: Path, overlay: Path, backing_format: str = "qcow2") -> None:
-        result = subprocess.run(
-            [self.qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(overlay)],
-            capture_output=True, text=True, timeout=60,
-        )
-        if result.returncode != 0:
-            raise GuestError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
+        create_overlay(self.qemu_img, backing, overlay, backing_format)
 
     def _launch(
         self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, incoming: bool, state: SavedState | None = None
