@@ -827,8 +827,8 @@ class LibvirtBackend:
         assert host.storage is not None
         try:
             header_xml = self.domain_xml(image, config, name, host, paths, 22, incoming=False, domain_uuid=copy.uuid)
-            size = libvirt_save.rewrapped_size(state.memory, header_xml)
-            copy.path = host.storage.upload(f"{name}.save", libvirt_save.rewrap(state.memory, header_xml), size)
+            chunks, size = libvirt_save.rewrap(state.memory, header_xml)
+            copy.path = host.storage.upload(f"{name}.save", chunks, size)
         except BaseException:
             with self._lock:
                 copies.remove(copy)

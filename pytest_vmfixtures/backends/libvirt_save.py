@@ -54,28 +54,25 @@ def stream_offset(path: Path) -> int:
     return offset
 
 
-def rewrap(path: Path, xml: str) -> Iterator[bytes]:
-    """The bytes of a copy of save image ``path`` carrying domain ``xml`` instead of its own."""
+def rewrap(path: Path, xml: str) -> tuple[Iterator[bytes], int]:
+    """A copy of save image ``path`` carrying domain ``xml`` instead of its own: its bytes, and how many.
+
+    (A storage volume is created with its size up front, before the bytes go in.)
+    """
     offset = stream_offset(path)
     with open(path, "rb") as f:
         version, data_len, running, _compressed, cookie_at = _read_header(f, path)
         data = f.read(data_len)
-        cookie = data[cookie_at:].rstrip(b"\0") if cookie_at else b""
-        new_xml = xml.encode() + b"\0"
-        new_data = new_xml + (cookie + b"\0" if cookie else b"")
-        yield SAVE_HEADER.pack(SAVE_MAGIC, version, len(new_data), running, 0, len(new_xml) if cookie else 0)
-        yield new_data
-        f.seek(offset)
-        while chunk := f.read(CHUNK):
-            yield chunk
-
-
-def rewrapped_size(path: Path, xml: str) -> int:
-    """How many bytes :func:`rewrap` yields (a storage volume is created with its size up front)."""
-    offset = stream_offset(path)
-    with open(path, "rb") as f:
-        _version, data_len, _running, _compressed, cookie_at = _read_header(f, path)
-        data = f.read(data_len)
     cookie = data[cookie_at:].rstrip(b"\0") if cookie_at else b""
-    new_data_len = len(xml.encode()) + 1 + (len(cookie) + 1 if cookie else 0)
-    return SAVE_HEADER.size + new_data_len + path.stat().st_size - offset
+    new_xml = xml.encode() + b"\0"
+    new_data = new_xml + (cookie + b"\0" if cookie else b"")
+    head = SAVE_HEADER.pack(SAVE_MAGIC, version, len(new_data), running, 0, len(new_xml) if cookie else 0) + new_data
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    return chunks(), len(head) + path.stat().st_size - offset

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfixtures.backends.libvirt import qcow2_virtual_size, shares_files, ssh_route
-from pytest_vmfixtures.backends.libvirt_save import SAVE_HEADER, SAVE_MAGIC, rewrap, rewrapped_size, stream_offset
+from pytest_vmfixtures.backends.libvirt_save import SAVE_HEADER, SAVE_MAGIC, rewrap, stream_offset
 from pytest_vmfixtures.backends.libvirt_storage import RUN_OWNED, volume_xml
 from pytest_vmfixtures.channels.ssh import ProxyProcess
 from pytest_vmfixtures.errors import GuestError, ImageError, SnapshotError
@@ -62,8 +62,9 @@ def test_rewrap_puts_new_xml_before_the_same_stream(tmp_path: Path) -> None:
     _save_image(original, b"<domain><uuid>old</uuid></domain>", b"<cookie/>", stream)
     xml = "<domain><uuid>new-and-longer</uuid></domain>"
     copy = tmp_path / "copy"
-    copy.write_bytes(b"".join(rewrap(original, xml)))
-    assert copy.stat().st_size == rewrapped_size(original, xml)
+    chunks, size = rewrap(original, xml)
+    copy.write_bytes(b"".join(chunks))
+    assert copy.stat().st_size == size
     offset = stream_offset(copy)
     assert copy.read_bytes()[offset:] == stream
     header = copy.read_bytes()[:SAVE_HEADER.size]
@@ -78,7 +79,7 @@ def test_rewrap_refuses_what_is_not_a_save_image(tmp_path: Path) -> None:
     bogus = tmp_path / "memory"
     bogus.write_bytes(struct.pack("<16s", b"NotASaveImage!!!") + b"\0" * 200)
     with pytest.raises(SnapshotError, match="not a libvirt save image"):
-        list(rewrap(bogus, "<domain/>"))
+        rewrap(bogus, "<domain/>")
 
 
 def test_qcow2_virtual_size_reads_the_header(tmp_path: Path) -> None:
