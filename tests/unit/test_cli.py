@@ -35,24 +35,24 @@ def fake_qcow2(path: Path, backing: Path | None) -> None:
     path.write_bytes(header.ljust(512, b"\0") + name)
 
 
-def add_image(cache: Path, key: str, age_days: float = 0.0) -> Path:
-    directory = cache / "images" / key
+def _add_entry(cache: Path, kind: str, key: str, backing: Path | None, payload: tuple[str, bytes],
+               age_days: float) -> Path:
+    """A cache entry as the plugin leaves it: a disk, one more file, and a manifest with its age."""
+    directory = cache / f"{kind}s" / key
     directory.mkdir(parents=True)
-    fake_qcow2(directory / "disk.qcow2", None)
-    (directory / "vmlinuz").write_bytes(b"k" * 5000)
+    fake_qcow2(directory / "disk.qcow2", backing)
+    (directory / payload[0]).write_bytes(payload[1])
     created = time.time() - age_days * 86400
-    (directory / "manifest.json").write_text(json.dumps({"kind": "image", "created": created}))
+    (directory / "manifest.json").write_text(json.dumps({"kind": kind, "created": created}))
     return directory
+
+
+def add_image(cache: Path, key: str, age_days: float = 0.0) -> Path:
+    return _add_entry(cache, "image", key, None, ("vmlinuz", b"k" * 5000), age_days)
 
 
 def add_state(cache: Path, key: str, backing: Path, age_days: float = 0.0) -> Path:
-    directory = cache / "states" / key
-    directory.mkdir(parents=True)
-    fake_qcow2(directory / "disk.qcow2", backing)
-    (directory / "memory").write_bytes(b"m" * 10000)
-    created = time.time() - age_days * 86400
-    (directory / "manifest.json").write_text(json.dumps({"kind": "state", "created": created}))
-    return directory
+    return _add_entry(cache, "state", key, backing, ("memory", b"m" * 10000), age_days)
 
 
 @pytest.fixture
