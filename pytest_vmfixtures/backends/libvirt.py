@@ -123,11 +123,15 @@ def _version(number: int) -> str:
     return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
 
 
+@functools.cache
+def _template() -> string.Template:
+    return string.Template(TEMPLATE.read_text())
+
+
 def render_domain(values: dict[str, object]) -> str:
     """Fill in domain.xml; values are escaped, except the ones that are whole XML elements."""
     raw = {"tcg_features", "cpu", "incoming", "seclabel", "serial"}
-    text = TEMPLATE.read_text()
-    return string.Template(text).substitute(
+    return _template().substitute(
         {k: (str(v) if k in raw else escape(str(v), {"'": "&apos;", '"': "&quot;"})) for k, v in values.items()}
     )
 

@@ -88,6 +88,7 @@ class HostStorage:
             raise GuestError(f"{uri}: storage pool {pool_name!r} is not active: virsh pool-start {pool_name}")
         self.uploads = 0  # volumes this process uploaded (shared and own)
         self.stalled_s = STALLED_S
+        self._ready: dict[str, str] = {}  # shared volumes known to be complete here: name -> path
         target = ElementTree.fromstring(self.pool.XMLDesc(0)).findtext("target/path")
         if not target:
             raise GuestError(f"{uri}: storage pool {pool_name!r} is not a directory pool (dir, fs or netfs)")
@@ -103,12 +104,6 @@ class HostStorage:
     def refresh(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):  # another refresh is running: its result will do
             self.pool.refresh(0)
-
-    def path(self, name: str) -> str:
-        volume = self._lookup(name)
-        if volume is None:
-            raise GuestError(f"{self.uri}: volume {name} is not in the storage pool")
-        return str(volume.path())
 
     def names(self) -> list[str]:
         return [str(n) for n in self.pool.listVolumes()]
@@ -168,11 +163,20 @@ class HostStorage:
 
     # -- shared, content-named volumes -----------------------------------------
     def ensure(self, name: str, source: Callable[[], tuple[Iterable[bytes], int]], progress: Progress) -> str:
-        """The path of shared volume ``name``, uploading it from ``source()`` if no finished copy is there."""
+        """The path of shared volume ``name``, uploading it from ``source()`` if no finished copy is there.
+
+        Content-named volumes do not change, so each is looked up once per run (every guest start needs them).
+        """
+        path = self._ready.get(name)
+        if path is None:
+            path = self._ready[name] = self._ensure(name, source, progress)
+        return path
+
+    def _ensure(self, name: str, source: Callable[[], tuple[Iterable[bytes], int]], progress: Progress) -> str:
         while True:
-            if self._lookup(name + DONE) is not None and self._lookup(name) is not None:
-                return self.path(name)
             volume = self._lookup(name)
+            if volume is not None and self._lookup(name + DONE) is not None:
+                return str(volume.path())
             if volume is None:
                 chunks, size = source()
                 progress(f"copying {name} ({size / 2**20:.0f} MiB) to {self.uri}")
