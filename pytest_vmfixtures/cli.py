@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .backends.libvirt_storage import DEFAULT_POOL
 from .cache import Cache, default_cache_dir, ensure_image, image_key
 from .catalog import BUILTIN_IMAGES_DIR, Recipe, available_recipes, load_recipe
 from .errors import VMError
+from .options import DEFAULT_LIBVIRT_POOL
 from .prune import created_at, plan, remove, tree_size
 
 PROG = "pytest-vmfixtures"
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64", help="the QEMU system emulator to check")
     doctor.add_argument("--libvirt-uri", action="append", default=[], metavar="URI",
                         help="also check this libvirt connection (repeatable)")
-    doctor.add_argument("--libvirt-pool", default=DEFAULT_POOL, metavar="NAME",
+    doctor.add_argument("--libvirt-pool", default=DEFAULT_LIBVIRT_POOL, metavar="NAME",
                         help="the storage pool remote libvirt hosts need (default: vmfixtures)")
     doctor.set_defaults(run=_doctor)
     return parser

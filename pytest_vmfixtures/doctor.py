@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .accel import choose_accel, kvm_problem, probe_host
-from .backends.libvirt_storage import DEFAULT_POOL, pool_setup
+from .options import DEFAULT_LIBVIRT_POOL
 from .runtime import pid_alive
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -136,7 +136,7 @@ def check_stale(cache_dir: Path) -> Check:
     return Check(OK, "stale guests", "none")
 
 
-def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_POOL) -> list[Check]:
+def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_LIBVIRT_POOL) -> list[Check]:
     """Each URI answers; a remote host (not a unix socket here) also has the storage pool for copies."""
     if not uris:
         return []
@@ -163,6 +163,8 @@ def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_POOL) -> list[Check]:
 def _check_pool(conn: object, uri: str, pool: str) -> Check:
     import libvirt
 
+    from .backends.libvirt_storage import pool_setup
+
     try:
         active = conn.storagePoolLookupByName(pool).isActive()  # type: ignore[attr-defined]
     except libvirt.libvirtError:
@@ -174,7 +176,7 @@ def _check_pool(conn: object, uri: str, pool: str) -> Check:
 
 
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
-               libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_POOL) -> list[Check]:
+               libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL) -> list[Check]:
     """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check)."""
     return [
         check_qemu(qemu_binary, versions),

@@ -20,6 +20,8 @@ DEFAULT_MEMORY_MB = 512
 DEFAULT_CPUS = 1
 MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network", "sha256", "user", "firmware")
 BACKENDS = ("qemu", "libvirt")
+DEFAULT_LIBVIRT_URI = "qemu:///system"
+DEFAULT_LIBVIRT_POOL = "vmfixtures"  # on remote libvirt hosts, for the copied images and states
 
 
 class OptionError(ValueError):

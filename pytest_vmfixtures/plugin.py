@@ -12,7 +12,6 @@ import pytest
 from . import hookspecs
 from .accel import AccelChoice
 from .backends.base import Backend
-from .backends.libvirt_storage import DEFAULT_POOL
 from .byo import is_byo
 from .cache import default_cache_dir
 from .catalog import available_recipes
@@ -22,6 +21,8 @@ from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec,
 from .guest import console_tail
 from .options import (
     DEFAULT_IMAGE,
+    DEFAULT_LIBVIRT_POOL,
+    DEFAULT_LIBVIRT_URI,
     OptionError,
     image_matrix,
     parse_accel,
@@ -43,7 +44,7 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-boot-timeout", "vm_boot_timeout", "string", "600", "seconds a cold boot may take before BootError"),
     ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu (embedded) or libvirt"),
     ("--vm-libvirt-uri", "vm_libvirt_uris", "args", [], "libvirt URI the libvirt backend uses (repeatable: guests go to the least loaded)"),
-    ("--vm-libvirt-pool", "vm_libvirt_pool", "string", DEFAULT_POOL, "storage pool on remote libvirt hosts for copied images and states"),
+    ("--vm-libvirt-pool", "vm_libvirt_pool", "string", DEFAULT_LIBVIRT_POOL, "storage pool that remote libvirt hosts keep copies in"),
     ("--vm-standby", "vm_standby", "string", "1", "1: a clean spare guest is restored in the background per config; 0: revert in line"),
     ("--vm-qemu-binary", "vm_qemu_binary", "string", "qemu-system-x86_64", "the QEMU system emulator to run"),
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
@@ -56,7 +57,7 @@ _DEFAULT_TEXT = {
     "vm_images": "debian-12",
     "vm_cache": "~/.cache/pytest-vmfixtures",
     "vm_artifacts": "vm-artifacts under pytest's basetemp",
-    "vm_libvirt_uris": "qemu:///system",
+    "vm_libvirt_uris": DEFAULT_LIBVIRT_URI,
 }
 
 
@@ -105,7 +106,7 @@ def _settings(config: pytest.Config) -> Settings:
             artifacts=Path(str(_value(config, "vm_artifacts"))).expanduser() if _value(config, "vm_artifacts") else None,
             keep_on_failure=bool(_value(config, "vm_keep_on_failure")),
             libvirt_uris=[u for u in (config.getoption("vm_libvirt_uris") or config.getini("vm_libvirt_uris")) if u],
-            libvirt_pool=str(_value(config, "vm_libvirt_pool") or DEFAULT_POOL),
+            libvirt_pool=str(_value(config, "vm_libvirt_pool") or DEFAULT_LIBVIRT_POOL),
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None

@@ -23,9 +23,9 @@ import pytest
 
 from .accel import AccelChoice, choose_accel, probe_host
 from .backends.base import Backend
-from .backends.libvirt_storage import DEFAULT_POOL
 from .cache import Cache
 from .catalog import BUILTIN_IMAGES_DIR
+from .options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from .pool import Pool
 from .runtime import Runtime
 
@@ -46,7 +46,7 @@ class Settings:
     artifacts: Path | None = None
     keep_on_failure: bool = False
     libvirt_uris: list[str] = field(default_factory=list)
-    libvirt_pool: str = DEFAULT_POOL
+    libvirt_pool: str = DEFAULT_LIBVIRT_POOL
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:
@@ -172,7 +172,7 @@ def builtin_dirs(extra: list[Path]) -> list[Path]:
 def describe_settings(settings: Settings, accel: AccelChoice, **extra: Any) -> str:
     backend = settings.backend
     if backend == "libvirt":
-        backend += " " + ",".join(settings.libvirt_uris or ["qemu:///system"])
+        backend += " " + ",".join(settings.libvirt_uris or [DEFAULT_LIBVIRT_URI])
     words = [f"accel {accel.accel} ({accel.reason})", f"backend {backend}", f"cache {settings.cache_dir}"]
     words += [f"{k} {v}" for k, v in extra.items()]
     return "vmfixtures: " + ", ".join(words)

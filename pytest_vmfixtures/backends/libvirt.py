@@ -71,11 +71,12 @@ from ..accel import AccelChoice
 from ..channels.agent import AgentError
 from ..errors import BootError, GuestError, ImageError, QMPError, SnapshotError
 from ..image import BuiltImage
+from ..options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ..runtime import Runtime, pid_alive
 from ..waiting import Deadline, wait_for
 from . import libvirt_save
 from .base import LanSegment, Machine, MachineConfig, SavedState
-from .libvirt_storage import DEFAULT_POOL, HostStorage, file_chunks
+from .libvirt_storage import HostStorage, file_chunks
 from .qemu import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan, mac_for
 
 try:
@@ -87,7 +88,6 @@ except ImportError:  # pragma: no cover - depends on the optional extra
 
 log = logging.getLogger("pytest_vmfixtures")
 
-DEFAULT_URI = "qemu:///system"
 TEMPLATE = Path(__file__).with_name("domain.xml")
 DEVICES_VERSION = 1  # bump when domain.xml's virtual hardware changes
 DOMAIN_PREFIX = "vmfx-"
@@ -502,7 +502,7 @@ class LibvirtBackend:
 
     def __init__(
         self, runtime: Runtime, accel: AccelChoice, uris: list[str] | None = None, qemu_img: str = "qemu-img",
-        pool: str = DEFAULT_POOL, progress: Callable[[str], None] = lambda message: None,
+        pool: str = DEFAULT_LIBVIRT_POOL, progress: Callable[[str], None] = lambda message: None,
     ) -> None:
         _require_libvirt()
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
@@ -519,7 +519,7 @@ class LibvirtBackend:
         self._template_check()
         unreachable: list[str] = []
         try:
-            for uri in uris or [DEFAULT_URI]:
+            for uri in uris or [DEFAULT_LIBVIRT_URI]:
                 try:
                     self.hosts.append(self._connect(uri))
                 except HostUnreachable as exc:

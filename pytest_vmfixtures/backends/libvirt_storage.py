@@ -30,6 +30,7 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from ..errors import GuestError
+from ..options import DEFAULT_LIBVIRT_POOL
 from ..runtime import pid_alive
 from ..waiting import Deadline
 
@@ -38,7 +39,6 @@ try:
 except ImportError:  # pragma: no cover - depends on the optional extra
     libvirt = None
 
-DEFAULT_POOL = "vmfixtures"
 DONE = ".done"
 CHUNK = 1 << 20
 STALLED_S = 30.0  # an upload that has not grown for this long was abandoned
@@ -74,7 +74,7 @@ def volume_xml(name: str, capacity: int, fmt: str = "raw", backing: str | None =
 class HostStorage:
     """One host's storage pool, seen through its libvirt connection."""
 
-    def __init__(self, conn: Any, uri: str, pool_name: str = DEFAULT_POOL) -> None:
+    def __init__(self, conn: Any, uri: str, pool_name: str = DEFAULT_LIBVIRT_POOL) -> None:
         self.uri = uri
         self.conn = conn
         try:
