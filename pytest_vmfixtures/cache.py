@@ -218,14 +218,14 @@ class Cache:
             if not sep:
                 continue
             key = rest.rsplit("-", 1)[0]
-            lock = self.root / "locks" / f"{kind}-{key}.lock"
             try:
-                with open(lock, "a") as f:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with self.try_lock(f"{kind}-{key}") as free:
+                    if not free:
+                        continue  # being built right now
                     remove_tree(entry)
                     removed.append(entry.name)
-            except (BlockingIOError, OSError):
-                continue  # being built right now
+            except OSError:
+                continue
         return removed
 
 
