@@ -20,6 +20,7 @@ import getpass
 import hashlib
 import io
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -67,6 +68,8 @@ _BUILDER_TOOLS = {
 }
 # Only mmdebstrap needs user namespaces (so subordinate ids) without root.
 _ROOTLESS_TOOLS = {"newuidmap": "uidmap", "newgidmap": "uidmap"}
+# mmdebstrap asks arch-test whether this host can run another architecture's binaries (i386 on amd64, too).
+_FOREIGN_TOOLS = {"arch-test": "arch-test"}
 _PACKAGE_MANAGERS = {"mmdebstrap": "apt", "extract": "none"}
 
 # Key-only logins without reverse DNS, GSSAPI or PAM: each saves time on
@@ -237,17 +240,25 @@ def _check_recipe(recipe: Recipe) -> str:
     return _ARCHES[recipe.architecture]
 
 
+def host_tools(recipe: Recipe, rootless: bool = True) -> dict[str, str]:
+    """Every host program building ``recipe`` runs, and the Debian package that has it."""
+    tools = {**_BUILDER_TOOLS[recipe.builder], **_TOOLS}
+    if recipe.builder == "mmdebstrap":
+        if rootless:
+            tools.update(_ROOTLESS_TOOLS)
+        if _ARCHES.get(recipe.architecture) != platform.machine():
+            tools.update(_FOREIGN_TOOLS)
+    return tools
+
+
 def _check_host(recipe: Recipe) -> None:
     """Name the missing package or subordinate-id entry up front.
 
     Without these mmdebstrap fails deep inside with a message that does not
     say what to install or configure.
     """
-    tools = {**_BUILDER_TOOLS[recipe.builder], **_TOOLS}
     rootless = os.geteuid() != 0 and recipe.builder == "mmdebstrap"
-    if rootless:
-        tools.update(_ROOTLESS_TOOLS)
-    for tool, package in tools.items():
+    for tool, package in host_tools(recipe, rootless).items():
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             raise ImageError(f"building images needs {tool}: install the {package} package")
     if rootless:

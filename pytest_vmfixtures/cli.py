@@ -188,7 +188,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, run_checks, summary
 
     checks = run_checks((args.cache or default_cache_dir()).expanduser(), args.accel, args.qemu_binary, args.libvirt_uri,
-                        libvirt_pool=args.libvirt_pool)
+                        libvirt_pool=args.libvirt_pool, local_libvirt=True)
     for check in checks:
         print(check.line())
     print(summary(checks))

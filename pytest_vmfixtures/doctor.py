@@ -10,8 +10,10 @@ from __future__ import annotations
 import grp
 import json
 import os
+import pwd
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,13 +87,29 @@ def check_accel(requested: str) -> Check:
     )
 
 
+def image_tool_needs(rootless: bool) -> dict[str, tuple[str, list[str]]]:
+    """Each host program the built-in recipes' builds run: (its Debian package, the recipes that need it)."""
+    from .builder import host_tools
+    from .catalog import available_recipes, load_recipe
+
+    needs: dict[str, tuple[str, list[str]]] = {}
+    for name in sorted(available_recipes()):
+        for tool, package in host_tools(load_recipe(name), rootless).items():
+            needs.setdefault(tool, (package, []))[1].append(name)
+    return needs
+
+
 def check_image_tools(cache_dir: Path, versions: bool = True) -> list[Check]:
     cached = any(cache_dir.glob("images/*/manifest.json"))
     checks = []
-    missing = [t for t in ("mmdebstrap", "genext2fs", "resize2fs", "tune2fs") if shutil.which(t) is None]
+    needs = image_tool_needs(rootless=os.geteuid() != 0)
+    missing = {tool: needs[tool] for tool in needs
+               if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None}
     if missing:
         status = WARN if cached else FAIL
-        checks.append(Check(status, "image build", f"missing {', '.join(missing)}: apt install mmdebstrap genext2fs e2fsprogs"
+        packages = sorted({package for package, _ in missing.values()})
+        by_tool = "; ".join(f"{tool} (for {', '.join(names)})" for tool, (_, names) in missing.items())
+        checks.append(Check(status, "image build", f"missing {by_tool}: apt install {' '.join(packages)}"
                             + (" (cached images still work)" if cached else "")))
     else:
         found = _version(["mmdebstrap", "--version"]) if versions else None
@@ -136,6 +154,88 @@ def check_stale(cache_dir: Path) -> Check:
     return Check(OK, "stale guests", "none")
 
 
+LIBVIRT_KVM = "libvirt kvm"
+LIBVIRT_QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+DEFAULT_LIBVIRT_QEMU_USER = "libvirt-qemu"  # Debian's build of libvirt; qemu.conf's ``user`` overrides it
+KVM_FIX = "as root: chgrp kvm /dev/kvm && chmod 0660 /dev/kvm (what Debian's udev rule does)"
+
+
+def libvirt_qemu_identity(conf: Path = LIBVIRT_QEMU_CONF) -> tuple[str, int, frozenset[int]] | None:
+    """(name, uid, groups) libvirt's QEMU processes run as, or None if that user does not exist here.
+
+    qemu.conf is usually readable by root only; elsewhere Debian's default user is assumed.
+    """
+    try:
+        text = conf.read_text()
+    except OSError:
+        text = ""
+    values = dict(re.findall(r'^\s*(user|group)\s*=\s*"([^"]*)"', text, re.MULTILINE))
+    name = values.get("user", DEFAULT_LIBVIRT_QEMU_USER)
+    try:
+        entry = pwd.getpwuid(int(name.lstrip("+"))) if name.lstrip("+").isdigit() else pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        return None
+    groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    if "group" in values:
+        try:
+            groups.add(int(values["group"].lstrip("+")) if values["group"].lstrip("+").isdigit()
+                       else grp.getgrnam(values["group"]).gr_gid)
+        except KeyError:
+            pass
+    return entry.pw_name, entry.pw_uid, frozenset(groups)
+
+
+def can_read_write(node: os.stat_result, uid: int, groups: frozenset[int]) -> bool:
+    """Whether ``uid`` with ``groups`` may open ``node`` read-write, by its mode bits as the kernel checks them."""
+    if uid == 0:
+        return True
+    if uid == node.st_uid:
+        bits = stat.S_IRUSR | stat.S_IWUSR
+    elif node.st_gid in groups:
+        bits = stat.S_IRGRP | stat.S_IWGRP
+    else:
+        bits = stat.S_IROTH | stat.S_IWOTH
+    return node.st_mode & bits == bits
+
+
+def libvirt_kvm_problem(node: os.stat_result | None, identity: tuple[str, int, frozenset[int]] | None) -> str | None:
+    """Why libvirt's QEMU capability cache will not hold, or None.
+
+    libvirtd probes QEMU as root, so it sees KVM; when the QEMU user then cannot open /dev/kvm,
+    libvirt finds KVM "not available now", drops the cache, and probes again for the next domain.
+    """
+    if node is None or not stat.S_ISCHR(node.st_mode) or identity is None:
+        return None
+    name, uid, groups = identity
+    if can_read_write(node, uid, groups):
+        return None
+    try:
+        owner, group = pwd.getpwuid(node.st_uid).pw_name, grp.getgrgid(node.st_gid).gr_name
+    except KeyError:
+        owner, group = str(node.st_uid), str(node.st_gid)
+    return (f"libvirt re-probes QEMU on every guest: about a minute each (libvirt's QEMU user {name} cannot open "
+            f"/dev/kvm, {stat.filemode(node.st_mode)} {owner}:{group}, but libvirtd as root can); fix {KVM_FIX}")
+
+
+def is_local_system(uri: str) -> bool:
+    """A URI for this machine's system libvirtd (the one whose QEMU user and /dev/kvm are ours to check)."""
+    return uri.split("?")[0].rstrip("/") in ("qemu:///system", "qemu+unix:///system")
+
+
+def check_libvirt_kvm(device: Path = Path("/dev/kvm"), conf: Path = LIBVIRT_QEMU_CONF) -> Check | None:
+    try:
+        node = device.stat()
+    except OSError:
+        return None
+    identity = libvirt_qemu_identity(conf)
+    problem = libvirt_kvm_problem(node, identity)
+    if problem:
+        return Check(WARN, LIBVIRT_KVM, problem)
+    if identity is None or not stat.S_ISCHR(node.st_mode):
+        return None
+    return Check(OK, LIBVIRT_KVM, f"libvirt's QEMU user {identity[0]} can open /dev/kvm: its capability cache holds")
+
+
 def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_LIBVIRT_POOL) -> list[Check]:
     """Each URI answers; a remote host (not a unix socket here) also has the storage pool for copies."""
     if not uris:
@@ -176,8 +276,14 @@ def _check_pool(conn: object, uri: str, pool: str) -> Check:
 
 
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
-               libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL) -> list[Check]:
-    """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check)."""
+               libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL,
+               local_libvirt: bool = False) -> list[Check]:
+    """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check).
+
+    ``local_libvirt`` checks this machine's libvirt QEMU user against /dev/kvm even when no URI is given
+    (the doctor command does; the header only when a URI is this machine's system libvirtd).
+    """
+    kvm = check_libvirt_kvm() if local_libvirt or any(is_local_system(uri) for uri in libvirt_uris) else None
     return [
         check_qemu(qemu_binary, versions),
         check_kvm(),
@@ -186,6 +292,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
         check_cache(cache_dir),
         check_stale(cache_dir),
         *check_libvirt(libvirt_uris, libvirt_pool),
+        *([kvm] if kvm else []),
     ]
 
 

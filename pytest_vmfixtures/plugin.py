@@ -15,7 +15,7 @@ from .backends.base import Backend
 from .byo import is_byo
 from .cache import default_cache_dir
 from .catalog import available_recipes
-from .doctor import run_checks, summary
+from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
 from .guest import console_tail
@@ -128,7 +128,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     checks = run_checks(settings.cache_dir, settings.accel, settings.qemu_binary,
                         settings.libvirt_uris if settings.backend == "libvirt" else (), versions=False,
                         libvirt_pool=settings.libvirt_pool)
-    return [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
+    lines = [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
+    # A cost this large is said in full at the start, once, not only counted in the summary.
+    lines += [f"vmfixtures: warning: {c.message}" for c in checks if c.name == LIBVIRT_KVM and c.status == WARN]
+    return lines
 
 
 @pytest.hookimpl(trylast=True)

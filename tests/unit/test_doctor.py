@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,61 @@ def test_summary_counts_failures_first() -> None:
     checks = [doctor.Check(doctor.OK, "a", ""), doctor.Check(doctor.WARN, "b", ""), doctor.Check(doctor.FAIL, "c", "")]
     assert doctor.summary(checks).startswith("host check: 1 problem(s) (c)")
     assert doctor.summary(checks[:2]) == "host check: usable, 1 warning(s) (b)"
+
+
+# -- libvirt's QEMU user and /dev/kvm (fake device nodes: a real one cannot be re-permissioned per test) --
+
+
+def fake_node(mode: int, uid: int = 0, gid: int = 0) -> os.stat_result:
+    return os.stat_result((stat.S_IFCHR | mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+
+QEMU_USER = ("libvirt-qemu", 64055, frozenset({107, 64055}))  # in group kvm (107), as Debian makes it
+
+
+def test_root_only_kvm_node_costs_a_minute_per_libvirt_guest_and_names_the_fix() -> None:
+    problem = doctor.libvirt_kvm_problem(fake_node(0o600), QEMU_USER)
+    assert problem is not None
+    assert problem.startswith("libvirt re-probes QEMU on every guest: about a minute each")
+    assert "libvirt-qemu cannot open /dev/kvm" in problem and "crw-------" in problem
+    assert "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm" in problem
+
+
+@pytest.mark.parametrize("node", [fake_node(0o660, gid=107), fake_node(0o666), fake_node(0o600, uid=64055)])
+def test_kvm_node_libvirts_qemu_user_can_open_is_fine(node: os.stat_result) -> None:
+    assert doctor.libvirt_kvm_problem(node, QEMU_USER) is None
+
+
+@pytest.mark.parametrize("node", [
+    fake_node(0o660, gid=4242),   # group is not one of the QEMU user's
+    fake_node(0o606, gid=107),    # the group bits decide for a member, not the others' bits
+    fake_node(0o640, gid=107),    # read but not write
+])
+def test_kvm_node_the_qemu_user_cannot_open_is_a_problem(node: os.stat_result) -> None:
+    assert doctor.libvirt_kvm_problem(node, QEMU_USER) is not None
+
+
+def test_no_node_no_qemu_user_or_root_qemu_user_is_no_problem() -> None:
+    assert doctor.libvirt_kvm_problem(None, QEMU_USER) is None
+    assert doctor.libvirt_kvm_problem(fake_node(0o600), None) is None
+    assert doctor.libvirt_kvm_problem(fake_node(0o600), ("root", 0, frozenset({0}))) is None
+
+
+def test_qemu_conf_user_and_group_are_read(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('# user = "nobody"\nuser = "+0"\n')
+    assert doctor.libvirt_qemu_identity(conf)[:2] == ("root", 0)  # type: ignore[index]
+    conf.write_text('user = "no-such-user-here"\n')
+    assert doctor.libvirt_qemu_identity(conf) is None
+
+
+def test_check_warns_on_a_real_file_node_only_when_it_is_a_device(tmp_path: Path) -> None:
+    plain = tmp_path / "kvm"
+    plain.write_text("")
+    assert doctor.check_libvirt_kvm(plain) is None  # not a character device: nothing to say
+    assert doctor.check_libvirt_kvm(tmp_path / "missing") is None
+
+
+def test_only_this_machines_system_libvirtd_gets_the_check() -> None:
+    assert doctor.is_local_system("qemu:///system") and doctor.is_local_system("qemu+unix:///system?socket=/x")
+    assert not doctor.is_local_system("qemu+ssh://farm/system") and not doctor.is_local_system("qemu:///session")

@@ -1,0 +1,57 @@
+"""Every Debian package the product asks for is one scripts/bootstrap installs.
+
+The needs are derived from the code, not listed twice: each built-in recipe's build tools (as the
+builder checks them before a build) and every "apt install ..." a message of the package tells a user
+to run. A new recipe or backend that needs a new package fails here until the bootstrap has it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pytest_vmfixtures import doctor
+from pytest_vmfixtures.builder import host_tools
+from pytest_vmfixtures.catalog import available_recipes, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = ROOT / "pytest_vmfixtures"
+
+
+def bootstrap_packages() -> set[str]:
+    match = re.search(r'^PACKAGES="([^"]*)"', (ROOT / "scripts" / "bootstrap").read_text(), re.MULTILINE)
+    assert match, "scripts/bootstrap has no PACKAGES=\"...\" line"
+    return set(match.group(1).split())
+
+
+@pytest.mark.parametrize("name", sorted(available_recipes()))
+def test_each_recipes_build_tools_come_from_bootstrapped_packages(name: str) -> None:
+    packages = {package for package in host_tools(load_recipe(name), rootless=True).values()}
+    assert packages <= bootstrap_packages(), f"{name} needs {sorted(packages - bootstrap_packages())}"
+
+
+def test_a_foreign_architecture_needs_arch_test() -> None:
+    assert host_tools(load_recipe("debian-12-i386")).get("arch-test") == "arch-test"
+    assert "arch-test" not in host_tools(load_recipe("debian-12"))
+
+
+def test_every_package_a_message_names_is_bootstrapped() -> None:
+    named: dict[str, str] = {}
+    for path in PACKAGE_DIR.rglob("*.py"):
+        for match in re.finditer(r"apt(?:-get)? install ((?:[a-z0-9][a-z0-9.+-]+ ?)+)", path.read_text()):
+            for package in match.group(1).split():
+                named.setdefault(package, str(path.relative_to(ROOT)))
+    assert len(named) >= 5, named  # the scan found the messages (qemu, ovmf, mmdebstrap, ...)
+    missing = {package: where for package, where in named.items() if package not in bootstrap_packages()}
+    assert not missing, f"named in messages but not installed by scripts/bootstrap: {missing}"
+
+
+def test_doctor_names_a_missing_build_tool_the_recipe_and_the_package(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real_which = doctor.shutil.which
+    monkeypatch.setattr(doctor.shutil, "which", lambda tool, path=None: None if tool == "arch-test" else real_which(tool))
+    [check, *_] = doctor.check_image_tools(tmp_path, versions=False)
+    assert check.status == doctor.FAIL
+    assert "arch-test (for debian-12-i386)" in check.message and "apt install arch-test" in check.message
