@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .backends.base import Backend, MachineConfig, SavedState, config_inputs, digest_of
+from .backends.base import STATE_CONSOLE, Backend, MachineConfig, SavedState, config_inputs, digest_of
 from .byo import DEFAULT_USER, ByoSpec, is_byo
 from .byo import prepare as prepare_byo
 from .cache import Cache, ensure_image
@@ -28,7 +30,7 @@ from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: the boot's console log is kept with the state
 Progress = Callable[[str], None]
 
 
@@ -182,7 +184,7 @@ class Pool:
 
         def create(directory: Path) -> None:
             self._make_state(image, config, directory)
-            files = ["disk.qcow2", "memory"] + (["nvram.qcow2"] if (directory / "nvram.qcow2").exists() else [])
+            files = ["disk.qcow2", "memory"] + [name for name in ("nvram.qcow2", STATE_CONSOLE) if (directory / name).exists()]
             self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config)}, files)
 
         directory = self.cache.entry(
@@ -213,6 +215,10 @@ class Pool:
             if instance.agent is not None:
                 instance.agent.close()
             self.backend.save(machine, directory)
+            # Restored guests' console logs start with this boot (see backends.base.start_restored_console).
+            if machine.console_log.exists():
+                shutil.copyfile(machine.console_log, directory / STATE_CONSOLE)
+                os.chmod(directory / STATE_CONSOLE, 0o600)
         finally:
             instance.close()
         self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")

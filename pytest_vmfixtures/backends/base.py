@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +65,29 @@ class SavedState:
     memory: Path
     key: str
     meta: dict[str, object] = field(default_factory=dict)
+
+
+STATE_CONSOLE = "console.log"  # in a state's directory: the console of the boot it was saved from
+RESTORE_MARK = "[vmfixtures] ---- restored from saved state"
+
+
+def start_restored_console(state: SavedState, target: Path) -> None:
+    """Begin a restored guest's console log with its state's boot console and a line marking the restore.
+
+    The backend then appends what the guest prints afterwards (QEMU's ``append=on``, libvirt's
+    ``append='on'``, or the console stream's append), so a failed test's evidence shows the boot too.
+    """
+    try:
+        boot = (state.directory / STATE_CONSOLE).read_bytes()
+    except OSError:
+        boot = b"[vmfixtures] (this saved state was made before boot consoles were kept with states)\n"
+    if boot and not boot.endswith(b"\n"):
+        boot += b"\n"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    mark = f"{RESTORE_MARK} {state.key} at {when}; above: the boot it was saved from ----\n"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(boot + mark.encode())
 
 
 class Monitor(Protocol):

@@ -75,7 +75,7 @@ from ..options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ..runtime import Runtime, pid_alive
 from ..waiting import Deadline, wait_for
 from . import libvirt_save
-from .base import LanSegment, Machine, MachineConfig, SavedState
+from .base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from .libvirt_storage import HostStorage, file_chunks
 from .qemu import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan, mac_for
 
@@ -642,6 +642,7 @@ class LibvirtBackend:
         if image.kernel is None:
             raise ImageError(f"{image.name} boots through firmware (your own image); use --vm-backend qemu for it")
         local = host.storage is None
+        append = " append='on'" if incoming else ""
         return render_domain({
             "domain_type": "kvm" if kvm else "qemu",
             "name": domain_name,
@@ -660,7 +661,9 @@ class LibvirtBackend:
                          "</label></seclabel>") if local and not is_session(host.uri) else "",
             "overlay": paths["overlay"],
             # Here the console goes to a file; from a remote host it is streamed back (ConsolePump).
-            "serial": (f"<serial type='file'><source path='{escape(str(paths['console']))}'/><target port='0'/></serial>"
+            # A restore appends to the log its state's boot console begins (start_restored_console).
+            "serial": (f"<serial type='file'><source path='{escape(str(paths['console']))}'{append}/>"
+                       "<target port='0'/></serial>"
                        if local else "<serial type='pty'><target port='0'/></serial>"),
             "restrict": "on" if config.network == "restricted" else "off",
             "ssh_port": ssh_port,
@@ -743,6 +746,8 @@ class LibvirtBackend:
         paths: dict[str, object] = {}
         try:
             paths = self._host_files(host, image, backing, overlay_name, files, state)
+            if state is not None:
+                start_restored_console(state, files / "console.log")
             last_error = ""
             xml = ""
             for _ in range(PORT_ATTEMPTS):

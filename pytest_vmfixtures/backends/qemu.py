@@ -27,7 +27,7 @@ from ..errors import BootError, GuestError, SnapshotError, VMError
 from ..image import BuiltImage
 from ..runtime import Runtime
 from ..waiting import wait_for
-from .base import LanSegment, Machine, MachineConfig, SavedState
+from .base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
@@ -159,7 +159,8 @@ def build_command_line(
         "-device", f"virtio-net-pci,netdev=net0,mac={mac_for(config.label)}",
         "-device", "virtio-rng-pci",
         "-device", "VGA",  # something to screendump when a test fails
-        "-chardev", f"file,id=serial0,path={paths.console}",
+        # A restore appends to the console log its state's boot console begins (start_restored_console).
+        "-chardev", f"file,id=serial0,path={paths.console}" + (",append=on" if incoming else ""),
         "-serial", "chardev:serial0",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -344,6 +345,8 @@ class QemuBackend:
         overlays()
         last_error = ""
         for _ in range(PORT_ATTEMPTS):
+            if state is not None:
+                start_restored_console(state, paths.console)
             port = free_port()
             argv = build_command_line(self.binary, image, config, self.accel, paths, port, incoming=incoming, name=name)
             with open(paths.stderr, "wb") as stderr:
@@ -352,13 +355,16 @@ class QemuBackend:
             try:
                 machine.connect_qmp(30.0)
                 return machine
-            except GuestError:
+            except VMError:  # a GuestError, or WaitTimeout when the monitor never answers
                 last_error = machine.stderr_tail()
                 machine.stop()
                 if "hostfwd" in last_error or "host forwarding" in last_error:
                     overlays()
                     continue  # the port was taken between our probe and QEMU's bind
                 break
+            except BaseException:  # interrupted: the process and its overlay must not outlive this call
+                machine.stop()
+                raise
         raise BootError(f"QEMU for {name} did not start", console_tail=last_error, command_line=argv)
 
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> QemuMachine:

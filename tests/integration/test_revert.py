@@ -116,6 +116,20 @@ def test_handle_facts(vm):
     assert vm.os.init == "systemd"
 
 
+def test_restored_guests_console_log_starts_with_its_boot(vm):
+    """Boot console kept with the state, a line marking the restore, then what the guest prints since."""
+    vm.revert()  # certainly a guest restored from the clean state, on either backend
+    vm.run("echo vmfx-after-restore > /dev/ttyS0", check=True)
+    deadline = time.monotonic() + 30
+    while b"vmfx-after-restore" not in vm.console_log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = vm.console_log.read_text(errors="replace")
+    boot, mark, after = text.partition("[vmfixtures] ---- restored from saved state")
+    assert mark, f"no restore marker in {vm.console_log}:\n{text[-2000:]}"
+    assert "login:" in boot, f"the boot's console is not above the marker:\n{boot[-2000:]}"
+    assert "vmfx-after-restore" in after and "vmfx-after-restore" not in boot
+
+
 def test_factory_gives_distinct_guests(vm_factory):
     a = vm_factory()
     b = vm_factory(image="debian-12")

@@ -1,0 +1,72 @@
+"""A fault at a step of a QEMU guest's start leaves no QEMU process and no overlay behind.
+
+Each fault is made real: a real QEMU that is frozen (SIGSTOP) so its monitor never answers, a real
+QEMU killed before its monitor connects, a start interrupted by an exception from the caller's side.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_vmfixtures.accel import choose_accel, probe_host
+from pytest_vmfixtures.backends import qemu
+from pytest_vmfixtures.backends.base import MachineConfig
+from pytest_vmfixtures.cache import Cache, ensure_image
+from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.errors import BootError
+from pytest_vmfixtures.image import BuiltImage
+from pytest_vmfixtures.runtime import Runtime
+
+
+@pytest.fixture
+def backend(outer_cache: Path) -> Iterator[tuple[qemu.QemuBackend, Runtime, BuiltImage]]:
+    runtime = Runtime(outer_cache, "start-faults")
+    try:
+        image = ensure_image(Cache(outer_cache), "debian-12", [BUILTIN_IMAGES_DIR], lambda _m: None)
+        yield qemu.QemuBackend(runtime, choose_accel("auto", probe_host())), runtime, image
+    finally:
+        runtime.close()
+
+
+def started_then(fault: Callable[[qemu.QemuMachine], None], seen: list[qemu.QemuMachine]) -> Callable[..., None]:
+    real = qemu.QemuMachine.connect_qmp
+
+    def connect_qmp(self: qemu.QemuMachine, timeout: float) -> None:
+        seen.append(self)
+        fault(self)
+        real(self, min(timeout, 3.0))
+
+    return connect_qmp
+
+
+def frozen(machine: qemu.QemuMachine) -> None:
+    os.kill(machine.process.pid, signal.SIGSTOP)
+
+
+def killed(machine: qemu.QemuMachine) -> None:
+    os.kill(machine.process.pid, signal.SIGKILL)
+
+
+def interrupted(machine: qemu.QemuMachine) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fault, error", [(frozen, BootError), (killed, BootError), (interrupted, KeyboardInterrupt)],
+                         ids=["qmp-never-answers", "process-dies", "interrupted"])
+def test_failed_start_leaves_no_qemu_and_no_overlay(
+        backend: tuple[qemu.QemuBackend, Runtime, BuiltImage], monkeypatch: pytest.MonkeyPatch,
+        fault: Callable[[qemu.QemuMachine], None], error: type[BaseException]) -> None:
+    qemu_backend, runtime, image = backend
+    seen: list[qemu.QemuMachine] = []
+    monkeypatch.setattr(qemu.QemuMachine, "connect_qmp", started_then(fault, seen))
+    with pytest.raises(error):
+        qemu_backend.boot(image, MachineConfig("debian-12"), runtime.new_name("fault"))
+    assert seen, "the fault was never injected"
+    for machine in seen:
+        assert machine.process.poll() is not None, f"QEMU {machine.process.pid} still runs"
+        assert not machine.paths.overlay.exists(), f"{machine.paths.overlay} left behind"
