@@ -223,7 +223,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 continue
             # The section shows in the terminal report; the property carries the same tail into
             # JUnit XML whatever junit_logging says.
-            tail = tail or "(nothing on the console since this guest was restored)"
+            tail = tail or "(nothing on the console)"
             report.sections.append((f"Captured stdout {report.when}: vm {guest.name} console, last 30 lines", tail))
             item.user_properties.append((f"vm {guest.name} console ({report.when})", tail))
     return report
