@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import re
 import shlex
 import time
@@ -258,9 +259,17 @@ class VM:
         if self.state == GuestState.READY:
             self.state = GuestState.DIRTY
         machine = self._instance.machine
+        # Host key checking stays on: the key is pinned, so a known_hosts file with just that key (in the
+        # machine's private directory, under an alias that no port or address change can confuse).
+        alias = f"vmfx-{machine.name}"
+        known_hosts = machine.console_log.parent / "known_hosts"
+        fd = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"{alias} {self._image.host_key.strip()}\n")
         return (
             f"ssh -i {shlex.quote(str(self._image.client_key))} -p {machine.ssh_port} "
-            "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+            f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={shlex.quote(str(known_hosts))} "
+            f"-o HostKeyAlias={alias} "
             + (f"-o ProxyCommand={shlex.quote(machine.ssh_proxy)} " if machine.ssh_proxy else "")
             + f"{self._image.user}@{machine.ssh_host}"
         )

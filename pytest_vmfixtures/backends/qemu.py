@@ -108,6 +108,11 @@ def mac_for(name: str) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
+def opt(path: object) -> str:
+    """A path as a value in QEMU's ``key=value,...`` option syntax, where a comma is written twice."""
+    return str(path).replace(",", ",,")
+
+
 def build_command_line(
     binary: str,
     image: BuiltImage,
@@ -139,18 +144,18 @@ def build_command_line(
     elif image.firmware == "uefi":
         code, _ = find_ovmf()
         argv += [
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={opt(code)}",
             # qcow2, so savevm (vm.snapshot) can snapshot it with the disk
-            "-drive", f"if=pflash,format=qcow2,unit=1,file={paths.nvram}",
+            "-drive", f"if=pflash,format=qcow2,unit=1,file={opt(paths.nvram)}",
         ]
     argv += [
-        "-drive", f"file={paths.overlay},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
+        "-drive", f"file={opt(paths.overlay)},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if image.kernel is None else ""),
     ]
     if image.seed is not None:  # cloud-init's NoCloud seed, a read-only CD
         argv += [
             "-device", "virtio-scsi-pci,id=scsi0",
-            "-drive", f"file={image.seed},if=none,id=seed0,format=raw,readonly=on,media=cdrom",
+            "-drive", f"file={opt(image.seed)},if=none,id=seed0,format=raw,readonly=on,media=cdrom",
             "-device", "scsi-cd,drive=seed0,bus=scsi0.0",
         ]
     restrict = "on" if config.network == "restricted" else "off"
@@ -160,15 +165,15 @@ def build_command_line(
         "-device", "virtio-rng-pci",
         "-device", "VGA",  # something to screendump when a test fails
         # A restore appends to the console log its state's boot console begins (start_restored_console).
-        "-chardev", f"file,id=serial0,path={paths.console}" + (",append=on" if incoming else ""),
+        "-chardev", f"file,id=serial0,path={opt(paths.console)}" + (",append=on" if incoming else ""),
         "-serial", "chardev:serial0",
-        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
     ]
     if image.agent:
         argv += [
             "-device", "virtio-serial-pci",
-            "-chardev", f"socket,id=qga0,path={paths.agent},server=on,wait=off",
+            "-chardev", f"socket,id=qga0,path={opt(paths.agent)},server=on,wait=off",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
     if incoming:

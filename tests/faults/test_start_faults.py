@@ -70,3 +70,21 @@ def test_failed_start_leaves_no_qemu_and_no_overlay(
     for machine in seen:
         assert machine.process.poll() is not None, f"QEMU {machine.process.pid} still runs"
         assert not machine.paths.overlay.exists(), f"{machine.paths.overlay} left behind"
+
+
+def test_a_cache_path_with_a_comma_works(outer_cache: Path, tmp_path: Path) -> None:
+    """Every path QEMU gets in its option syntax is escaped: a real guest starts from a comma'd run dir."""
+    runtime = Runtime(tmp_path / "cache,readonly=on", "comma")
+    try:
+        image = ensure_image(Cache(outer_cache), "debian-12", [BUILTIN_IMAGES_DIR], lambda _m: None)
+        machine = qemu.QemuBackend(runtime, choose_accel("auto", probe_host())).boot(
+            image, MachineConfig("debian-12"), runtime.new_name("comma"))
+        try:
+            assert machine.qmp.execute("query-status")["status"] == "running"
+            blocks = [b["inserted"] for b in machine.qmp.execute("query-block") if "inserted" in b]
+            assert any(b["file"] == str(machine.paths.overlay) and not b["ro"] for b in blocks), blocks
+        finally:
+            machine.stop()
+        assert not machine.paths.overlay.exists()
+    finally:
+        runtime.close()

@@ -220,3 +220,15 @@ def test_mac_is_stable_local_and_per_image() -> None:
 def test_nic_uses_the_mac_of_the_configured_image(image: BuiltImage, tmp_path: Path) -> None:
     argv = build(image, tmp_path, config=MachineConfig(image="debian-12"))
     assert f"virtio-net-pci,netdev=net0,mac={mac_for('debian-12')}" in option_values(argv, "-device")
+
+
+def test_commas_in_paths_are_doubled_so_they_cannot_add_options(image: BuiltImage, tmp_path: Path) -> None:
+    paths = paths_in(tmp_path / "cache,format=raw", "m-1")
+    argv = build(image, tmp_path, paths=paths)
+    [drive] = [d for d in option_values(argv, "-drive") if "id=disk0" in d]
+    assert drive.startswith(f"file={str(paths.overlay).replace(',', ',,')},if=none")
+    # Split as QEMU does (a doubled comma is part of the value): no stray format=raw option appears.
+    options = re.split(r"(?<!,),(?!,)", drive)
+    assert "format=raw" not in options and "format=qcow2" in options
+    for chardev in option_values(argv, "-chardev"):
+        assert "cache,format=raw" not in chardev.replace(",,", "")
