@@ -16,6 +16,7 @@ Python: the client can pin the host key instead of trusting whatever answers.
 from __future__ import annotations
 
 import collections
+import contextlib
 import getpass
 import hashlib
 import io
@@ -26,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -393,6 +395,18 @@ def _run_mmdebstrap(recipe: Recipe, archive: Path, target: Path, progress: Calla
         start_new_session=True,
     ) as process:
         assert process.stderr is not None
+        # The loop below blocks on mmdebstrap's output, so the deadline is a timer: SIGTERM first, so
+        # mmdebstrap unmounts and removes its tempdir, then the loop ends with its output.
+        expired = threading.Event()
+
+        def stop_at_deadline() -> None:
+            expired.set()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
+
+        timer = threading.Timer(MMDEBSTRAP_TIMEOUT, stop_at_deadline)
+        timer.daemon = True
+        timer.start()
         try:
             for line in process.stderr:
                 line = line.rstrip()
@@ -405,11 +419,23 @@ def _run_mmdebstrap(recipe: Recipe, archive: Path, target: Path, progress: Calla
             # Interrupted: SIGTERM lets mmdebstrap unmount and remove its tempdir.
             os.killpg(process.pid, signal.SIGTERM)
             raise
+        finally:
+            timer.cancel()
+    if expired.is_set():
+        raise ImageError(f"mmdebstrap did not finish building {recipe.name!r} within {MMDEBSTRAP_TIMEOUT:g} s "
+                         "and was stopped; check the mirror is reachable and fast")
     if process.returncode != 0:
         raise ImageError(
             f"mmdebstrap failed building {recipe.name!r} (exit {process.returncode}); "
             "fix the recipe or the host as its messages say:\n" + "\n".join(errors or tail)
         )
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """SIGKILL a tool started in its own session, and everything it started; then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _finish_filesystem(raw: Path, size: int) -> None:
@@ -429,12 +455,30 @@ def _finish_filesystem(raw: Path, size: int) -> None:
     run_tool(["resize2fs", str(raw), f"{size // 1024}K"])
 
 
+TOOL_TIMEOUT = 1200.0  # seconds for one build step (apt-get download, genext2fs, qemu-img convert, ...)
+MMDEBSTRAP_TIMEOUT = 3600.0  # a whole bootstrap, downloads included
+
+
 def run_tool(
-    command: Sequence[str], ok: Sequence[int] = (0,), hint: str = "check the host's disk space and tools"
+    command: Sequence[str], ok: Sequence[int] = (0,), hint: str = "check the host's disk space and tools",
+    timeout: float = TOOL_TIMEOUT,
 ) -> None:
-    """Run one tool; on failure say which, what to do, and what it printed."""
+    """Run one tool with a deadline; on failure say which, what to do, and what it printed.
+
+    A build holds its cache lock: a tool that hangs is killed (with its children) at ``timeout``,
+    so it cannot stall every worker waiting for that lock.
+    """
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
-    result = subprocess.run(list(command), capture_output=True, text=True, errors="replace", env=env, check=False)
+    with subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, errors="replace", env=env, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException as exc:
+            _kill_group(process)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise ImageError(f"{command[0]} did not finish within {timeout:g} s and was killed; {hint}") from None
+            raise
+    result = subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
     if result.returncode not in ok:
         lines = (result.stderr or result.stdout).strip().splitlines()
         # apt's "E:" lines say what went wrong; otherwise the tail says where.

@@ -177,16 +177,30 @@ def copy_path(tree: Tree, directory: Path, relative: str) -> None:
     source = directory / relative
     destination = usr_path(relative)
     if source.is_symlink():
+        _check_inside(directory, source.parent, relative)  # a directory link must not lead out either
         target = os.readlink(source)
         if target.startswith("/"):
             resolved = posixpath.normpath(target.lstrip("/"))
         else:
             resolved = posixpath.normpath(posixpath.join(posixpath.dirname(relative), target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise ImageError(f"package file /{relative} links to {target}, outside its package: "
+                             "refusing to build from a package that points into the host (check extra_sources)")
         tree.link(destination, "/" + usr_path(resolved))
         if os.path.lexists(directory / resolved) and usr_path(resolved) not in tree:
             copy_path(tree, directory, resolved)
     elif source.is_file():
+        _check_inside(directory, source, relative)
         tree.file(destination, source.read_bytes(), stat.S_IMODE(source.stat().st_mode))
+
+
+def _check_inside(directory: Path, path: Path, relative: str) -> None:
+    """``path``, with every link on the way followed, is in the unpacked package ``directory``."""
+    root = os.path.realpath(directory)
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + os.sep):
+        raise ImageError(f"package file /{relative} leads through a link to {real}, outside its package: "
+                         "refusing to build from a package that points into the host (check extra_sources)")
 
 
 def add_libraries(tree: Tree, unpacked: Unpacked) -> None:

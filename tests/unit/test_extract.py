@@ -16,7 +16,7 @@ from pytest_vmfixtures import busybox_system
 from pytest_vmfixtures.catalog import RecipeFile, load_recipe
 from pytest_vmfixtures.elf import ElfFile, modinfo, read_elf
 from pytest_vmfixtures.errors import ImageError
-from pytest_vmfixtures.extract import Unpacked, add_libraries, copy_package, kernel_modules
+from pytest_vmfixtures.extract import Unpacked, add_libraries, copy_package, copy_path, kernel_modules
 from pytest_vmfixtures.fstree import Tree, usr_path
 
 SHT_PROGBITS, SHT_STRTAB, SHT_DYNAMIC = 1, 3, 6
@@ -240,3 +240,53 @@ def test_a_non_root_user_gets_a_home(tmp_path: Path) -> None:
     assert b"tester:x:1000:1000::/home/tester:/bin/sh" in tree.members["etc/passwd"].data
     assert tree.members["home/tester/.ssh/authorized_keys"].uid == 1000
     assert b"qemu-ga" not in tree.members["etc/inittab"].data
+
+
+# -- crafted packages whose links lead out of the unpacked package --------------------------------
+
+
+def crafted_package(tmp_path: Path) -> tuple[Path, Path]:
+    """An unpacked package and a 'host' file beside it that no build may copy."""
+    host_secret = tmp_path / "host" / "secret"
+    host_secret.parent.mkdir()
+    host_secret.write_text("host-only\n")
+    package = tmp_path / "pkg"
+    (package / "usr" / "bin").mkdir(parents=True)
+    return package, host_secret
+
+
+def test_a_relative_link_out_of_the_package_fails_and_copies_nothing(tmp_path: Path) -> None:
+    package, secret = crafted_package(tmp_path)
+    (package / "usr" / "bin" / "evil").symlink_to("../../../host/secret")
+    tree = Tree(0)
+    with pytest.raises(ImageError, match=r"/usr/bin/evil links to \.\./\.\./\.\./host/secret, outside its package"):
+        copy_path(tree, package, "usr/bin/evil")
+    assert not any(m.kind == "file" and b"host-only" in m.data for m in tree.members.values())
+
+
+def test_a_directory_link_to_an_absolute_host_path_fails_and_copies_nothing(tmp_path: Path) -> None:
+    package, secret = crafted_package(tmp_path)
+    (package / "usr" / "lib").symlink_to(secret.parent)  # absolute, as a package's link to /etc would be
+    tree = Tree(0)
+    with pytest.raises(ImageError, match=r"/usr/lib/secret leads through a link to .*, outside its package"):
+        copy_path(tree, package, "usr/lib/secret")
+    assert not tree.members
+
+
+def test_an_absolute_link_whose_target_leads_out_through_a_directory_link_fails(tmp_path: Path) -> None:
+    package, secret = crafted_package(tmp_path)
+    (package / "etc").symlink_to(secret.parent)
+    (package / "usr" / "bin" / "tool").symlink_to("/etc/secret")
+    tree = Tree(0)
+    with pytest.raises(ImageError, match="outside its package"):
+        copy_path(tree, package, "usr/bin/tool")
+    assert not any(m.kind == "file" for m in tree.members.values())
+
+
+def test_links_inside_the_package_still_copy(tmp_path: Path) -> None:
+    package, _ = crafted_package(tmp_path)
+    (package / "usr" / "bin" / "real").write_bytes(b"#!/bin/sh\n")
+    (package / "usr" / "bin" / "alias").symlink_to("real")
+    tree = Tree(0)
+    copy_path(tree, package, "usr/bin/alias")
+    assert tree.members["usr/bin/real"].data == b"#!/bin/sh\n"
