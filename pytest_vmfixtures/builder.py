@@ -253,6 +253,11 @@ def host_tools(recipe: Recipe, rootless: bool = True) -> dict[str, str]:
     return tools
 
 
+def have_tool(tool: str) -> bool:
+    """Whether ``tool`` is on PATH or in the sbin directories an ordinary user's PATH may lack."""
+    return shutil.which(tool) is not None or shutil.which(tool, path="/usr/sbin:/sbin") is not None
+
+
 def _check_host(recipe: Recipe) -> None:
     """Name the missing package or subordinate-id entry up front.
 
@@ -261,7 +266,7 @@ def _check_host(recipe: Recipe) -> None:
     """
     rootless = os.geteuid() != 0 and recipe.builder == "mmdebstrap"
     for tool, package in host_tools(recipe, rootless).items():
-        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
+        if not have_tool(tool):
             raise ImageError(f"building images needs {tool}: install the {package} package")
     if rootless:
         _check_subordinate_ids(getpass.getuser(), os.getuid())
@@ -473,10 +478,11 @@ def run_tool(
                           text=True, errors="replace", env=env, start_new_session=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
-        except BaseException as exc:
+        except subprocess.TimeoutExpired:
             _kill_group(process)
-            if isinstance(exc, subprocess.TimeoutExpired):
-                raise ImageError(f"{command[0]} did not finish within {timeout:g} s and was killed; {hint}") from None
+            raise ImageError(f"{command[0]} did not finish within {timeout:g} s and was killed; {hint}") from None
+        except BaseException:
+            _kill_group(process)
             raise
     result = subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
     if result.returncode not in ok:

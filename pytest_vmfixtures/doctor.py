@@ -7,6 +7,7 @@ The pytest header shows the same verdict in one line.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -100,11 +101,12 @@ def image_tool_needs(rootless: bool) -> dict[str, tuple[str, list[str]]]:
 
 
 def check_image_tools(cache_dir: Path, versions: bool = True) -> list[Check]:
+    from .builder import have_tool
+
     cached = any(cache_dir.glob("images/*/manifest.json"))
     checks = []
     needs = image_tool_needs(rootless=os.geteuid() != 0)
-    missing = {tool: needs[tool] for tool in needs
-               if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None}
+    missing = {tool: need for tool, need in needs.items() if not have_tool(tool)}
     if missing:
         status = WARN if cached else FAIL
         packages = sorted({package for package, _ in missing.values()})
@@ -172,17 +174,21 @@ def libvirt_qemu_identity(conf: Path = LIBVIRT_QEMU_CONF) -> tuple[str, int, fro
     values = dict(re.findall(r'^\s*(user|group)\s*=\s*"([^"]*)"', text, re.MULTILINE))
     name = values.get("user", DEFAULT_LIBVIRT_QEMU_USER)
     try:
-        entry = pwd.getpwuid(int(name.lstrip("+"))) if name.lstrip("+").isdigit() else pwd.getpwnam(name)
-    except (KeyError, ValueError):
+        entry = pwd.getpwuid(number) if (number := _qemu_conf_id(name)) is not None else pwd.getpwnam(name)
+    except KeyError:
         return None
     groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
     if "group" in values:
-        try:
-            groups.add(int(values["group"].lstrip("+")) if values["group"].lstrip("+").isdigit()
-                       else grp.getgrnam(values["group"]).gr_gid)
-        except KeyError:
-            pass
+        group = values["group"]
+        with contextlib.suppress(KeyError):
+            groups.add(number if (number := _qemu_conf_id(group)) is not None else grp.getgrnam(group).gr_gid)
     return entry.pw_name, entry.pw_uid, frozenset(groups)
+
+
+def _qemu_conf_id(value: str) -> int | None:
+    """qemu.conf names a user or group, or gives its number as ``+N`` (or a bare number)."""
+    digits = value.removeprefix("+")
+    return int(digits) if digits.isdigit() else None
 
 
 def can_read_write(node: os.stat_result, uid: int, groups: frozenset[int]) -> bool:

@@ -348,10 +348,10 @@ class QemuBackend:
                     self._overlay(find_ovmf()[1], paths.nvram, "raw")
 
         overlays()
+        if state is not None:
+            start_restored_console(state, paths.console)
         last_error = ""
         for _ in range(PORT_ATTEMPTS):
-            if state is not None:
-                start_restored_console(state, paths.console)
             port = free_port()
             argv = build_command_line(self.binary, image, config, self.accel, paths, port, incoming=incoming, name=name)
             with open(paths.stderr, "wb") as stderr:

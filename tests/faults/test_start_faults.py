@@ -6,6 +6,7 @@ QEMU killed before its monitor connects, a start interrupted by an exception fro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -23,14 +24,21 @@ from pytest_vmfixtures.image import BuiltImage
 from pytest_vmfixtures.runtime import Runtime
 
 
-@pytest.fixture
-def backend(outer_cache: Path) -> Iterator[tuple[qemu.QemuBackend, Runtime, BuiltImage]]:
-    runtime = Runtime(outer_cache, "start-faults")
+@contextlib.contextmanager
+def qemu_backend(outer_cache: Path, run_root: Path, worker: str) -> Iterator[tuple[qemu.QemuBackend, Runtime, BuiltImage]]:
+    """A QEMU backend whose guests' files live under ``run_root``, and the cached debian-12 image."""
+    runtime = Runtime(run_root, worker)
     try:
         image = ensure_image(Cache(outer_cache), "debian-12", [BUILTIN_IMAGES_DIR], lambda _m: None)
         yield qemu.QemuBackend(runtime, choose_accel("auto", probe_host())), runtime, image
     finally:
         runtime.close()
+
+
+@pytest.fixture
+def backend(outer_cache: Path) -> Iterator[tuple[qemu.QemuBackend, Runtime, BuiltImage]]:
+    with qemu_backend(outer_cache, outer_cache, "start-faults") as started:
+        yield started
 
 
 def started_then(fault: Callable[[qemu.QemuMachine], None], seen: list[qemu.QemuMachine]) -> Callable[..., None]:
@@ -74,11 +82,8 @@ def test_failed_start_leaves_no_qemu_and_no_overlay(
 
 def test_a_cache_path_with_a_comma_works(outer_cache: Path, tmp_path: Path) -> None:
     """Every path QEMU gets in its option syntax is escaped: a real guest starts from a comma'd run dir."""
-    runtime = Runtime(tmp_path / "cache,readonly=on", "comma")
-    try:
-        image = ensure_image(Cache(outer_cache), "debian-12", [BUILTIN_IMAGES_DIR], lambda _m: None)
-        machine = qemu.QemuBackend(runtime, choose_accel("auto", probe_host())).boot(
-            image, MachineConfig("debian-12"), runtime.new_name("comma"))
+    with qemu_backend(outer_cache, tmp_path / "cache,readonly=on", "comma") as (comma_backend, runtime, image):
+        machine = comma_backend.boot(image, MachineConfig("debian-12"), runtime.new_name("comma"))
         try:
             assert machine.qmp.execute("query-status")["status"] == "running"
             blocks = [b["inserted"] for b in machine.qmp.execute("query-block") if "inserted" in b]
@@ -86,5 +91,3 @@ def test_a_cache_path_with_a_comma_works(outer_cache: Path, tmp_path: Path) -> N
         finally:
             machine.stop()
         assert not machine.paths.overlay.exists()
-    finally:
-        runtime.close()
