@@ -23,8 +23,8 @@ from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends.base import Backend, MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
 from pytest_vmfixtures.backends.qemu import QemuBackend
-from pytest_vmfixtures.cache import Cache, default_cache_dir
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.cache import Cache, default_cache_dir
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 

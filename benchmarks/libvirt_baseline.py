@@ -19,7 +19,7 @@ import paramiko
 from pytest_vmfixtures.backends.qemu import create_overlay, free_port
 from pytest_vmfixtures.channels.ssh import SSH
 from pytest_vmfixtures.command import new_tag
-from pytest_vmfixtures.image import BuiltImage
+from pytest_vmfixtures.images.image import BuiltImage
 
 URI = "qemu:///system"
 

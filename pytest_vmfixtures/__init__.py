@@ -21,7 +21,7 @@ from .errors import (
     WaitTimeout,
 )
 from .guest import VM, GuestState
-from .image import GuestOS
+from .images.image import GuestOS
 
 __version__ = "0.1.0"
 

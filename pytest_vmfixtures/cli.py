@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .cache import Cache, default_cache_dir, ensure_image, image_key
-from .catalog import BUILTIN_IMAGES_DIR, Recipe, available_recipes, load_recipe
 from .errors import VMError
+from .images.cache import Cache, default_cache_dir, ensure_image, image_key
+from .images.catalog import BUILTIN_IMAGES_DIR, available_recipes, load_recipe
+from .images.prune import created_at, plan, remove, tree_size
+from .images.recipe import Recipe
 from .options import DEFAULT_LIBVIRT_POOL
-from .prune import created_at, plan, remove, tree_size
 
 PROG = "pytest-vmfixtures"
 

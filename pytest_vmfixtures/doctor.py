@@ -90,8 +90,8 @@ def check_accel(requested: str) -> Check:
 
 def image_tool_needs(rootless: bool) -> dict[str, tuple[str, list[str]]]:
     """Each host program the built-in recipes' builds run: (its Debian package, the recipes that need it)."""
-    from .builder import host_tools
-    from .catalog import available_recipes, load_recipe
+    from .images.builder import host_tools
+    from .images.catalog import available_recipes, load_recipe
 
     needs: dict[str, tuple[str, list[str]]] = {}
     for name in sorted(available_recipes()):
@@ -101,7 +101,7 @@ def image_tool_needs(rootless: bool) -> dict[str, tuple[str, list[str]]]:
 
 
 def check_image_tools(cache_dir: Path, versions: bool = True) -> list[Check]:
-    from .builder import have_tool
+    from .images.tools import have_tool
 
     cached = any(cache_dir.glob("images/*/manifest.json"))
     checks = []

@@ -27,7 +27,7 @@ from .channels.agent import Agent, AgentError
 from .channels.ssh import SSH, SSHError
 from .command import CommandResult, new_tag
 from .errors import BootError, CommandTimeout, GuestError, SnapshotError, VMError
-from .image import BuiltImage, GuestOS
+from .images.image import BuiltImage, GuestOS
 from .waiting import Deadline, wait_for
 
 log = logging.getLogger("pytest_vmfixtures")

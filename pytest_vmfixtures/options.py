@@ -13,7 +13,7 @@ from typing import Any
 
 from .accel import ACCELS
 from .backends.base import NETWORKS
-from .byo import check_spec
+from .images.byo import check_spec
 
 DEFAULT_IMAGE = "debian-12"
 DEFAULT_MEMORY_MB = 512

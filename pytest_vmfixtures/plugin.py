@@ -12,13 +12,13 @@ import pytest
 from . import hookspecs
 from .accel import AccelChoice
 from .backends.base import Backend
-from .byo import is_byo
-from .cache import default_cache_dir
-from .catalog import available_recipes
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
 from .guest import console_tail
+from .images.byo import is_byo
+from .images.cache import default_cache_dir
+from .images.catalog import available_recipes
 from .options import (
     DEFAULT_IMAGE,
     DEFAULT_LIBVIRT_POOL,

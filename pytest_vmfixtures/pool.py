@@ -20,12 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .backends.base import STATE_CONSOLE, Backend, MachineConfig, SavedState, config_inputs, digest_of
-from .byo import DEFAULT_USER, ByoSpec, is_byo
-from .byo import prepare as prepare_byo
-from .cache import Cache, ensure_image
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
-from .image import BuiltImage
+from .images.byo import DEFAULT_USER, ByoSpec, is_byo
+from .images.byo import prepare as prepare_byo
+from .images.cache import Cache, ensure_image
+from .images.image import BuiltImage
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")

@@ -23,8 +23,8 @@ import pytest
 
 from .accel import AccelChoice, choose_accel, probe_host
 from .backends.base import Backend
-from .cache import Cache
-from .catalog import BUILTIN_IMAGES_DIR
+from .images.cache import Cache
+from .images.catalog import BUILTIN_IMAGES_DIR
 from .options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from .pool import Pool
 from .runtime import Runtime

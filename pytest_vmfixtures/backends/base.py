@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..channels.agent import AgentTransport
-from ..image import BuiltImage
+from ..images.image import BuiltImage
 
 NETWORKS = ("restricted", "nat")
 
@@ -35,7 +35,7 @@ class MachineConfig:
     @property
     def label(self) -> str:
         """The image as a short name safe in file and guest names (a URL or path is shortened)."""
-        from ..byo import is_byo, label_for
+        from ..images.byo import is_byo, label_for
 
         return label_for(self.image, self.sha256) if is_byo(self.image) else self.image
 

@@ -66,11 +66,11 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
-from .. import qcow2
 from ..accel import AccelChoice
 from ..channels.agent import AgentError
 from ..errors import BootError, GuestError, ImageError, QMPError, SnapshotError
-from ..image import BuiltImage
+from ..images import qcow2
+from ..images.image import BuiltImage
 from ..options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ..runtime import Runtime, pid_alive
 from ..waiting import Deadline, wait_for

@@ -24,7 +24,7 @@ from ..accel import AccelChoice
 from ..channels.agent import AgentTransport
 from ..channels.qmp import QMP
 from ..errors import BootError, GuestError, SnapshotError, VMError
-from ..image import BuiltImage
+from ..images.image import BuiltImage
 from ..runtime import Runtime
 from ..waiting import wait_for
 from .base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.cache import Cache, ensure_image
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.cache import Cache, ensure_image
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 
 from .conftest import session_qemu
 
 PANIC_CONFTEST = '''
 import dataclasses
 from pathlib import Path
-from pytest_vmfixtures.cache import Cache, ensure_image
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.cache import Cache, ensure_image
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 
 def pytest_vm_image_resolve(config, name):
     if name != "panics":

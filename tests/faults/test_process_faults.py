@@ -94,7 +94,7 @@ def test_pytest_killed_mid_boot_leaves_nothing(tmp_path: Path, outer_cache: Path
     reap(outer_cache / "run")
     assert not list((outer_cache / "run").glob(f"{inner.proc.pid}-*"))
     # The half-made saved state is not in the cache; its temp dir goes at the next start.
-    from pytest_vmfixtures.cache import Cache
+    from pytest_vmfixtures.images.cache import Cache
 
     cache = Cache(outer_cache)
     cache.clean_tmp()

@@ -17,10 +17,10 @@ import pytest
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends import qemu
 from pytest_vmfixtures.backends.base import MachineConfig
-from pytest_vmfixtures.cache import Cache, ensure_image
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.errors import BootError
-from pytest_vmfixtures.image import BuiltImage
+from pytest_vmfixtures.images.cache import Cache, ensure_image
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.runtime import Runtime
 
 

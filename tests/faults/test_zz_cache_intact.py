@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import stat
 
-from pytest_vmfixtures.cache import Cache
 from pytest_vmfixtures.fixtures import SESSION_KEY
+from pytest_vmfixtures.images.cache import Cache
 
 
 def test_base_images_and_states_unchanged(request) -> None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_vmfixtures.cache import Cache
+from pytest_vmfixtures.images.cache import Cache
 
 VERSION = "1"
 RELEASE = "bookworm"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.image import GuestOS
+from pytest_vmfixtures.images.image import GuestOS
 
 # Pinned, so that the --vm-image matrix does not repeat these tests once per
 # image: each test picks its own image with vm_factory(image=...).

@@ -17,9 +17,9 @@ import paramiko
 import pytest
 
 from pytest_vmfixtures import ImageError
-from pytest_vmfixtures.byo import DEFAULT_USER, hostname_for
 from pytest_vmfixtures.channels.ssh import SSH, SSHError, parse_host_key
 from pytest_vmfixtures.fixtures import SESSION_KEY
+from pytest_vmfixtures.images.byo import DEFAULT_USER, hostname_for
 
 from . import cloudimage
 

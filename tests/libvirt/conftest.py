@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from pytest_vmfixtures.accel import AccelChoice, choose_accel, probe_host
-from pytest_vmfixtures.cache import Cache, default_cache_dir
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.cache import Cache, default_cache_dir
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 

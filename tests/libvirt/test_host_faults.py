@@ -13,8 +13,8 @@ import pytest
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine
-from pytest_vmfixtures.cache import Cache
 from pytest_vmfixtures.errors import GuestError
+from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 

@@ -16,9 +16,9 @@ from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine
 from pytest_vmfixtures.backends.libvirt_save import stream_offset
-from pytest_vmfixtures.cache import Cache
 from pytest_vmfixtures.command import new_tag
 from pytest_vmfixtures.errors import GuestError, QMPError
+from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.network import Network
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime

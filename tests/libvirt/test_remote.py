@@ -20,11 +20,11 @@ from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import CLIENT, LibvirtBackend, LibvirtMachine
 from pytest_vmfixtures.backends.libvirt_storage import DONE, HostStorage
-from pytest_vmfixtures.cache import Cache
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.doctor import FAIL, OK, check_libvirt
 from pytest_vmfixtures.errors import GuestError
 from pytest_vmfixtures.guest import GuestState
+from pytest_vmfixtures.images.cache import Cache
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 from pytest_vmfixtures.waiting import wait_for

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 
 FAKE_TOOLS = ("qemu-system-x86_64", "qemu-img", "setpriv", "mmdebstrap")
 USAGE_ERROR = 4

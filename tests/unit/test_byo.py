@@ -15,7 +15,8 @@ import pycdlib
 import pytest
 
 from pytest_vmfixtures.backends.base import MachineConfig, config_inputs
-from pytest_vmfixtures.byo import (
+from pytest_vmfixtures.errors import ImageError
+from pytest_vmfixtures.images.byo import (
     BIOS_BOOT_GUIDS,
     ESP_GUID,
     cached_download,
@@ -25,8 +26,7 @@ from pytest_vmfixtures.byo import (
     is_byo,
     make_seed,
 )
-from pytest_vmfixtures.cache import Cache
-from pytest_vmfixtures.errors import ImageError
+from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.options import OptionError, parse_marker
 
 SHA = "ab" * 32

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.cache import Cache, default_cache_dir, remove_tree, sha256_file
 from pytest_vmfixtures.errors import ImageError
+from pytest_vmfixtures.images.cache import Cache, default_cache_dir, remove_tree, sha256_file
 
 FILES = ["disk.img", "kernel"]
 
@@ -219,7 +219,7 @@ WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from pytest_vmfixtures.cache import Cache
+    from pytest_vmfixtures.images.cache import Cache
 
     root, counter, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pytest_vmfixtures.catalog import available_recipes
+from pytest_vmfixtures.images.catalog import available_recipes
 from pytest_vmfixtures.plugin import _OPTIONS
 
 try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfixtures import cli, doctor
-from pytest_vmfixtures.cache import Cache, image_key
-from pytest_vmfixtures.catalog import load_recipe
+from pytest_vmfixtures.images.cache import Cache, image_key
+from pytest_vmfixtures.images.catalog import load_recipe
 from pytest_vmfixtures.runtime import _proc_start_time
 
 RECIPE = """\

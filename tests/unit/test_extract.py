@@ -12,12 +12,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pytest_vmfixtures import busybox_system
-from pytest_vmfixtures.catalog import RecipeFile, load_recipe
-from pytest_vmfixtures.elf import ElfFile, modinfo, read_elf
 from pytest_vmfixtures.errors import ImageError
-from pytest_vmfixtures.extract import Unpacked, add_libraries, copy_package, copy_path, kernel_modules
-from pytest_vmfixtures.fstree import Tree, usr_path
+from pytest_vmfixtures.images.catalog import RecipeFile, load_recipe
+from pytest_vmfixtures.images.minimal import system as busybox_system
+from pytest_vmfixtures.images.minimal.elf import ElfFile, modinfo, read_elf
+from pytest_vmfixtures.images.minimal.extract import Unpacked, add_libraries, copy_package, copy_path, kernel_modules
+from pytest_vmfixtures.images.minimal.fstree import Tree, usr_path
 
 SHT_PROGBITS, SHT_STRTAB, SHT_DYNAMIC = 1, 3, 6
 

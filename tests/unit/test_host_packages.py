@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfixtures import doctor
-from pytest_vmfixtures.builder import host_tools
-from pytest_vmfixtures.catalog import available_recipes, load_recipe
+from pytest_vmfixtures.images.builder import host_tools
+from pytest_vmfixtures.images.catalog import available_recipes, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = ROOT / "pytest_vmfixtures"

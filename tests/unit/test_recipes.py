@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.catalog import BUILTIN_IMAGES_DIR, available_recipes, load_recipe
 from pytest_vmfixtures.errors import ImageError
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR, available_recipes, load_recipe
 
 BASE = """\
 distribution = "debian"

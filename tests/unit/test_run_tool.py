@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.builder import run_tool
 from pytest_vmfixtures.errors import ImageError
+from pytest_vmfixtures.images.tools import run_tool
 
 
 def test_a_hung_tool_is_killed_at_its_deadline_with_a_message_naming_it(tmp_path: Path) -> None:

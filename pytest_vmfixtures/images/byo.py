@@ -42,12 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from ..errors import ImageError
 from .cache import Cache, sha256_file
-from .errors import ImageError
 from .image import BuiltImage, GuestOS
+from .keys import CLIENT_KEY_NAME, HOST_KEY_NAME, private_bytes, public_line, write_keys
 
 BYO_SUFFIXES = (".qcow2", ".img", ".raw")
 URL_PREFIXES = ("http://", "https://")
@@ -55,8 +53,6 @@ DEFAULT_USER = "vmfix"
 FIRMWARES = ("auto", "uefi", "bios")
 SEED_VERSION = "1"
 SEED_NAME = "seed.iso"
-CLIENT_KEY_NAME = "id_ed25519"
-HOST_KEY_NAME = "ssh_host_ed25519_key.pub"
 CHUNK = 1 << 20
 PROGRESS_EVERY = 3.0  # seconds between download progress lines
 
@@ -292,29 +288,13 @@ def write_seed_iso(path: Path, meta: str, user: str) -> None:
     iso.close()
 
 
-def _public_line(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-
-
-def _private_text(key: Ed25519PrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    ).decode()
-
-
 def make_seed(directory: Path, sha256: str, user: str) -> None:
     """Keys and the seed ISO for guests of one image as one user."""
-    client = Ed25519PrivateKey.generate()
-    host = Ed25519PrivateKey.generate()
-    fd = os.open(directory / CLIENT_KEY_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(_private_text(client).encode())
-    (directory / (CLIENT_KEY_NAME + ".pub")).write_text(_public_line(client) + "\n")
-    (directory / HOST_KEY_NAME).write_text(_public_line(host) + "\n")
+    client, host = write_keys(directory)
     write_seed_iso(
         directory / SEED_NAME,
         meta_data(f"vmfix-{sha256[:16]}", hostname_for(sha256)),
-        user_data(user, _public_line(client), _private_text(host), _public_line(host)),
+        user_data(user, public_line(client), private_bytes(host).decode("ascii"), public_line(host)),
     )
 
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pytest_vmfixtures.builder import public_line
-from pytest_vmfixtures.fstree import Tree, usr_path
+from ..keys import public_line
+from .fstree import Tree, usr_path
 
 if TYPE_CHECKING:
-    from pytest_vmfixtures.catalog import Recipe
+    from ..recipe import Recipe
 
 DROPBEAR_HOST_KEY = "etc/dropbear/dropbear_ed25519_host_key"
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"

@@ -6,12 +6,12 @@ root on /dev/vda, where busybox init brings the network up with udhcpc and
 starts dropbear. No package manager and no maintainer script ever runs, so
 nothing needs root, user namespaces or a chroot: apt-get only downloads, into
 a private directory tree; dpkg-deb only unpacks; both filesystems are written
-from archives whose members belong to root (see :mod:`pytest_vmfixtures.fstree`).
+from archives whose members belong to root (see :mod:`pytest_vmfixtures.images.minimal.fstree`).
 
 The root holds every file of the recipe's packages except documentation, the
 shared libraries those programs load (read from their ELF headers and looked
 up in every downloaded package) and the system files of
-:mod:`pytest_vmfixtures.busybox_system`. The kernel and its modules come from
+:mod:`pytest_vmfixtures.images.minimal.system`. The kernel and its modules come from
 whichever downloaded package ships ``/boot/vmlinuz-*``.
 """
 
@@ -21,8 +21,10 @@ import gzip
 import lzma
 import os
 import posixpath
+import shutil
 import stat
 import subprocess
+import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +32,15 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pytest_vmfixtures import busybox_system
-from pytest_vmfixtures.builder import run_tool
-from pytest_vmfixtures.elf import is_elf, modinfo, read_elf
-from pytest_vmfixtures.errors import ImageError
-from pytest_vmfixtures.fstree import Tree, usr_path
+from ...errors import ImageError
+from ..image import INITRD_NAME, KERNEL_NAME
+from ..tools import run_tool
+from . import system
+from .elf import is_elf, modinfo, read_elf
+from .fstree import Tree, usr_path
 
 if TYPE_CHECKING:
-    from pytest_vmfixtures.catalog import Recipe
+    from ..recipe import Recipe
 
 # Drivers for the devices the plugin gives every guest (disk, NIC, entropy,
 # agent port); what they depend on is read from their .modinfo.
@@ -106,13 +109,36 @@ def build(
     _link_applets(tree, busybox[0] / busybox[1])
     add_libraries(tree, unpacked)
     has_agent = "usr/sbin/qemu-ga" in tree
-    busybox_system.write_system(tree, recipe, host_key, client_key, has_agent)
+    system.write_system(tree, recipe, host_key, client_key, has_agent)
     tree.write_tar(root_tar)
     progress(f"writing the initramfs for kernel {version}")
     modules = kernel_modules(kernel_dir, version, GUEST_MODULES)
-    cpio = busybox_system.initramfs((busybox[0] / busybox[1]).read_bytes(), modules, tree.mtime)
+    cpio = system.initramfs((busybox[0] / busybox[1]).read_bytes(), modules, tree.mtime)
     kernel = (kernel_dir / "boot" / f"vmlinuz-{version}").read_bytes()
     return Result(kernel=kernel, initrd=gzip.compress(cpio, mtime=0), has_agent=has_agent)
+
+
+def build_root(
+    recipe: Recipe, stage: Path, raw: Path, host: Ed25519PrivateKey, client: str, progress: Callable[[str], None]
+) -> bool:
+    """The extract builder's part of a build: kernel and initrd into ``stage``, the root as the ext2 ``raw``."""
+    root_tar = stage / "root.tar"
+    result = build(recipe, stage / "work", root_tar, host, client, progress)
+    (stage / KERNEL_NAME).write_bytes(result.kernel)
+    (stage / INITRD_NAME).write_bytes(result.initrd)
+    progress("writing the root filesystem with genext2fs")
+    size, count = 0, 0
+    with tarfile.open(root_tar) as tar:
+        for member in tar:
+            size += -(-member.size // 4096) * 4096
+            count += 1
+    # Room for the files, their directories, and the journal tune2fs adds before resize2fs grows it.
+    blocks = (size * 5 // 4) // 4096 + count // 16 + 16384
+    # Inodes for a filled disk, as mke2fs would give it: resize2fs adds only blocks per inode group.
+    inodes = max(count * 2, recipe.disk_size_bytes // 16384)
+    run_tool(["genext2fs", "-B", "4096", "-b", str(blocks), "-N", str(inodes), "-a", str(root_tar), str(raw)])
+    shutil.rmtree(stage / "work", ignore_errors=True)
+    return result.has_agent
 
 
 def download(recipe: Recipe, root: Path, progress: Callable[[str], None]) -> list[Path]:

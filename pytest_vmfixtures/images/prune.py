@@ -17,9 +17,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..runtime import pid_alive
 from .cache import Cache, remove_tree
 from .qcow2 import backing_file
-from .runtime import pid_alive
 
 DAY = 86400.0
 

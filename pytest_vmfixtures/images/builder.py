@@ -1,0 +1,179 @@
+"""Turn a recipe into a bootable image directory, with or without root.
+
+Two builders make the root filesystem: mmdebstrap a full Debian system
+(:mod:`.mmdebstrap`), and ``builder = "extract"`` a minimal busybox system
+unpacked from packages without installing them (:mod:`.minimal`). Either
+filesystem is then grown and turned into ext4 with e2fsprogs and stored as
+qcow2, so guests boot from throwaway overlays on top of it. Every image gets
+its own SSH client key and sshd host key (:mod:`.keys`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ImageError
+from . import mmdebstrap
+from .image import DISK_NAME, INITRD_NAME, KERNEL_NAME, BuiltImage, GuestOS
+from .keys import CLIENT_KEY_NAME, HOST_KEY_NAME, public_line, write_keys
+from .recipe import BUILDER_VERSION
+from .tools import have_tool, run_tool
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+_ARCHES = {"amd64": "x86_64", "arm64": "aarch64", "i386": "i386", "riscv64": "riscv64"}
+_MMDEBSTRAP_DISTRIBUTIONS = ("debian", "ubuntu")
+_TOOLS = {
+    "genext2fs": "genext2fs",
+    "tune2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "qemu-img": "qemu-utils",
+}
+_BUILDER_TOOLS = {
+    "mmdebstrap": {"mmdebstrap": "mmdebstrap"},
+    "extract": {"apt-get": "apt", "dpkg-deb": "dpkg"},
+}
+# Only mmdebstrap needs user namespaces (so subordinate ids) without root.
+_ROOTLESS_TOOLS = {"newuidmap": "uidmap", "newgidmap": "uidmap"}
+# mmdebstrap asks arch-test whether this host can run another architecture's binaries (i386 on amd64, too).
+_FOREIGN_TOOLS = {"arch-test": "arch-test"}
+_PACKAGE_MANAGERS = {"mmdebstrap": "apt", "extract": "none"}
+
+def _ignore(message: str) -> None:
+    """Default progress sink: builds are quiet unless the caller listens."""
+
+
+def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] = _ignore) -> None:
+    """Build ``recipe`` into the empty directory ``out_dir``.
+
+    ``image.json`` is written last, so a directory without it is an
+    interrupted build; the caller owns locking and the final rename.
+    """
+    started = time.monotonic()
+    arch = _check_recipe(recipe)
+    _check_host(recipe)
+    out_dir = out_dir.resolve()
+    if any(character.isspace() for character in str(out_dir)):
+        # mmdebstrap splits its special hooks on whitespace.
+        raise ImageError(f"cannot build in {str(out_dir)!r}: use an image directory without spaces")
+    stage = out_dir / ".stage"
+    raw = out_dir / "rootfs.ext2"
+    disk = out_dir / DISK_NAME
+    try:
+        stage.mkdir(mode=0o700)
+        client_key, host = write_keys(out_dir)
+        client = public_line(client_key)
+        if recipe.builder == "extract":
+            from .minimal import extract  # the minimal builder's modules load only when one is built
+
+            has_agent = extract.build_root(recipe, stage, raw, host, client, progress)
+        else:
+            archive = mmdebstrap.write_stage(recipe, stage, host, client)
+            progress(f"bootstrapping {recipe.release} with mmdebstrap")
+            mmdebstrap.run(recipe, archive, raw, progress)
+            has_agent = (stage / "facts").read_text(encoding="ascii").strip() == "agent=1"
+        for name in (KERNEL_NAME, INITRD_NAME):
+            os.replace(stage / name, out_dir / name)
+        progress(f"making ext4 of {recipe.disk_size}")
+        _finish_filesystem(raw, recipe.disk_size_bytes)
+        progress(f"converting to {DISK_NAME}")
+        run_tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        raw.unlink(missing_ok=True)
+    for name in (DISK_NAME, KERNEL_NAME, INITRD_NAME, HOST_KEY_NAME, CLIENT_KEY_NAME + ".pub"):
+        (out_dir / name).chmod(0o444)
+    with disk.open("rb") as handle:
+        disk_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    BuiltImage(
+        directory=out_dir,
+        name=recipe.name,
+        recipe_digest=recipe.digest,
+        disk=disk,
+        disk_sha256=disk_sha256,
+        kernel=out_dir / KERNEL_NAME,
+        initrd=out_dir / INITRD_NAME,
+        cmdline=recipe.kernel_cmdline,
+        user=recipe.user,
+        client_key=out_dir / CLIENT_KEY_NAME,
+        host_key=public_line(host),
+        arch=arch,
+        os=GuestOS(
+            id=recipe.distribution,
+            version=recipe.version,
+            init=recipe.init,
+            package_manager=_PACKAGE_MANAGERS[recipe.builder],
+        ),
+        agent=has_agent,
+        built_at=time.time(),
+        builder_version=BUILDER_VERSION,
+    ).save()
+    progress(f"built {recipe.name} in {time.monotonic() - started:.0f} s")
+
+
+def _check_recipe(recipe: Recipe) -> str:
+    """Refuse what this builder cannot make before spending a minute on it."""
+    if recipe.builder == "mmdebstrap" and recipe.distribution not in _MMDEBSTRAP_DISTRIBUTIONS:
+        raise ImageError(
+            f"image {recipe.name!r}: cannot build distribution {recipe.distribution!r}; "
+            f"use one of {', '.join(_MMDEBSTRAP_DISTRIBUTIONS)}"
+        )
+    if recipe.architecture not in _ARCHES:
+        raise ImageError(
+            f"image {recipe.name!r}: unsupported architecture {recipe.architecture!r}; use one of {', '.join(_ARCHES)}"
+        )
+    return _ARCHES[recipe.architecture]
+
+
+def host_tools(recipe: Recipe, rootless: bool = True) -> dict[str, str]:
+    """Every host program building ``recipe`` runs, and the Debian package that has it."""
+    tools = {**_BUILDER_TOOLS[recipe.builder], **_TOOLS}
+    if recipe.builder == "mmdebstrap":
+        if rootless:
+            tools.update(_ROOTLESS_TOOLS)
+        if _ARCHES.get(recipe.architecture) != platform.machine():
+            tools.update(_FOREIGN_TOOLS)
+    return tools
+
+
+def _check_host(recipe: Recipe) -> None:
+    """Name the missing package or subordinate-id entry up front.
+
+    Without these mmdebstrap fails deep inside with a message that does not
+    say what to install or configure.
+    """
+    rootless = os.geteuid() != 0 and recipe.builder == "mmdebstrap"
+    for tool, package in host_tools(recipe, rootless).items():
+        if not have_tool(tool):
+            raise ImageError(f"building images needs {tool}: install the {package} package")
+    if rootless:
+        mmdebstrap.check_subordinate_ids(getpass.getuser(), os.getuid())
+
+
+def _finish_filesystem(raw: Path, size: int) -> None:
+    """Turn mmdebstrap's nearly full ext2 into an ext4 of the recipe's size.
+
+    The journal makes a guest killed mid-test leave a consistent disk in its
+    overlay; extents speed up files written during tests.
+    """
+    run_tool(["tune2fs", "-O", "extents,uninit_bg,dir_index,has_journal", str(raw)])
+    # Exit status 1 means "fixed something", which tune2fs's changes require.
+    run_tool(["e2fsck", "-f", "-y", str(raw)], ok=(0, 1))
+    if raw.stat().st_size > size:
+        raise ImageError(
+            f"the root filesystem needs {raw.stat().st_size >> 20} MiB, more than disk_size: "
+            "raise disk_size in the recipe"
+        )
+    run_tool(["resize2fs", str(raw), f"{size // 1024}K"])
+
+
