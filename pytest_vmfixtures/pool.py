@@ -22,6 +22,7 @@ from pathlib import Path
 from .backends.base import STATE_CONSOLE, Backend, MachineConfig, SavedState, config_inputs, digest_of
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
+from .images import qcow2
 from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
@@ -187,8 +188,16 @@ class Pool:
             files = ["disk.qcow2", "memory"] + [name for name in ("nvram.qcow2", STATE_CONSOLE) if (directory / name).exists()]
             self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config)}, files)
 
+        def verify(directory: Path) -> str | None:
+            # The state's disk layer names the image disk it was made over: a state of another file
+            # (an image now booted from its cached copy, a cache moved since) is made anew.
+            backing = qcow2.backing_file(directory / "disk.qcow2")
+            if backing is not None and not (backing.exists() and os.path.samefile(backing, image.disk)):
+                return f"its disk layer sits on {backing}, not on {image.disk}"
+            return self.cache.check_manifest(directory)
+
         directory = self.cache.entry(
-            "states", key, create, self.cache.check_manifest,
+            "states", key, create, verify,
             waiting=lambda: self.progress(f"waiting for another run preparing {config.describe()}"),
         )
         return SavedState(directory, directory / "disk.qcow2", directory / "memory", key)

@@ -26,6 +26,7 @@ cloud image (Debian, Ubuntu, Fedora, ...) the way a cloud does:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -168,17 +169,63 @@ def cached_download(cache: Cache, url: str, sha256: str, progress: Progress) -> 
         meta = {"kind": "download", "url": url, "files": {name: sha256}, "created": time.time()}
         (directory / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
-    def verify(directory: Path) -> str | None:
-        problem = Cache.check_manifest(directory)
-        if problem is None and cache.read_manifest(directory).get("files") != {name: sha256}:
-            return "manifest does not name the expected file and digest"
-        return problem
-
     (cache.root / "downloads").mkdir(parents=True, exist_ok=True)
     directory = cache.entry(
-        "downloads", sha256, create, verify, waiting=lambda: progress(f"waiting for another run downloading {url}")
+        "downloads", sha256, create, functools.partial(_check_disk_entry, sha256),
+        waiting=lambda: progress(f"waiting for another run downloading {url}"),
     )
-    return directory / name
+    return _disk_in(directory)
+
+
+def imported_copy(cache: Cache, source: Path, sha256: str | None, progress: Progress) -> tuple[Path, str]:
+    """A private read-only copy of the user's local disk, and its digest.
+
+    QEMU opens the disk long after it was checked, and every guest reads it
+    again: a file the user (or anyone who can write it) may still change.
+    So the bytes hashed are the bytes stored, in the cache under their digest
+    (the same entry a download of that digest makes), and guests boot the copy.
+    Without ``sha256=`` the file is hashed first to find the entry; a copy
+    whose bytes differ from that digest (the file changed meanwhile) is refused.
+    """
+    expected = sha256.lower() if sha256 is not None else sha256_file(source)
+
+    def create(directory: Path) -> None:
+        name = "disk" + (source.suffix if source.suffix in BYO_SUFFIXES else ".img")
+        progress(f"copying {source} into the cache ({source.stat().st_size / 2**20:.0f} MiB)")
+        digest = hashlib.sha256()
+        with source.open("rb") as reader, (directory / name).open("xb") as writer:
+            while chunk := reader.read(CHUNK):
+                digest.update(chunk)
+                writer.write(chunk)
+        if digest.hexdigest() != expected:
+            what = "the expected" if sha256 is not None else "the digest it had moments ago,"
+            raise ImageError(f"{source} has sha256 {digest.hexdigest()}, not {what} {expected}: "
+                             "fix sha256= or stop whatever writes the file")
+        (directory / name).chmod(0o444)
+        meta = {"kind": "copy", "source": str(source), "files": {name: expected}, "created": time.time()}
+        (directory / "manifest.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    (cache.root / "downloads").mkdir(parents=True, exist_ok=True)
+    directory = cache.entry("downloads", expected, create, functools.partial(_check_disk_entry, expected),
+                            waiting=lambda: progress(f"waiting for another run copying {source}"))
+    return _disk_in(directory), expected
+
+
+def _check_disk_entry(sha256: str, directory: Path) -> str | None:
+    """A downloads entry holds one disk of the digest it is named by (fetched by URL or copied from a file)."""
+    problem = Cache.check_manifest(directory)
+    if problem is None and list(_manifest_files(directory).values()) != [sha256]:
+        return "manifest does not name one file of the expected digest"
+    return problem
+
+
+def _manifest_files(directory: Path) -> dict[str, str]:
+    files = Cache.read_manifest(directory).get("files")
+    return {str(name): str(digest) for name, digest in files.items()} if isinstance(files, dict) else {}
+
+
+def _disk_in(directory: Path) -> Path:
+    return directory / next(iter(_manifest_files(directory)))
 
 
 def disk_info(disk: Path, qemu_img: str = "qemu-img") -> str:
@@ -308,12 +355,10 @@ def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qe
         sha256 = spec.sha256.lower()
         disk = cached_download(cache, spec.source, sha256, progress)
     else:
-        disk = Path(spec.source).expanduser().resolve()
-        if not disk.is_file():
+        source = Path(spec.source).expanduser().resolve()
+        if not source.is_file():
             raise ImageError(f"image {spec.source!r}: no such file")
-        sha256 = sha256_file(disk)
-        if spec.sha256 is not None and sha256 != spec.sha256.lower():
-            raise ImageError(f"{disk} has sha256 {sha256}, not the expected {spec.sha256.lower()}")
+        disk, sha256 = imported_copy(cache, source, spec.sha256, progress)
     fmt = disk_info(disk, qemu_img)
     firmware = spec.firmware
     if firmware == "auto":
@@ -333,7 +378,7 @@ def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qe
 
     (cache.root / "seeds").mkdir(parents=True, exist_ok=True)
     seeds = cache.entry("seeds", f"{sha256[:32]}-{spec.user}-{SEED_VERSION}", create, cache.check_manifest)
-    seed_digest = str(dict(cache.read_manifest(seeds).get("files", {}) or {}).get(SEED_NAME, ""))  # type: ignore[call-overload]
+    seed_digest = _manifest_files(seeds).get(SEED_NAME, "")
     with contextlib.suppress(OSError):
         os.utime(seeds)  # most recently used, for whoever prunes the cache
     progress(f"image {label_for(spec.source, sha256)}: {fmt}, firmware {firmware}, ready in {time.monotonic() - started:.1f} s")

@@ -203,7 +203,8 @@ class Cache:
                 return f"{name} does not match its digest"
         return None
 
-    def read_manifest(self, directory: Path) -> dict[str, object]:
+    @staticmethod
+    def read_manifest(directory: Path) -> dict[str, object]:
         data: dict[str, object] = json.loads((directory / "manifest.json").read_text())
         return data
 

@@ -23,6 +23,7 @@ from pytest_vmfixtures.images.byo import (
     detect_firmware,
     download,
     hostname_for,
+    imported_copy,
     is_byo,
     make_seed,
 )
@@ -170,3 +171,30 @@ def test_state_key_inputs() -> None:
     one = MachineConfig("http://127.0.0.1:1/x.qcow2", sha256=SHA)
     two = MachineConfig("http://127.0.0.1:2/x.qcow2", sha256=SHA)
     assert config_inputs(one) == config_inputs(two) and one.label == two.label == f"x-{SHA[:8]}"
+
+
+def test_a_local_disk_is_booted_from_a_private_copy_of_the_bytes_that_were_hashed(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    cache.ensure_writable()
+    source = tmp_path / "mine.qcow2"
+    source.write_bytes(b"disk one" * 1000)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    copy, sha = imported_copy(cache, source, None, lambda m: None)
+    assert sha == digest and copy.parent == cache.root / "downloads" / digest and copy.read_bytes() == source.read_bytes()
+    assert copy.stat().st_mode & 0o222 == 0
+    # The user's file changes after the check: guests keep the bytes that were checked.
+    source.write_bytes(b"disk two" * 1000)
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == digest
+    # Asked for by digest, the cached copy is found without reading the (changed) file.
+    assert imported_copy(Cache(cache.root), source, digest.upper(), lambda m: None) == (copy, digest)
+
+
+def test_a_local_disk_that_does_not_match_its_digest_leaves_nothing(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    cache.ensure_writable()
+    source = tmp_path / "mine.img"
+    source.write_bytes(b"x" * 4096)
+    with pytest.raises(ImageError, match="not the expected"):
+        imported_copy(cache, source, SHA, lambda m: None)
+    assert not (cache.root / "downloads" / SHA).exists()
+    assert list((cache.root / "tmp").iterdir()) == []
