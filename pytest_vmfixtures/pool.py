@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .backends.base import STATE_CONSOLE, Backend, MachineConfig, SavedState, config_inputs, digest_of
+from .backends.base import STATE_CONSOLE, Backend, Machine, MachineConfig, SavedState, config_inputs, digest_of
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
 from .images import qcow2
@@ -33,6 +33,15 @@ log = logging.getLogger("pytest_vmfixtures")
 
 STATE_FORMAT = 3  # 3: the boot's console log is kept with the state
 Progress = Callable[[str], None]
+
+
+def _bound(machine: Machine, image: BuiltImage) -> Instance:
+    """The machine with its channels; a machine whose channels cannot be made (a key gone, say) is stopped."""
+    try:
+        return bind_channels(machine, image)
+    except BaseException:
+        machine.stop()
+        raise
 
 
 class Slot:
@@ -61,7 +70,7 @@ class Slot:
             log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
             self.remake_state(state)
             machine = self.pool.backend.restore(self.image, self.config, self.state, name)
-        instance = bind_channels(machine, self.image)
+        instance = _bound(machine, self.image)
         try:
             warm_up(instance, self.image)
         except BaseException:
@@ -208,7 +217,7 @@ class Pool:
         self.progress(f"booting {config.describe()} with accel {self.accel} (first use; warm starts afterwards)")
         name = self.runtime.new_name(f"{config.label}-boot")
         machine = self.backend.boot(image, config, name)
-        instance = bind_channels(machine, image)
+        instance = _bound(machine, image)
         try:
             wait_ssh_ready(instance, self.boot_timeout, self.accel)
             self.progress(f"{config.label} booted in {time.monotonic() - started:.0f} s; provisioning")

@@ -351,7 +351,7 @@ class QemuBackend:
         if state is not None:
             start_restored_console(state, paths.console)
         last_error = ""
-        for _ in range(PORT_ATTEMPTS):
+        for attempt in range(1, PORT_ATTEMPTS + 1):
             port = free_port()
             argv = build_command_line(self.binary, image, config, self.accel, paths, port, incoming=incoming, name=name)
             with open(paths.stderr, "wb") as stderr:
@@ -363,7 +363,7 @@ class QemuBackend:
             except VMError:  # a GuestError, or WaitTimeout when the monitor never answers
                 last_error = machine.stderr_tail()
                 machine.stop()
-                if "hostfwd" in last_error or "host forwarding" in last_error:
+                if attempt < PORT_ATTEMPTS and ("hostfwd" in last_error or "host forwarding" in last_error):
                     overlays()
                     continue  # the port was taken between our probe and QEMU's bind
                 break
