@@ -139,6 +139,10 @@ def _list(args: argparse.Namespace) -> int:
         rows.append((name, "built", _size(tree_size(directory)), _age(created_at(directory)), recipe.description))
         rows.append(("", "", "", "", str(directory)))
     _table(rows)
+    cloud = _cloud_rows(cache)
+    if len(cloud) > 1:
+        print("\ncloud images (your own disks and their seeds):")
+        _table(cloud)
     print(f"\ncache {cache.root}: {_size(_usage(cache))}; prune with: {PROG} images prune")
     if broken:
         name = sorted(broken)[0]
@@ -201,6 +205,23 @@ def _progress(name: str) -> Callable[[str], None]:
         print(f"{name}: {message}", flush=True)
 
     return say
+
+
+def _cloud_rows(cache: Cache) -> list[tuple[str, ...]]:
+    """One row per cached cloud disk (downloaded or copied) and per seed, with its size and last use."""
+    rows: list[tuple[str, ...]] = [("ENTRY", "KIND", "SIZE", "LAST USED", "SOURCE")]
+    for kind in ("downloads", "seeds"):
+        directory = cache.root / kind
+        for entry in sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else ():
+            try:
+                meta = cache.read_manifest(entry)
+            except (OSError, ValueError):
+                meta = {"kind": "incomplete"}
+            what = {"download": "downloaded", "copy": "copied", "seed": "seed"}.get(str(meta.get("kind")), "incomplete")
+            source = meta.get("url") or meta.get("source") or (f"user {meta['user']}" if "user" in meta else "")
+            rows.append((f"{kind}/{entry.name[:24]}", what, _size(tree_size(entry)), _age(entry.stat().st_mtime) + " ago",
+                         str(source)))
+    return rows
 
 
 def _usage(cache: Cache) -> int:

@@ -225,6 +225,9 @@ def _manifest_files(directory: Path) -> dict[str, str]:
 
 
 def _disk_in(directory: Path) -> Path:
+    """The entry's disk; using it marks the entry most recently used, for whoever prunes the cache."""
+    with contextlib.suppress(OSError):
+        os.utime(directory)
     return directory / next(iter(_manifest_files(directory)))
 
 

@@ -105,7 +105,7 @@ def plan(
     ``current`` maps each recipe name to the cache key of its current build.
     Images of other recipe names may belong to another project's recipes, so
     only ``everything`` removes them. ``older_than_days`` also removes saved
-    states made, and cloud-init seeds last used, longer ago than that.
+    states made, and cloud disks and seeds last used, longer ago than that.
     """
     now = time.time() if now is None else now
     cutoff = None if older_than_days is None else now - older_than_days * DAY
@@ -129,6 +129,17 @@ def plan(
         else:
             continue
         gone.add(image)
+    # Cloud disks and seeds go when unused for the --older-than window (each use touches them), or with
+    # --all; never while a live session's guest reads them. States sitting on a disk that goes, go with it.
+    for kind in ("downloads", "seeds"):
+        for entry in _entries(cache, kind, used):
+            if everything:
+                add(entry, "--all")
+            elif cutoff is not None and entry.stat().st_mtime < cutoff:
+                add(entry, f"not used for {older_than_days:g} days")
+            else:
+                continue
+            gone.add(entry)
     for state in _entries(cache, "states", used):
         backing = backing_file(state / "disk.qcow2")
         if everything:
@@ -139,14 +150,6 @@ def plan(
             add(state, "its image is gone")
         elif cutoff is not None and created_at(state) < cutoff:
             add(state, f"made more than {older_than_days:g} days ago")
-    for seed in _entries(cache, "seeds", used):
-        if everything:
-            add(seed, "--all")
-        elif cutoff is not None and seed.stat().st_mtime < cutoff:
-            add(seed, f"not used for {older_than_days:g} days")
-    for download in _entries(cache, "downloads", used):
-        if everything:
-            add(download, "--all")
     for leftover in sorted((cache.root / "tmp").iterdir()) if (cache.root / "tmp").is_dir() else ():
         kind, sep, rest = leftover.name.partition("--")
         if sep:  # cache.entry names them <kind>--<key>-<random>

@@ -195,3 +195,46 @@ def test_doctor_exit_status_follows_the_checks(monkeypatch: pytest.MonkeyPatch, 
     assert "[fail] cache: not writable" in out
     monkeypatch.setattr(doctor, "run_checks", lambda *args, **kwargs: checks[:1])
     assert run(capsys, "doctor")[0] == 0
+
+
+def add_cloud(cache: Path, kind: str, key: str, meta: dict[str, str], unused_days: float) -> Path:
+    """A downloads or seeds entry as byo leaves it, last used ``unused_days`` ago."""
+    directory = cache / kind / key
+    directory.mkdir(parents=True)
+    (directory / "disk.img").write_bytes(b"d" * 8192)
+    (directory / "manifest.json").write_text(json.dumps({**meta, "created": time.time()}))
+    when = time.time() - unused_days * 86400
+    os.utime(directory, (when, when))
+    return directory
+
+
+def test_cloud_disks_and_seeds_are_listed_and_pruned_when_unused(
+    tmp_path: Path, recipes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    args = ["--cache", str(cache), "--images-dir", str(recipes)]
+    recent = add_cloud(cache, "downloads", "a" * 64, {"kind": "download", "url": "https://example.org/x.qcow2"}, 1)
+    stale = add_cloud(cache, "downloads", "b" * 64, {"kind": "copy", "source": "/srv/mine.img"}, 30)
+    stale_seed = add_cloud(cache, "seeds", "c" * 32 + "-vmfix-1", {"kind": "seed", "user": "vmfix"}, 30)
+    on_stale = add_state(cache, "cloud-dddd", stale / "disk.img", age_days=1)
+    in_use = add_cloud(cache, "downloads", "e" * 64, {"kind": "download", "url": "https://example.org/y.qcow2"}, 30)
+    machine = cache / "run" / f"{os.getpid()}-cafecafe" / "cloud-1"
+    machine.mkdir(parents=True)
+    (machine.parent / "session.json").write_text(json.dumps({"pid": os.getpid(), "start_time": _proc_start_time(os.getpid())}))
+    fake_qcow2(machine / "overlay.qcow2", in_use / "disk.img")
+
+    code, out, _ = run(capsys, "images", "list", *args)
+    assert code == 0
+    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith(("downloads/", "seeds/"))}
+    assert len(listed) == 4, out
+    assert "https://example.org/x.qcow2" in listed["downloads/" + "a" * 24] and "downloaded" in out
+    assert "/srv/mine.img" in listed["downloads/" + "b" * 24] and "30 d ago" in listed["downloads/" + "b" * 24]
+    assert "user vmfix" in listed["seeds/" + "c" * 24] and "KiB" in listed["seeds/" + "c" * 24]
+
+    assert run(capsys, "images", "prune", *args)[0] == 0
+    assert recent.exists() and stale.exists() and stale_seed.exists(), "without --older-than nothing cloud goes"
+    code, out, _ = run(capsys, "images", "prune", "--older-than", "7", *args)
+    assert code == 0
+    assert not stale.exists() and not stale_seed.exists() and not on_stale.exists(), out
+    assert recent.exists() and in_use.exists(), out
+    assert "not used for 7 days" in out and "its image is gone" in out
