@@ -5,6 +5,15 @@ overlays and logs (they can grow large), and one short one under the temp dir
 for unix sockets (their paths must stay under 108 bytes). ``session.json``
 records the owning pid; the reaper removes the files and kills the guests of
 sessions whose owner is gone, and never touches a live session's.
+
+The reaper acts only on what this plugin made, for this user: a session dir
+under ``run/`` is removed only if it is a real directory (not a symlink) owned
+by us, named like ``Runtime`` names them, with a well-formed ``session.json``
+of ours; a socket dir only if it is our 0700 ``vmfx-*`` directory in the temp
+dir; and a pid from a pid file is killed only if that process is ours (uid),
+is the one recorded (start time) and runs the program ``spawn`` started (a
+``qemu-system-*`` binary or the executable recorded at spawn time). Anything
+else is left alone, and the log says why.
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -21,9 +32,15 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 log = logging.getLogger("pytest_vmfixtures")
+
+# What Runtime names its directories (``<pid>-<8 hex>``, ``vmfx-<mkdtemp suffix>``) and what spawn starts.
+SESSION_NAME = re.compile(r"(\d+)-[0-9a-f]{8}")
+SOCK_DIR_NAME = re.compile(r"vmfx-[A-Za-z0-9_]+")
+QEMU_EXE_NAME = re.compile(r"qemu-system-[A-Za-z0-9_.+-]+")
+MAX_RECORD_BYTES = 64 * 1024
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -92,6 +109,11 @@ class Runtime:
     def spawn(self, argv: Sequence[str], stderr: IO[bytes], pidfile: Path) -> subprocess.Popen[bytes]:
         """Start a guest process that dies with us (parent-death signal, own process group)."""
         full = ["setpriv", "--pdeathsig", "KILL", "--", *argv] if self.die_with_parent else list(argv)
+        # The pid file names the executables the process may be running (setpriv until it execs the
+        # guest's binary), so that the reaper kills a recorded pid only if it still runs one of them
+        # (or a qemu-system-* binary: pid files written before they listed executables).
+        exes = [exe for exe in (_resolve_exe(full[0]), _resolve_exe(argv[0])) if exe]
+        record = "".join(f"{exe}\n" for exe in dict.fromkeys(exes))
 
         def start() -> subprocess.Popen[bytes]:
             proc = subprocess.Popen(
@@ -102,7 +124,7 @@ class Runtime:
                 start_new_session=True,
                 close_fds=True,
             )
-            pidfile.write_text(f"{proc.pid} {_proc_start_time(proc.pid) or ''}\n")
+            pidfile.write_text(f"{proc.pid} {_proc_start_time(proc.pid) or ''}\n{record}")
             return proc
 
         return self._launcher.submit(start).result()
@@ -128,32 +150,207 @@ def reap(run_root: Path) -> list[str]:
     for session in sorted(run_root.iterdir()):
         if session.name.startswith("."):
             continue  # still being set up by its owner
-        try:
-            meta = json.loads((session / "session.json").read_text())
-        except (OSError, ValueError):
-            meta = {}
-        if pid_alive(int(meta.get("pid", 0)), meta.get("start_time")):
+        record = _session_record(session)
+        if record is None or pid_alive(record.pid, record.start_time):
             continue
         _kill_pids(session)
-        sock_dir = meta.get("sock_dir")
-        if sock_dir and Path(sock_dir).name.startswith("vmfx-"):
-            shutil.rmtree(sock_dir, ignore_errors=True)
+        if record.sock_dir and _is_our_sock_dir(Path(record.sock_dir)):
+            shutil.rmtree(record.sock_dir, ignore_errors=True)
+        # rmtree never follows symlinks: it refuses a symlink given to it and unlinks those inside.
         shutil.rmtree(session, ignore_errors=True)
+        if os.path.lexists(session):
+            log.warning("reaper: could not remove all of %s", session)
         removed.append(session.name)
     if removed:
         log.info("reaped stale sessions: %s", ", ".join(removed))
     return removed
 
 
+def _resolve_exe(program: str) -> str | None:
+    """The file the kernel will show as /proc/<pid>/exe for ``program`` (symlinks resolved)."""
+    found = shutil.which(program)
+    if found is None or "\n" in found:
+        return None
+    return os.path.realpath(found)
+
+
+def _read_own_file(name: str, dir_fd: int) -> str | None:
+    """A regular file of ours in ``dir_fd``, not through a symlink; None if it is anything else."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size > MAX_RECORD_BYTES:
+            return None
+        return os.read(fd, MAX_RECORD_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open_own_dir(path: str | Path, dir_fd: int | None = None) -> int | None:
+    """An fd for a real directory (not a symlink) owned by us, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+class SessionRecord(NamedTuple):
+    pid: int
+    start_time: str | None
+    sock_dir: str
+
+
+def _session_record(session: Path) -> SessionRecord | None:
+    """The session.json of a session dir Runtime made, or None (logged) for anything else under run/."""
+    match = SESSION_NAME.fullmatch(session.name)
+    if match is None:
+        log.warning("reaper: leaving %s alone: not named like a session this plugin makes", session)
+        return None
+    fd = _open_own_dir(session)
+    if fd is None:
+        log.warning("reaper: leaving %s alone: not a directory of this user (or a symlink)", session)
+        return None
+    try:
+        text = _read_own_file("session.json", fd)
+    finally:
+        os.close(fd)
+    try:
+        meta = json.loads(text) if text is not None else None
+    except ValueError:
+        meta = None
+    if (
+        not isinstance(meta, dict)
+        or type(meta.get("pid")) is not int
+        or meta["pid"] != int(match.group(1))
+        or not isinstance(meta.get("start_time"), (str, type(None)))
+        or not isinstance(meta.get("sock_dir", ""), str)
+    ):
+        log.warning("reaper: leaving %s alone: no well-formed session.json of this user in it", session)
+        return None
+    return SessionRecord(meta["pid"], meta["start_time"], meta.get("sock_dir", ""))
+
+
+def _is_our_sock_dir(path: Path) -> bool:
+    """A socket dir Runtime made: a 0700 ``vmfx-*`` directory of ours right in the temp dir, not a symlink."""
+    if not (
+        path.is_absolute()
+        and os.path.normpath(path.parent) == os.path.normpath(tempfile.gettempdir())
+        and SOCK_DIR_NAME.fullmatch(path.name)
+    ):
+        log.warning("reaper: leaving %s alone: not a socket directory this plugin makes", path)
+        return False
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("reaper: leaving %s alone: %s", path, exc)
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        log.warning("reaper: leaving %s alone: not a private directory of this user (or a symlink)", path)
+        return False
+    return True
+
+
 def _kill_pids(session: Path) -> None:
-    for pidfile in session.glob("*/pid"):
-        try:
-            pid_text, _, start = pidfile.read_text().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            continue
-        if pid_alive(pid, start.strip() or None):
+    session_fd = _open_own_dir(session)
+    if session_fd is None:
+        return
+    try:
+        with os.scandir(session_fd) as entries:
+            machines = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        for machine in machines:
+            machine_fd = _open_own_dir(machine, dir_fd=session_fd)
+            if machine_fd is None:
+                continue
             try:
+                text = _read_own_file("pid", machine_fd)
+            finally:
+                os.close(machine_fd)
+            if text is not None:
+                _kill_recorded(session / machine / "pid", text)
+    except OSError as exc:
+        log.warning("reaper: cannot look for guests in %s: %s", session, exc)
+    finally:
+        os.close(session_fd)
+
+
+def _parse_pidfile(text: str) -> tuple[int, str | None, set[str]] | None:
+    """``<pid> <start time>`` on the first line, then the executables spawn recorded, one a line."""
+    first, *rest = text.split("\n")
+    pid_text, _, start = first.partition(" ")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return None
+    return pid, start.strip() or None, {line for line in rest if line}
+
+
+def _kill_recorded(pidfile: Path, text: str) -> None:
+    parsed = _parse_pidfile(text)
+    if parsed is None:
+        log.warning("reaper: ignoring %s: no pid in it", pidfile)
+        return
+    pid, start_time, exes = parsed
+    if pid <= 0:
+        log.warning("reaper: ignoring %s: pid %d", pidfile, pid)
+        return
+    # A pidfd names one process: if the pid is reused after the checks, the signal goes nowhere.
+    pidfd: int | None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:
+        pidfd = None  # no pidfd on this kernel: the checks and the kill are apart by microseconds
+    try:
+        if not pid_alive(pid, start_time):
+            return  # gone, or the pid names another process now: nothing of ours to stop
+        why_not = _guest_mismatch(pid, start_time, exes)
+        if why_not is not None:
+            log.warning("reaper: leaving pid %d (from %s) alone: %s", pid, pidfile, why_not)
+            return
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            else:
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        except OSError:
+            pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _guest_mismatch(pid: int, start_time: str | None, exes: set[str]) -> str | None:
+    """Why ``pid`` is not a live guest process this plugin started for this user; None if it is.
+
+    It must run as our uid (real and effective), have the recorded start time (if one is recorded),
+    and run a ``qemu-system-*`` binary or one of the executables recorded when it was spawned.
+    """
+    if not pid_alive(pid, start_time):
+        return "no such process, or another one has that pid now (its start time differs)"
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError as exc:
+        return f"cannot inspect it ({exc.strerror})"
+    uids = next((line.split()[1:3] for line in status.splitlines() if line.startswith("Uid:")), [])
+    if uids != [str(os.getuid())] * 2:
+        return f"it runs as uid {'/'.join(uids) or '?'}, not {os.getuid()}"
+    exe = exe.removesuffix(" (deleted)")  # the binary was replaced (an upgrade) while it ran
+    if exe not in exes and not QEMU_EXE_NAME.fullmatch(os.path.basename(exe)):
+        return f"it runs {exe}, not a program this plugin starts"
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import signal
 import time
 import uuid
@@ -103,6 +104,32 @@ def test_pytest_killed_mid_boot_leaves_nothing(tmp_path: Path, outer_cache: Path
         kind, _, rest = leftover.name.partition("--")
         with open(outer_cache / "locks" / f"{kind}-{rest.rsplit('-', 1)[0]}.lock", "a") as lock, pytest.raises(BlockingIOError):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+KEPT = '''
+def test_fails(vm):
+    vm.run("true", check=True)
+    assert False, "on purpose"
+'''
+
+
+def test_reaper_stops_the_kept_guest_of_a_dead_run(tmp_path: Path, outer_cache: Path, spawn_pytest) -> None:
+    """A kept guest has no parent-death signal: it outlives its pytest until the reaper kills that real QEMU."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_kept.py").write_text(KEPT)
+    inner = spawn_pytest(suite, f"--vm-cache={outer_cache}", "--vm-keep-on-failure")
+    assert inner.proc.wait(600) == 1, inner.output()[-4000:]
+    pids = session_qemu(inner.proc.pid)
+    try:
+        assert pids, "the kept guest should still run after its pytest exited"
+        (session,) = (outer_cache / "run").glob(f"{inner.proc.pid}-*")
+        assert session.name in reap(outer_cache / "run")
+        _assert_gone(pids)
+        assert not session.exists()
+    finally:
+        for pid in session_qemu(inner.proc.pid):  # only if the reaper failed
+            os.kill(pid, signal.SIGKILL)
 
 
 def _assert_gone(pids: list[int]) -> None:
