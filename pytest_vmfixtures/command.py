@@ -1,9 +1,11 @@
-"""What ``vm.run`` returns, and how a command is tagged so it can be killed.
+"""What ``vm.run`` returns, how long it may run, and how a command is tagged so it can be killed.
 
 Every command runs under ``/bin/sh -c`` whatever the channel, with a
 ``VMFIX_RUN`` tag in its environment. On timeout the tag finds the command
 and every process it started (children inherit the environment), so the
-guest is left usable without knowing process groups or sessions.
+guest is left usable without knowing process groups or sessions. No command
+waits forever: one given no timeout gets the session's default deadline
+(``--vm-command-timeout``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from .errors import CommandError
 
 TAG = "VMFIX_RUN"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Seconds a command (or file transfer) given no timeout may take: longer than a cold boot's default
+# (600 s), for package installs and builds under TCG; short enough that a hung one ends the test, not the run.
+DEFAULT_COMMAND_TIMEOUT = 900.0
 
 
 @dataclass(frozen=True)

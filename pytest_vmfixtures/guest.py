@@ -25,7 +25,7 @@ import paramiko
 from .backends.base import Machine, MachineConfig
 from .channels.agent import Agent, AgentError
 from .channels.ssh import SSH, SSHError
-from .command import CommandResult, new_tag
+from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
 from .errors import BootError, CommandTimeout, GuestError, SnapshotError, VMError
 from .images.image import BuiltImage, GuestOS
 from .waiting import Deadline, wait_for
@@ -180,6 +180,7 @@ class VM:
         discard: Callable[[Instance], None],
         guest_os: Callable[[VM], GuestOS] | None = None,
         boot_timeout: float = 300.0,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         self.name = name
         self._image = image
@@ -191,6 +192,7 @@ class VM:
         self._guest_os = guest_os
         self._os: GuestOS | None = None
         self.boot_timeout = boot_timeout
+        self.command_timeout = command_timeout  # the deadline of run, put and get when given none
         self.state = GuestState.READY
         self.qmp = QMPProxy(self)
         self.network_ip: str | None = None
@@ -296,8 +298,13 @@ class VM:
 
     # -- commands ------------------------------------------------------------
     def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
-        """Run ``command`` with /bin/sh in the guest as the image's user."""
+        """Run ``command`` with /bin/sh in the guest as the image's user.
+
+        Past ``timeout`` seconds (None: ``command_timeout``, from --vm-command-timeout) it is killed with
+        its children and :class:`CommandTimeout` is raised.
+        """
         instance = self._usable()
+        timeout = self.command_timeout if timeout is None else timeout
         tag = new_tag()
         result: CommandResult | None = None
         if instance.agent is not None and self._image.user == "root":
@@ -335,11 +342,20 @@ class VM:
         except SSHError as exc:
             raise self._died(exc) from exc
 
-    def put(self, local: str | Path, remote: str) -> None:
-        self.sftp.put(str(local), remote)
+    def put(self, local: str | Path, remote: str, timeout: float | None = None) -> None:
+        """Copy a host file into the guest; past ``timeout`` (None: ``command_timeout``) CommandTimeout."""
+        self._transfer("put", str(local), remote, timeout)
 
-    def get(self, remote: str, local: str | Path) -> None:
-        self.sftp.get(remote, str(local))
+    def get(self, remote: str, local: str | Path, timeout: float | None = None) -> None:
+        """Copy a guest file to the host; past ``timeout`` (None: ``command_timeout``) CommandTimeout."""
+        self._transfer("get", remote, str(local), timeout)
+
+    def _transfer(self, direction: str, source: str, target: str, timeout: float | None) -> None:
+        instance = self._usable()
+        try:
+            instance.ssh.transfer(direction, source, target, self.command_timeout if timeout is None else timeout)
+        except SSHError as exc:
+            raise self._died(exc) from exc
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self, name: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 from . import hookspecs
 from .accel import AccelChoice
 from .backends.base import Backend
+from .command import DEFAULT_COMMAND_TIMEOUT
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
@@ -42,6 +43,8 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-accel", "vm_accel", "string", "auto", "auto, kvm or tcg; auto uses KVM only where it runs stock guests"),
     ("--vm-cache", "vm_cache", "string", "", "cache of built images and saved guest states"),
     ("--vm-boot-timeout", "vm_boot_timeout", "string", "600", "seconds a cold boot may take before BootError"),
+    ("--vm-command-timeout", "vm_command_timeout", "string", f"{DEFAULT_COMMAND_TIMEOUT:g}",
+     "seconds vm.run, vm.put and vm.get given no timeout may take before CommandTimeout"),
     ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu (embedded) or libvirt"),
     ("--vm-libvirt-uri", "vm_libvirt_uris", "args", [], "libvirt URI the libvirt backend uses (repeatable: guests go to the least loaded)"),
     ("--vm-libvirt-pool", "vm_libvirt_pool", "string", DEFAULT_LIBVIRT_POOL, "storage pool that remote libvirt hosts keep copies in"),
@@ -99,6 +102,7 @@ def _settings(config: pytest.Config) -> Settings:
             accel=parse_accel(str(_value(config, "vm_accel"))),
             cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
             boot_timeout=parse_positive("--vm-boot-timeout", _value(config, "vm_boot_timeout")),
+            command_timeout=parse_positive("--vm-command-timeout", _value(config, "vm_command_timeout")),
             backend=parse_backend(str(_value(config, "vm_backend"))),
             standby=parse_count("--vm-standby", _value(config, "vm_standby")),
             qemu_binary=str(_value(config, "vm_qemu_binary")),

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .backends.base import STATE_CONSOLE, Backend, Machine, MachineConfig, SavedState, config_inputs, digest_of
+from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
 from .images import qcow2
@@ -132,6 +133,7 @@ class Pool:
         *,
         accel: str,
         boot_timeout: float = 600.0,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         standby: int = 1,
         provision: Callable[[VM], None] = lambda vm: None,
         provision_key: str = "",
@@ -145,6 +147,7 @@ class Pool:
         self.image_dirs = list(image_dirs)
         self.accel = accel
         self.boot_timeout = boot_timeout
+        self.command_timeout = command_timeout
         self.standby = standby
         self.provision = provision
         self.provision_key = provision_key
@@ -269,6 +272,7 @@ class Pool:
             discard=self.discard,
             guest_os=read_guest_os,
             boot_timeout=self.boot_timeout,
+            command_timeout=self.command_timeout,
         )
 
     def acquire(self, config: MachineConfig) -> VM:

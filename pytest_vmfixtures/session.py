@@ -23,6 +23,7 @@ import pytest
 
 from .accel import AccelChoice, choose_accel, probe_host
 from .backends.base import Backend
+from .command import DEFAULT_COMMAND_TIMEOUT
 from .images.cache import Cache
 from .images.catalog import BUILTIN_IMAGES_DIR
 from .options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
@@ -47,6 +48,7 @@ class Settings:
     keep_on_failure: bool = False
     libvirt_uris: list[str] = field(default_factory=list)
     libvirt_pool: str = DEFAULT_LIBVIRT_POOL
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT  # vm.run, put and get given no timeout
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:
@@ -123,6 +125,7 @@ class VMSession:
                 self.settings.image_dirs,
                 accel=self.accel.accel,
                 boot_timeout=self.settings.boot_timeout,
+                command_timeout=self.settings.command_timeout,
                 standby=self.settings.standby,
                 provision=lambda vm: hook.pytest_vm_provision(vm=vm),
                 provision_key=provision_fingerprint(self.config, self.settings.provision_key),

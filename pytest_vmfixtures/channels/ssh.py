@@ -13,6 +13,7 @@ import shlex
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import paramiko
@@ -199,9 +200,41 @@ class SSH:
             if self.sudo:
                 script = f"sudo -n /bin/sh -c {shlex.quote(script)}"
             _, stdout, _ = self.client.exec_command(script, timeout=10)
-            stdout.channel.recv_exit_status()
+            deadline = Deadline(10)  # recv_exit_status() has no timeout: a wedged guest must not hang here
+            while not stdout.channel.exit_status_ready() and not deadline.expired():
+                time.sleep(0.02)
+            stdout.channel.close()
         except (paramiko.SSHException, OSError, EOFError):
             pass  # the timeout error is what the user needs; this was best effort
+
+    def transfer(self, direction: str, source: str, target: str, timeout: float) -> None:
+        """SFTP ``put`` or ``get`` of ``source`` to ``target``, or CommandTimeout after ``timeout`` seconds.
+
+        paramiko's transfers have no deadline of their own; at the deadline the SFTP session is closed
+        from a timer, which ends whatever paramiko waits on, and the next transfer opens a new one.
+        """
+        sftp = self.sftp
+        copy = sftp.put if direction == "put" else sftp.get
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            with contextlib.suppress(Exception):
+                sftp.close()
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            copy(source, target)
+        except Exception:
+            if not expired.is_set():
+                raise
+            raise CommandTimeout(f"sftp {direction} {source} {target}", timeout) from None
+        finally:
+            timer.cancel()
+            if expired.is_set() and self._sftp is sftp:
+                self._sftp = None
 
 
 def _text(data: bytearray) -> str:

@@ -24,6 +24,7 @@ OPTIONS = {
     "--vm-accel": "vm_accel",
     "--vm-cache": "vm_cache",
     "--vm-boot-timeout": "vm_boot_timeout",
+    "--vm-command-timeout": "vm_command_timeout",
     "--vm-backend": "vm_backend",
     "--vm-standby": "vm_standby",
     "--vm-qemu-binary": "vm_qemu_binary",
@@ -158,6 +159,8 @@ def test_bad_accel_in_ini_is_a_usage_error(env: Env) -> None:
     [
         (("--vm-boot-timeout", "soon"), "ERROR: --vm-boot-timeout must be a number of seconds, got 'soon'"),
         (("--vm-boot-timeout", "0"), "ERROR: --vm-boot-timeout must be positive, got '0'"),
+        (("--vm-command-timeout", "none"), "ERROR: --vm-command-timeout must be a number of seconds, got 'none'"),
+        (("--vm-command-timeout", "0"), "ERROR: --vm-command-timeout must be positive, got '0'"),
         (("--vm-standby", "-1"), "ERROR: --vm-standby must be 0 or more, got '-1'"),
         (("--vm-backend", "hyperv"), "ERROR: --vm-backend 'hyperv' is not one of qemu, libvirt"),
     ],
@@ -166,6 +169,36 @@ def test_bad_option_values_are_usage_errors(env: Env, args: tuple[str, ...], mes
     result = env.run(*args)
     assert result.ret == USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_bad_command_timeout_in_ini_is_a_usage_error(env: Env) -> None:
+    env.pytester.makeini("[pytest]\nvm_command_timeout = forever\n")
+    result = env.run()
+    assert result.ret == USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --vm-command-timeout must be a number of seconds, got 'forever'"])
+    assert len([line for line in result.errlines if line.strip()]) == 1
+
+
+SHOW_COMMAND_TIMEOUT = """
+from pytest_vmfixtures.fixtures import SESSION_KEY
+
+def test_show(request):
+    print("command timeout", request.config.stash[SESSION_KEY].settings.command_timeout)
+"""
+
+
+@pytest.mark.parametrize(
+    ("ini", "args", "expected"),
+    [(None, (), "900.0"), ("2.5", (), "2.5"), ("2.5", ("--vm-command-timeout=60",), "60.0")],
+    ids=["default", "ini", "option-wins"],
+)
+def test_command_timeout_reaches_the_settings(env: Env, ini: str | None, args: tuple[str, ...], expected: str) -> None:
+    if ini is not None:
+        env.pytester.makeini(f"[pytest]\nvm_command_timeout = {ini}\n")
+    env.pytester.makepyfile(SHOW_COMMAND_TIMEOUT)
+    result = env.run("-s", *args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*command timeout {expected}*"])
 
 
 def test_report_header_names_the_accel(env: Env) -> None:

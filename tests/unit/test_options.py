@@ -225,6 +225,30 @@ def test_parse_positive_rejects_nan() -> None:
         parse_positive("--vm-boot-timeout", "nan")
 
 
+@pytest.mark.parametrize(("value", "expected"), [("900", 900.0), ("2", 2.0), ("0.25", 0.25), (" 60 ", 60.0)])
+def test_command_timeout_accepts_seconds(value: Any, expected: float) -> None:
+    assert parse_positive("--vm-command-timeout", value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        # Nothing turns the default deadline off: 0 or "none" would let a hung command hang the run again.
+        ("0", "--vm-command-timeout must be positive, got '0'"),
+        ("none", "--vm-command-timeout must be a number of seconds, got 'none'"),
+        ("inf", "--vm-command-timeout must be positive, got 'inf'"),
+        ("nan", "--vm-command-timeout must be positive, got 'nan'"),
+        ("-1", "--vm-command-timeout must be positive, got '-1'"),
+        ("15m", "--vm-command-timeout must be a number of seconds, got '15m'"),
+        ("", "--vm-command-timeout must be a number of seconds, got ''"),
+    ],
+)
+def test_command_timeout_rejects_with_one_line(value: str, message: str) -> None:
+    with pytest.raises(OptionError) as info:
+        parse_positive("--vm-command-timeout", value)
+    assert str(info.value) == message
+
+
 @pytest.mark.parametrize(("value", "expected"), [("0", 0), ("3", 3), (2, 2), (" 4 ", 4)])
 def test_parse_count_accepts_whole_numbers(value: Any, expected: int) -> None:
     assert parse_count("--vm-standby", value) == expected
