@@ -31,9 +31,9 @@ from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.qemu import QemuBackend
 from pytest_vmfixtures.command import new_tag
-from pytest_vmfixtures.guest import bind_channels, wait_ssh_ready
 from pytest_vmfixtures.images.cache import Cache, default_cache_dir, ensure_image
 from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.instance import bind_channels, wait_ssh_ready
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 

@@ -14,26 +14,24 @@ import logging
 import os
 import re
 import shlex
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
 from .backends.base import Machine, MachineConfig
-from .channels.agent import Agent, AgentError
-from .channels.ssh import SSH, SSHError
+from .channels.agent import AgentError
+from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
-from .errors import BootError, CommandTimeout, GuestError, SnapshotError, VMError
+from .errors import CommandTimeout, GuestError, SnapshotError
 from .images.image import BuiltImage, GuestOS
+from .instance import Instance, console_tail, warm_up
 from .waiting import Deadline, wait_for
 
 log = logging.getLogger("pytest_vmfixtures")
 
 CLEAN = "clean"
-CONSOLE_TAIL_LINES = 50
 
 
 class GuestState(enum.Enum):
@@ -42,128 +40,6 @@ class GuestState(enum.Enum):
     DIRTY = "dirty"  # a test may have changed it
     REVERTING = "reverting"
     DEAD = "dead"
-
-
-def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
-    try:
-        data = path.read_bytes()[-64 * 1024 :]
-    except OSError:
-        return "(no console log)"
-    text = data.decode("utf-8", errors="replace").replace("\r", "")
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def diagnose_console(text: str, accel: str) -> str:
-    """One line saying what a boot log most likely shows."""
-    if "Kernel panic" in text:
-        line = next((ln for ln in text.splitlines() if "Kernel panic" in ln), "Kernel panic")
-        return "kernel panic: " + line.split("Kernel panic", 1)[1].strip(" -:")
-    if not text.strip():
-        return "no console output at all: the kernel did not start (check the kernel, initrd and accel)"
-    if "Gave up waiting for root" in text or "unable to mount root" in text.lower():
-        return "the root disk was not found: the initrd lacks virtio_blk or root= is wrong"
-    if "ssh" not in text.lower() and "login:" not in text:
-        if accel == "tcg":
-            return "userspace never reached sshd; under TCG this can simply be slow: raise --vm-boot-timeout"
-        return "userspace never reached sshd"
-    if "login:" in text:
-        return "the system booted but SSH did not answer: sshd not running, or no network (DHCP)"
-    return "sshd did not become reachable before the deadline"
-
-
-@dataclass
-class Instance:
-    """One machine and the channels bound to it."""
-
-    machine: Machine
-    ssh: SSH
-    agent: Agent | None = None
-    snapshots: set[str] = field(default_factory=set)
-
-    def close(self) -> None:
-        self.ssh.close()
-        if self.agent is not None:
-            self.agent.close()
-        self.machine.stop()
-
-
-def bind_channels(machine: Machine, image: BuiltImage) -> Instance:
-    key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
-    ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name, machine.ssh_proxy)
-    ssh.sudo = image.user != "root"
-    agent: Agent | None = None
-    if machine.agent_transport is not None:
-        agent = Agent.over(machine.agent_transport, machine.name)
-    elif machine.agent_socket is not None:
-        agent = Agent(machine.agent_socket, machine.name)
-    return Instance(machine, ssh, agent)
-
-
-def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
-    """Cold boot readiness: a command over SSH succeeds."""
-    machine = instance.machine
-
-    def attempt() -> bool | None:
-        if not machine.alive():
-            raise BootError(
-                f"{machine.name}: QEMU ended during boot: {machine.exit_description()}",
-                console_tail=console_tail(machine.console_log),
-                command_line=machine.command_line,
-                diagnosis=diagnose_console(console_tail(machine.console_log, 400), accel),
-            )
-        log_text = console_tail(machine.console_log, 400)
-        if "Kernel panic" in log_text:
-            raise BootError(
-                f"{machine.name}: the guest kernel panicked during boot",
-                console_tail=console_tail(machine.console_log),
-                command_line=machine.command_line,
-                diagnosis=diagnose_console(log_text, accel),
-            )
-        try:
-            instance.ssh.connect(timeout=5)
-            if instance.ssh.exec("true", new_tag(), 30).ok:
-                return True
-        except (SSHError, CommandTimeout):
-            instance.ssh.close()
-        return None
-
-    def fail(message: str) -> BootError:
-        text = console_tail(machine.console_log, 400)
-        return BootError(
-            f"{machine.name}: {message}",
-            console_tail=console_tail(machine.console_log),
-            command_line=machine.command_line,
-            diagnosis=diagnose_console(text, accel),
-        )
-
-    wait_for(f"SSH on {machine.name}", attempt, timeout, interval=0.25, max_interval=1.0, error=fail)
-
-
-def clock_command() -> str:
-    """Set the guest clock to the host's, to the microsecond, with busybox or coreutils date."""
-    now = time.time()
-    return f"date -u -s @{now:.6f} >/dev/null 2>&1 || date -u -s '{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now))}' >/dev/null"
-
-
-def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> None:
-    """Make a just-restored instance answer fast: sync a channel, fix the clock.
-
-    A restored guest wakes at the time its state was saved, and its first
-    command is slow under TCG (translated code was thrown away). One command
-    both corrects the clock and pays for the warm-up, here in the background
-    rather than in the test's time.
-    """
-    if instance.agent is not None:
-        try:
-            instance.agent.connect(timeout)
-            instance.agent.exec(clock_command(), new_tag(), timeout).check()
-            return
-        except VMError as exc:
-            log.warning("%s: guest agent unusable after restore (%s); using SSH", instance.machine.name, exc)
-            instance.agent.close()
-            instance.agent = None
-    instance.ssh.connect(timeout)
-    instance.ssh.exec(clock_command(), new_tag(), timeout).check()
 
 
 class VM:

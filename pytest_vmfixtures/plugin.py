@@ -16,10 +16,10 @@ from .command import DEFAULT_COMMAND_TIMEOUT
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
-from .guest import console_tail
 from .images.byo import is_byo
 from .images.cache import default_cache_dir
 from .images.catalog import available_recipes
+from .instance import console_tail
 from .options import (
     DEFAULT_IMAGE,
     DEFAULT_LIBVIRT_POOL,

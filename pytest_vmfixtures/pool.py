@@ -22,12 +22,13 @@ from pathlib import Path
 from .backends.base import STATE_CONSOLE, Backend, Machine, MachineConfig, SavedState, config_inputs, digest_of
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
-from .guest import VM, GuestState, Instance, bind_channels, read_guest_os, wait_ssh_ready, warm_up
+from .guest import VM, GuestState, read_guest_os
 from .images import qcow2
 from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
+from .instance import Instance, bind_channels, wait_ssh_ready, warm_up
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")

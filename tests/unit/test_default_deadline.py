@@ -17,7 +17,8 @@ from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.channels.ssh import SSH
 from pytest_vmfixtures.command import DEFAULT_COMMAND_TIMEOUT, CommandResult
 from pytest_vmfixtures.errors import CommandTimeout
-from pytest_vmfixtures.guest import VM, Instance
+from pytest_vmfixtures.guest import VM
+from pytest_vmfixtures.instance import Instance
 from pytest_vmfixtures.pool import Pool
 
 
