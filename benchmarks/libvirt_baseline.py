@@ -16,7 +16,7 @@ from xml.sax.saxutils import escape
 
 import paramiko
 
-from pytest_vmfixtures.backends.qemu import create_overlay, free_port
+from pytest_vmfixtures.backends.common import create_overlay, free_port
 from pytest_vmfixtures.channels.ssh import SSH
 from pytest_vmfixtures.command import new_tag
 from pytest_vmfixtures.images.image import BuiltImage

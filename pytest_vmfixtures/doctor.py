@@ -269,7 +269,7 @@ def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_LIBVIRT_POOL) -> list
 def _check_pool(conn: object, uri: str, pool: str) -> Check:
     import libvirt
 
-    from .backends.libvirt_storage import pool_setup
+    from .backends.libvirt.storage import pool_setup
 
     try:
         active = conn.storagePoolLookupByName(pool).isActive()  # type: ignore[attr-defined]

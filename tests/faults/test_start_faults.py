@@ -23,11 +23,12 @@ from pytest_vmfixtures import pool as pool_module
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends import qemu
 from pytest_vmfixtures.backends.base import Machine, MachineConfig
+from pytest_vmfixtures.backends.qemu import backend as qemu_module
 from pytest_vmfixtures.errors import BootError, VMError
-from pytest_vmfixtures.guest import Instance
 from pytest_vmfixtures.images.cache import Cache, ensure_image
 from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.images.image import BuiltImage
+from pytest_vmfixtures.instance import Instance
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
@@ -119,7 +120,7 @@ def test_a_taken_ssh_port(backend: tuple[qemu.QemuBackend, Runtime, BuiltImage],
         holder.listen()
         taken = holder.getsockname()[1]
         ports = [taken] * attempts_taken
-        monkeypatch.setattr(qemu, "free_port", lambda real=qemu.free_port: ports.pop() if ports else real())
+        monkeypatch.setattr(qemu_module, "free_port", lambda real=qemu_module.free_port: ports.pop() if ports else real())
         seen: list[qemu.QemuMachine] = []
         monkeypatch.setattr(qemu.QemuMachine, "connect_qmp", started_then(lambda m: None, seen))
         if attempts_taken == qemu.PORT_ATTEMPTS:

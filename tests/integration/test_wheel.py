@@ -34,7 +34,7 @@ def test_wheel_installs_and_runs_a_guest_test(tmp_path: Path, request: pytest.Fi
     (wheel,) = dist.glob("pytest_vmfixtures-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "pytest_vmfixtures/images/recipes/debian-12.toml" in names
-    assert "pytest_vmfixtures/backends/domain.xml" in names and "pytest_vmfixtures/py.typed" in names
+    assert "pytest_vmfixtures/backends/libvirt/domain.xml" in names and "pytest_vmfixtures/py.typed" in names
 
     venv = tmp_path / "venv"
     _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv)])

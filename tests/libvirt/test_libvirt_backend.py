@@ -15,7 +15,7 @@ import pytest
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine
-from pytest_vmfixtures.backends.libvirt_save import stream_offset
+from pytest_vmfixtures.backends.libvirt.save import stream_offset
 from pytest_vmfixtures.command import new_tag
 from pytest_vmfixtures.errors import GuestError, QMPError
 from pytest_vmfixtures.images.cache import Cache

@@ -19,7 +19,7 @@ import pytest
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import CLIENT, LibvirtBackend, LibvirtMachine
-from pytest_vmfixtures.backends.libvirt_storage import DONE, HostStorage
+from pytest_vmfixtures.backends.libvirt.storage import DONE, HostStorage, LocalFile
 from pytest_vmfixtures.doctor import FAIL, OK, check_libvirt
 from pytest_vmfixtures.errors import GuestError
 from pytest_vmfixtures.guest import GuestState
@@ -174,8 +174,9 @@ def test_an_abandoned_upload_is_replaced(remote_uri: str, tmp_path: Path) -> Non
         name = f"vmfx-test-{CLIENT}-{uuid.uuid4().hex[:8]}"
         storage.upload(name, [b"half"], 4)  # no .done marker: as if the uploader was killed
         content = os.urandom(3 << 20)
+        (tmp_path / "content").write_bytes(content)
         messages: list[str] = []
-        storage.ensure(name, lambda: ([content], len(content)), messages.append)
+        storage.ensure(name, LocalFile(tmp_path / "content"), messages.append)
         storage.download(name, tmp_path / "back")
         assert (tmp_path / "back").read_bytes() == content
         assert any("stopped growing" in m for m in messages)
@@ -186,7 +187,95 @@ def test_an_abandoned_upload_is_replaced(remote_uri: str, tmp_path: Path) -> Non
         conn.close()
 
 
+def overwrite(storage: HostStorage, name: str, data: bytes) -> None:
+    """Write ``data`` over volume ``name`` in place, as anyone who can write the pool can."""
+    stream = storage.conn.newStream(0)
+    storage.pool.storageVolLookupByName(name).upload(stream, 0, len(data), 0)
+    stream.send(data)
+    stream.finish()
 
+
+def plant(storage: HostStorage, name: str, data: bytes) -> None:
+    """Put ``data`` under ``name``, marked finished: a copy someone else made, or replaced."""
+    storage.delete(name + DONE)
+    storage.delete(name)
+    storage.upload(name, [data], len(data))
+    storage.upload(name + DONE, [], 0)
+
+
+@pytest.mark.parametrize("tamper", ["bytes-changed-in-place", "copy-planted-under-the-name"])
+def test_a_shared_copy_that_does_not_match_its_digest_is_replaced(remote_uri: str, tmp_path: Path, tamper: str) -> None:
+    """A finished copy is trusted by its bytes, not its name and .done marker: each run reads it back once."""
+    conn = libvirt.open(remote_uri)
+    name = f"vmfx-test-{CLIENT}-{uuid.uuid4().hex[:8]}"
+    good = tmp_path / "good"
+    content = os.urandom(3 << 20)
+    good.write_bytes(content)
+    try:
+        first = HostStorage(conn, remote_uri)
+        first.ensure(name, LocalFile(good), [].append)
+        if tamper == "bytes-changed-in-place":  # same size, .done left alone
+            overwrite(first, name, content[:-1] + bytes([content[-1] ^ 1]))
+        else:
+            plant(first, name, b"something else entirely")
+        messages: list[str] = []
+        later = HostStorage(conn, remote_uri)  # a later run: nothing known about the pool yet
+        path = later.ensure(name, LocalFile(good), messages.append)
+        assert any("does not hold what its name says" in m for m in messages), messages
+        assert later.uploads == 1 and name + DONE in later.names()
+        later.download(name, tmp_path / "back")
+        assert (tmp_path / "back").read_bytes() == content
+        messages.clear()
+        assert later.ensure(name, LocalFile(good), messages.append) == path
+        assert messages == [], "checked once per run, not per use"
+        again = HostStorage(conn, remote_uri)  # the right copy is kept: checked, not copied again
+        again.ensure(name, LocalFile(good), messages.append)
+        assert again.uploads == 0 and [m for m in messages if m.startswith("checking")], messages
+    finally:
+        for n in (name, name + DONE):
+            HostStorage(conn, remote_uri).delete(n)
+        conn.close()
+
+
+@pytest.fixture
+def spare_pool(remote_uri: str) -> Iterator[str]:
+    """A second storage pool on the remote host, so this module's other pool never sees its copies."""
+    conn = libvirt.open(remote_uri)
+    name = f"vmfx-tamper-{uuid.uuid4().hex[:8]}"
+    xml = f"<pool type='dir'><name>{name}</name><target><path>/var/lib/libvirt/{name}</path></target></pool>"
+    pool = conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+    try:
+        yield name
+    finally:
+        pool.refresh(0)
+        for volume in pool.listAllVolumes(0):
+            volume.delete(0)
+        pool.destroy()
+        conn.close()
+
+
+def test_a_guest_never_boots_a_planted_image_copy(cache: Cache, accel: AccelChoice, remote_uri: str,
+                                                  spare_pool: str) -> None:
+    """Whoever can write the pool plants bytes of their own as the image's copy, marked finished: the
+    next run finds them out by the image's sha256, copies the image again, and its guest runs on that."""
+    messages: list[str] = []
+    runtime = Runtime(cache.root, "libvirt-remote-tests")
+    backend = LibvirtBackend(runtime, accel, [remote_uri], pool=spare_pool, progress=messages.append)
+    pool = Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel, progress=messages.append)
+    try:
+        image = pool.image(CONFIG.image)
+        storage = backend.hosts[0].storage
+        assert storage is not None
+        name = f"vmfx-img-{image.disk_sha256[:16]}.qcow2"
+        plant(storage, name, b"QFI\xfb" + os.urandom(1 << 20))
+        vm = pool.acquire(CONFIG)
+        assert vm.run("cat /etc/hostname").stdout.strip() == "debian-12"
+        assert any(name in m and "does not hold what its name says" in m for m in messages), messages
+        assert any(m.startswith(f"copying {name}") for m in messages), messages
+        assert storage.sha256(storage.pool.storageVolLookupByName(name)) == image.disk_sha256
+        pool.release(vm)
+    finally:
+        close(pool)
 
 
 def test_doctor_checks_a_remote_hosts_pool(remote_uri: str) -> None:

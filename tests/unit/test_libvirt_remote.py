@@ -1,4 +1,4 @@
-"""The pure parts of the libvirt backend's remote-host support: URI reading, save-image rewrapping."""
+"""The pure parts of the libvirt backend's remote-host support: URI reading, save-image rewrapping, copy checks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfixtures.backends.libvirt import qcow2_virtual_size, shares_files, ssh_route
-from pytest_vmfixtures.backends.libvirt_save import SAVE_HEADER, SAVE_MAGIC, rewrap, stream_offset
-from pytest_vmfixtures.backends.libvirt_storage import RUN_OWNED, volume_xml
+from pytest_vmfixtures.backends.libvirt.calls import libvirt
+from pytest_vmfixtures.backends.libvirt.save import SAVE_HEADER, SAVE_MAGIC, rewrap, stream_offset
+from pytest_vmfixtures.backends.libvirt.storage import DONE, RUN_OWNED, HostStorage, LocalFile, volume_xml
 from pytest_vmfixtures.channels.ssh import ProxyProcess
 from pytest_vmfixtures.errors import GuestError, ImageError, SnapshotError
 
@@ -119,3 +120,136 @@ def test_proxy_process_keeps_what_the_command_said() -> None:
     proxy.process.wait(10)
     assert proxy.errors() == "Permission denied"
     proxy.close()
+
+
+# HostStorage's check of shared copies, against a pool of libvirt's shape held in memory (the real
+# pool's tests are in tests/libvirt/test_remote.py); here what a real pool cannot easily be made to do.
+
+
+class FakeStream:
+    def __init__(self) -> None:
+        self.sink: bytearray | None = None
+        self.source = b""
+
+    def send(self, data: bytes) -> int:
+        assert self.sink is not None
+        self.sink += data
+        return len(data)
+
+    def recv(self, n: int) -> bytes:
+        data, self.source = self.source[:n], self.source[n:]
+        return data
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class FakeVolume:
+    def __init__(self, pool: FakePool, name: str) -> None:
+        self.pool, self.name = pool, name
+
+    def path(self) -> str:
+        return f"/pool/{self.name}"
+
+    def info(self) -> list[int]:
+        return [0, len(self.pool.volumes[self.name]), len(self.pool.volumes[self.name])]
+
+    def upload(self, stream: FakeStream, offset: int, length: int, flags: int) -> None:
+        stream.sink = self.pool.volumes[self.name] = bytearray()
+
+    def download(self, stream: FakeStream, offset: int, length: int, flags: int) -> None:
+        self.pool.reading(self.name)
+        if self.name not in self.pool.volumes:
+            raise libvirt.libvirtError("no such volume")
+        stream.source = bytes(self.pool.volumes[self.name])
+
+    def delete(self, flags: int) -> None:
+        self.pool.volumes.pop(self.name, None)
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.volumes: dict[str, bytearray] = {}
+
+    def reading(self, name: str) -> None:
+        """Called as a volume is read back."""
+
+    def creating(self, name: str) -> None:
+        """Called as a volume is about to be created."""
+
+    def isActive(self) -> bool:  # noqa: N802 - libvirt's names
+        return True
+
+    def XMLDesc(self, flags: int) -> str:  # noqa: N802
+        return "<pool><target><path>/pool</path></target></pool>"
+
+    def storageVolLookupByName(self, name: str) -> FakeVolume:  # noqa: N802
+        if name not in self.volumes:
+            raise libvirt.libvirtError("no such volume")
+        return FakeVolume(self, name)
+
+    def createXML(self, xml: str, flags: int) -> FakeVolume:  # noqa: N802
+        name = xml.split("<name>")[1].split("</name>")[0]
+        self.creating(name)
+        if name in self.volumes:
+            raise libvirt.libvirtError("exists")
+        self.volumes[name] = bytearray()
+        return FakeVolume(self, name)
+
+
+class FakeConn:
+    def __init__(self, pool: FakePool) -> None:
+        self.pool = pool
+
+    def storagePoolLookupByName(self, name: str) -> FakePool:  # noqa: N802
+        return self.pool
+
+    def newStream(self, flags: int) -> FakeStream:  # noqa: N802
+        return FakeStream()
+
+
+@pytest.fixture
+def libvirt_module() -> object:
+    return pytest.importorskip("libvirt", reason="libvirt-python is not installed")
+
+
+def test_a_pool_that_keeps_getting_wrong_copies_is_an_error_not_a_loop(libvirt_module: object, tmp_path: Path) -> None:
+    source = tmp_path / "good"
+    source.write_bytes(b"the image")
+    pool = FakePool()
+
+    def plant(name: str = "v") -> None:  # someone else always puts a wrong copy there first
+        if name == "v":
+            pool.volumes.update({"v": bytearray(b"evil"), "v" + DONE: bytearray()})
+
+    plant()
+    pool.creating = plant  # type: ignore[method-assign]
+    storage = HostStorage(FakeConn(pool), "qemu+ssh://hv/system")
+    messages: list[str] = []
+    with pytest.raises(GuestError, match="held wrong bytes 3 times in this run.*keeps writing the storage pool"):
+        storage.ensure("v", LocalFile(source), messages.append)
+    assert len([m for m in messages if "does not hold what its name says" in m]) == 3
+
+
+def test_a_copy_replaced_while_it_is_read_back_is_looked_up_again(libvirt_module: object, tmp_path: Path) -> None:
+    source = tmp_path / "good"
+    source.write_bytes(b"the image")
+    pool = FakePool()
+    pool.volumes.update({"v": bytearray(b"old"), "v" + DONE: bytearray()})
+    vanish = [True]
+
+    def reading(name: str) -> None:  # another run deletes it under our read, once
+        if vanish and name == "v":
+            vanish.clear()
+            pool.volumes.pop("v" + DONE)
+            pool.volumes.pop("v")
+
+    pool.reading = reading  # type: ignore[method-assign]
+    storage = HostStorage(FakeConn(pool), "qemu+ssh://hv/system")
+    messages: list[str] = []
+    assert storage.ensure("v", LocalFile(source), messages.append) == "/pool/v"
+    assert bytes(pool.volumes["v"]) == b"the image" and "v" + DONE in pool.volumes
+    assert not [m for m in messages if "does not hold" in m] and storage.uploads == 1

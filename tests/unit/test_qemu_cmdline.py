@@ -10,7 +10,8 @@ import pytest
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
-from pytest_vmfixtures.backends.qemu import KERNEL_ARGS, TB_SIZE_MB, MachinePaths, build_command_line, mac_for
+from pytest_vmfixtures.backends.common import KERNEL_ARGS, TB_SIZE_MB, mac_for
+from pytest_vmfixtures.backends.qemu import MachinePaths, build_command_line
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
 
 TCG = AccelChoice("tcg", "test")

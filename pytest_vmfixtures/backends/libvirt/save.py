@@ -1,4 +1,6 @@
-"""libvirt's save image format: what ``virDomainSave`` writes and ``virDomainRestore`` reads.
+"""Saved states through libvirt: its save image format, saving a domain, loading a state into one.
+
+libvirt's save image is what ``virDomainSave`` writes and ``virDomainRestore`` reads.
 
 A save image is a fixed header, the domain XML (plus libvirt's cookie), then
 QEMU's migration stream. The backend reads it in two ways:
@@ -17,11 +19,21 @@ was_running, compressed, offset of the cookie in that data, 14 unused).
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import SnapshotError
+from ...errors import SnapshotError
+from ...waiting import wait_for
+from ..common import run_qemu_img
+from .calls import bounded, libvirt
+from .storage import HostStorage
+
+if TYPE_CHECKING:
+    from .machine import LibvirtMachine
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 SAVE_HEADER = struct.Struct("<16s5I56x")
@@ -76,3 +88,77 @@ def rewrap(path: Path, xml: str) -> tuple[Iterator[bytes], int]:
                 yield chunk
 
     return chunks(), len(head) + path.stat().st_size - offset
+
+
+@dataclass
+class StateCopy:
+    """A remote host's copy of a saved RAM state, under its own UUID; one guest restores from it at a time."""
+
+    uuid: str
+    name: str  # of the domain restored from it, and (+ ".save") of its volume
+    path: str
+    busy: bool = True
+
+
+def load_through_monitor(machine: LibvirtMachine, memory: Path, offset: int) -> None:
+    """Load save image ``memory`` into a domain started with ``-incoming defer`` on this machine.
+
+    QEMU gets the migration stream (from ``offset``) as a file descriptor through the monitor.
+    """
+    name = machine.name
+    fd = os.open(memory, os.O_RDONLY)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        machine.qmp.send_fd(fd, "state")
+    finally:
+        os.close(fd)
+    machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
+
+    def loaded() -> bool | None:
+        if not machine.alive():
+            raise SnapshotError(f"{name}: saved state did not load: {machine.exit_description()}")
+        status = machine.qmp.execute("query-status")["status"]
+        if status in ("inmigrate", "prelaunch"):
+            return None
+        if status not in ("paused", "running"):
+            info = machine.qmp.execute("query-migrate")
+            raise SnapshotError(f"{name}: loading the saved state ended in {status}: {info}")
+        return True
+
+    wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+
+
+def save_domain(machine: LibvirtMachine, directory: Path, qemu_img: str) -> None:
+    """``virDomainSave`` ``machine`` into ``directory`` (memory, disk.qcow2); a remote host's save comes home."""
+    memory = directory / "memory"
+    storage = machine.host.storage
+    target = str(memory) if storage is None else f"{storage.directory}/{machine.domain_name}.save"
+    try:
+        bounded(f"{machine.name}: saving state", lambda: machine.domain.save(target), 600.0)
+    except libvirt.libvirtError as exc:
+        raise SnapshotError(f"{machine.name}: libvirt could not save the guest: {exc.get_error_message()}") from exc
+    if storage is not None:
+        _fetch_saved(machine, storage, directory, qemu_img)
+    stream_offset(memory)  # fail now, not at the first restore
+    info = memory.stat()
+    if info.st_uid != os.getuid():
+        try:
+            os.chown(memory, os.getuid(), os.getgid())
+        except OSError as exc:
+            raise SnapshotError(f"{memory} belongs to uid {info.st_uid}, not to us, and cannot be chowned") from exc
+    os.chmod(memory, 0o600)
+    if storage is None:
+        os.replace(machine.overlay, directory / "disk.qcow2")
+    machine.stop()
+
+
+def _fetch_saved(machine: LibvirtMachine, storage: HostStorage, directory: Path, qemu_img: str) -> None:
+    """Bring a state saved on a remote host into the local cache, its disk layer over the local image."""
+    saved = f"{machine.domain_name}.save"
+    try:
+        storage.refresh()  # the save file appeared behind libvirt's back
+        storage.download(saved, directory / "memory")
+        storage.download(Path(machine.overlay).name, directory / "disk.qcow2")
+    finally:
+        storage.delete(saved)
+    run_qemu_img(qemu_img, "rebase", "-u", "-F", "qcow2", "-b", str(machine.backing), str(directory / "disk.qcow2"))

@@ -8,11 +8,14 @@ connection (volume upload and download), so a host needs no other access.
 Two kinds of volume live there:
 
 * shared, named by content (``vmfx-img-<digest>.qcow2``, ``...vmlinuz``,
-  ``vmfx-state-<key>.qcow2``): uploaded once per host and kept for every later
-  run, from any machine. A finished upload is marked by an empty companion
-  volume ``<name>.done``; a volume without it is being uploaded by someone
-  else (wait while it grows) or was left half-written (it stops growing; it is
-  deleted and uploaded again);
+  ``vmfx-state-<key>-<digest>.qcow2``): uploaded once per host and kept for
+  every later run, from any machine. A finished upload is marked by an empty
+  companion volume ``<name>.done``; a volume without it is being uploaded by
+  someone else (wait while it grows) or was left half-written (it stops
+  growing; it is deleted and uploaded again). A finished one is not trusted
+  by its name and marker: the first time a run uses it, its bytes are read
+  back and their sha256 compared with the local file's; a copy that differs
+  is deleted and uploaded again;
 * a run's own (``vmfx-<session>-<client>-...``): guests' overlays and saved-RAM
   copies, deleted when the guest or the run ends, and reaped by a later run
   from the same machine if the run was killed.
@@ -21,27 +24,36 @@ Two kinds of volume live there:
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import logging
 import re
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
-from ..errors import GuestError
-from ..options import DEFAULT_LIBVIRT_POOL
-from ..runtime import pid_alive
-from ..waiting import Deadline
+from ...errors import GuestError, ImageError
+from ...images import qcow2
+from ...images.image import BuiltImage
+from ...options import DEFAULT_LIBVIRT_POOL
+from ...runtime import pid_alive
+from ...waiting import Deadline
+from ..base import SavedState
+from ..common import run_qemu_img
+from .calls import libvirt
 
-try:
-    import libvirt  # type: ignore[import-untyped]
-except ImportError:  # pragma: no cover - depends on the optional extra
-    libvirt = None
+log = logging.getLogger("pytest_vmfixtures")
 
 DONE = ".done"
 CHUNK = 1 << 20
 STALLED_S = 30.0  # an upload that has not grown for this long was abandoned
+MISMATCHES = 3  # a shared copy found wrong this many times in one run (someone keeps replacing it): give up
 # A run's own volumes: vmfx-<pid>-<8 hex>-<client 8 hex>-...
 RUN_OWNED = re.compile(r"^vmfx-(\d+)-[0-9a-f]{8}-([0-9a-f]{8})-")
 
@@ -52,6 +64,25 @@ def file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             yield chunk
+
+
+@dataclass
+class LocalFile:
+    """What a shared volume must hold: the bytes of a local file (whose sha256 may be known already)."""
+
+    path: Path
+    known_sha256: str | None = None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        if self.known_sha256 is not None:
+            return self.known_sha256
+        with open(self.path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    def content(self) -> tuple[Iterator[bytes], int]:
+        """Its bytes, and how many (a volume is created with its size up front)."""
+        return file_chunks(self.path), self.path.stat().st_size
 
 
 def pool_setup(name: str) -> str:
@@ -88,7 +119,10 @@ class HostStorage:
             raise GuestError(f"{uri}: storage pool {pool_name!r} is not active: virsh pool-start {pool_name}")
         self.uploads = 0  # volumes this process uploaded (shared and own)
         self.stalled_s = STALLED_S
-        self._ready: dict[str, str] = {}  # shared volumes known to be complete here: name -> path
+        self._ready: dict[str, str] = {}  # shared volumes known to be complete and right here: name -> path
+        self._locks: dict[str, threading.Lock] = {}  # one per shared volume: checked or uploaded once per run
+        self._locks_lock = threading.Lock()
+        self.state_disks: dict[tuple[object, ...], str] = {}  # a local state disk -> its volume here (state_disk)
         target = ElementTree.fromstring(self.pool.XMLDesc(0)).findtext("target/path")
         if not target:
             raise GuestError(f"{uri}: storage pool {pool_name!r} is not a directory pool (dir, fs or netfs)")
@@ -143,12 +177,22 @@ class HostStorage:
         volume = self._lookup(name)
         if volume is None:
             raise GuestError(f"{self.uri}: volume {name} is not in the storage pool")
+        with open(target, "wb") as f:
+            self._read(volume, f.write)
+
+    def sha256(self, volume: Any) -> str:
+        """The sha256 of ``volume``'s bytes as the host holds them, read back through libvirt."""
+        digest = hashlib.sha256()
+        self._read(volume, digest.update)
+        return digest.hexdigest()
+
+    def _read(self, volume: Any, sink: Callable[[bytes], object]) -> None:
+        """Stream all of ``volume`` (``virStorageVolDownload``) into ``sink``."""
         stream = self.conn.newStream(0)
         volume.download(stream, 0, 0, 0)
         try:
-            with open(target, "wb") as f:
-                while data := stream.recv(CHUNK):  # a blocking stream: b"" at the end, errors raise
-                    f.write(data)
+            while data := stream.recv(CHUNK):  # a blocking stream: b"" at the end, errors raise
+                sink(data)
             stream.finish()
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
@@ -162,23 +206,38 @@ class HostStorage:
                 volume.delete(0)
 
     # -- shared, content-named volumes -----------------------------------------
-    def ensure(self, name: str, source: Callable[[], tuple[Iterable[bytes], int]], progress: Progress) -> str:
-        """The path of shared volume ``name``, uploading it from ``source()`` if no finished copy is there.
+    def ensure(self, name: str, source: LocalFile, progress: Progress) -> str:
+        """The path of shared volume ``name`` holding ``source``'s bytes: a copy found there, once its
+        bytes are checked against ``source``'s sha256, else one uploaded now.
 
-        Content-named volumes do not change, so each is looked up once per run (every guest start needs them).
+        Content-named volumes do not change, so each is looked up and checked once per run (every
+        guest start needs them).
         """
         path = self._ready.get(name)
         if path is None:
-            path = self._ready[name] = self._ensure(name, source, progress)
+            with self._locks_lock:
+                lock = self._locks.setdefault(name, threading.Lock())
+            with lock:
+                path = self._ready.get(name)
+                if path is None:
+                    path = self._ready[name] = self._ensure(name, source, progress)
         return path
 
-    def _ensure(self, name: str, source: Callable[[], tuple[Iterable[bytes], int]], progress: Progress) -> str:
+    def _ensure(self, name: str, source: LocalFile, progress: Progress) -> str:
+        mismatches = 0
         while True:
             volume = self._lookup(name)
             if volume is not None and self._lookup(name + DONE) is not None:
-                return str(volume.path())
+                verdict = self._check(name, volume, source, progress)
+                if verdict is None:
+                    return str(volume.path())
+                mismatches += verdict
+                if mismatches >= MISMATCHES:
+                    raise GuestError(f"{self.uri}: {name} held wrong bytes {mismatches} times in this run, "
+                                     "replaced each time: something else keeps writing the storage pool")
+                continue  # deleted (or replaced by another run meanwhile): look again
             if volume is None:
-                chunks, size = source()
+                chunks, size = source.content()
                 progress(f"copying {name} ({size / 2**20:.0f} MiB) to {self.uri}")
                 try:
                     path = self.upload(name, chunks, size)
@@ -193,6 +252,29 @@ class HostStorage:
                         raise
                 return path
             self._wait_or_take_over(name, volume, progress)
+
+    def _check(self, name: str, volume: Any, source: LocalFile, progress: Progress) -> int | None:
+        """None if finished copy ``volume`` holds ``source``'s bytes; else it is deleted, and 1 (it was
+        wrong) or 0 (it went away while being read: another run replaces it)."""
+        try:
+            size = int(volume.info()[2])  # bytes stored (its capacity is a qcow2's virtual size)
+            progress(f"checking {name} on {self.uri} ({size / 2**20:.0f} MiB) against its sha256")
+            found = self.sha256(volume)
+        except libvirt.libvirtError as exc:
+            if self._lookup(name) is None or self._lookup(name + DONE) is None:
+                return 0
+            raise GuestError(f"{self.uri}: cannot read {name} back to check it: {exc.get_error_message()}") from exc
+        if found == source.sha256:
+            return None
+        message = (f"{name} on {self.uri} does not hold what its name says (sha256 {found[:16]}..., "
+                   f"expected {source.sha256[:16]}...): deleting it and copying it again")
+        log.warning("%s", message)
+        progress(message)
+        self.delete(name + DONE)  # first, so nobody takes the volume for finished meanwhile
+        self.delete(name)
+        if self._lookup(name) is not None:
+            raise GuestError(f"{self.uri}: cannot delete {name}, a copy that does not match its sha256")
+        return 1
 
     def _wait_or_take_over(self, name: str, volume: Any, progress: Progress) -> None:
         """Another upload of ``name`` is running or was abandoned: wait while it grows, else delete it."""
@@ -221,3 +303,55 @@ class HostStorage:
             match = RUN_OWNED.match(name)
             if match and match.group(2) == client and not pid_alive(int(match.group(1)), None):
                 self.delete(name)
+
+
+# -- what a guest on a remote host needs there ------------------------------------
+
+
+def qcow2_virtual_size(path: Path) -> int:
+    size = qcow2.virtual_size(path)
+    if size is None:
+        raise ImageError(f"{path} is not a qcow2 image")
+    return size
+
+
+def guest_files(storage: HostStorage, image: BuiltImage, backing: Path, overlay_name: str, files: Path,
+                state: SavedState | None, qemu_img: str, progress: Progress) -> dict[str, object]:
+    """The paths on the host of a new guest's kernel, initrd and overlay (over the image or ``state``'s disk)."""
+    assert image.kernel is not None and image.initrd is not None
+    tag = f"vmfx-img-{image.disk_sha256[:16]}"
+    paths: dict[str, object] = {
+        "kernel": storage.ensure(f"{tag}.vmlinuz", LocalFile(image.kernel), progress),
+        "initrd": storage.ensure(f"{tag}.initrd", LocalFile(image.initrd), progress),
+    }
+    remote_backing = storage.ensure(f"{tag}.qcow2", LocalFile(image.disk, image.disk_sha256), progress)
+    if state is not None:
+        remote_backing = state_disk(storage, state, remote_backing, files, qemu_img, progress)
+    paths["overlay"] = storage.overlay(overlay_name, remote_backing, qcow2_virtual_size(backing))
+    return paths
+
+
+def state_disk(storage: HostStorage, state: SavedState, base: str, files: Path, qemu_img: str,
+               progress: Progress) -> str:
+    """The saved state's disk layer on a remote host, pointing at that host's copy of the image (``base``).
+
+    Named by the sha256 of those bytes, not by the state's key alone: each machine that makes a
+    state of one key boots its own guest, so two machines' disk layers of one key differ, and each
+    belongs with its own saved RAM.
+    """
+    local = state.disk.stat()  # a state made again in this run (same key, new files) is a new layer
+    known = (state.key, local.st_ino, local.st_mtime_ns, local.st_size)
+    path = storage.state_disks.get(known)
+    if path is not None:
+        return path
+    rebased = files / "state-disk.qcow2"
+    try:
+        shutil.copyfile(state.disk, rebased)
+        run_qemu_img(qemu_img, "rebase", "-u", "-F", "qcow2", "-b", base, str(rebased))
+        source = LocalFile(rebased)
+        path = storage.ensure(f"vmfx-state-{state.key}-{source.sha256[:16]}.qcow2", source, progress)
+    finally:
+        with contextlib.suppress(OSError):
+            rebased.unlink()
+    storage.state_disks[known] = path
+    return path

@@ -1,0 +1,55 @@
+"""What both backends build a machine from.
+
+The kernel and TCG settings here are part of every saved state's key (each
+backend's ``state_inputs``), so both backends must use these very values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+from pathlib import Path
+
+from ..errors import GuestError
+from .base import LanSegment, Machine
+
+TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
+# Pages the guest frees are zeroed, so after it drops its caches a saved state
+# holds only the memory in use: zero pages cost nothing to save or restore.
+KERNEL_ARGS = "init_on_free=1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def create_overlay(qemu_img: str, backing: Path, overlay: Path, backing_format: str = "qcow2") -> None:
+    """A new qcow2 file ``overlay`` whose reads fall through to ``backing`` (left untouched)."""
+    result = subprocess.run(
+        [qemu_img, "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing), str(overlay)],
+        capture_output=True, text=True, timeout=60,
+    )
+    if result.returncode != 0:
+        raise GuestError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
+
+
+def mac_for(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def hotplug_lan(machine: Machine, segment: LanSegment, mac: str) -> None:
+    """A virtio NIC on the segment's multicast group, plugged into the running guest through QMP."""
+    netdev = f"lan{mac.replace(':', '')[-6:]}"
+    machine.qmp.execute("netdev_add", {"type": "socket", "id": netdev, "mcast": segment.endpoint, "localaddr": "127.0.0.1"})
+    machine.qmp.execute("device_add", {"driver": "virtio-net-pci", "netdev": netdev, "mac": mac, "id": f"{netdev}-nic"})
+
+
+def run_qemu_img(qemu_img: str, *args: str) -> None:
+    """``qemu-img ARGS``; its complaint becomes a GuestError."""
+    result = subprocess.run([qemu_img, *args], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise GuestError(f"qemu-img {args[0]} failed: {result.stderr.strip()}")

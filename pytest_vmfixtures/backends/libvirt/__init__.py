@@ -1,0 +1,77 @@
+"""The libvirt backend: guests are transient libvirt domains, on one host or several.
+
+Same semantics as the QEMU backend: each guest runs on its own qcow2 overlay
+over a read-only layer, with QEMU's user-mode network (``restrict=on`` by
+default) forwarding one 127.0.0.1 port to sshd, and a ready state saved once
+and restored many times, in parallel. The domain XML is the template
+``domain.xml`` next to this file (domain.py fills it in).
+
+How a state is saved and restored, and why:
+
+* save: ``virDomainSave`` writes libvirt's save image (a small header, the
+  domain XML, then QEMU's migration stream) to ``memory``; the domain, being
+  transient, is gone afterwards and its overlay becomes ``disk.qcow2``.
+* restore: libvirt's own ``virDomainRestoreFlags`` only accepts a replacement
+  XML with the *same UUID* ("Target domain uuid ... does not match source"),
+  and one libvirtd never runs two domains with one UUID, so a saved file could
+  back only one live guest at a time. The pool needs several (the guest in
+  use and its spare). So each restore starts a new domain (own name, UUID,
+  overlay, console, port) with QEMU's ``-incoming defer``, hands QEMU the save
+  image's migration stream as a file descriptor through the monitor
+  (``virDomainQemuMonitorCommandWithFiles``, libvirt >= 8.2), starts the
+  incoming migration, and resumes the domain through libvirt once it loaded.
+
+The guest agent's socket belongs to libvirt; commands reach the agent through
+``virDomainQemuAgentCommand`` (:class:`LibvirtAgentTransport`), and QMP
+through ``virDomainQemuMonitorCommand`` (:class:`LibvirtQMP`); both in channels.py.
+
+Several hosts: each URI is one libvirtd; a new guest goes to the connection
+with the fewest running guests. A libvirtd reached over a unix socket shares
+this machine's files (the cache is used in place, the saved RAM is handed over
+as a descriptor). Any other transport (``qemu+ssh://``, ``+tcp``, ``+tls``,
+``+ext``) is a *remote* host: images, kernels and saved states are copied into
+its storage pool once and kept there by digest (storage.py); guests
+are restored by libvirt itself from a per-guest copy of the saved RAM with its
+own UUID (save.py); the serial console is streamed back over the
+connection into the local console.log (console.py); SSH reaches the guest's
+forwarded port on the host's loopback, through ``ssh -W`` for ``qemu+ssh://``
+hosts (ssh_route.py).
+
+The modules: backend.py (LibvirtBackend: placement, start, save, restore),
+machine.py (LibvirtMachine), connection.py (a libvirtd per URI, which host
+gets a guest, reaping), domain.py (the XML), save.py (the save image format,
+saving, loading a state), storage.py (a remote host's pool: uploads, checks,
+what a guest needs there), channels.py, console.py, ssh_route.py, and
+calls.py (libvirt-python, optional, and calls with a deadline).
+"""
+
+from .backend import LibvirtBackend
+from .channels import LibvirtAgentTransport, LibvirtQMP
+from .connection import CLIENT, Host, HostUnreachable, is_session, log_dir, shares_files
+from .console import ConsolePump
+from .domain import DEVICES_VERSION, TEMPLATE, render_domain
+from .machine import LibvirtMachine
+from .save import StateCopy
+from .ssh_route import ssh_route
+from .storage import HostStorage, qcow2_virtual_size
+
+__all__ = [
+    "CLIENT",
+    "DEVICES_VERSION",
+    "TEMPLATE",
+    "ConsolePump",
+    "Host",
+    "HostStorage",
+    "HostUnreachable",
+    "LibvirtAgentTransport",
+    "LibvirtBackend",
+    "LibvirtMachine",
+    "LibvirtQMP",
+    "StateCopy",
+    "is_session",
+    "log_dir",
+    "qcow2_virtual_size",
+    "render_domain",
+    "shares_files",
+    "ssh_route",
+]

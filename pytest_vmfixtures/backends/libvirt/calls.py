@@ -1,0 +1,45 @@
+"""libvirt-python (an optional extra), and blocking calls into it with a deadline.
+
+Every module of this backend takes ``libvirt`` and ``libvirt_qemu`` from here:
+None when the extra is not installed, which :func:`require_libvirt` turns
+into the message saying what to install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+from ...errors import GuestError
+
+try:
+    import libvirt  # type: ignore[import-untyped]
+    import libvirt_qemu  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - depends on the optional extra
+    libvirt = None
+    libvirt_qemu = None
+
+__all__ = ["bounded", "libvirt", "libvirt_qemu", "require_libvirt", "version_string"]
+
+T = TypeVar("T")
+_calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vmfixtures-libvirt")
+
+
+def require_libvirt() -> None:
+    if libvirt is None:
+        raise GuestError("the libvirt backend needs libvirt-python: pip install 'pytest-vmfixtures[libvirt]'")
+
+
+def bounded(what: str, call: Callable[[], T], timeout: float) -> T:
+    """Run a blocking libvirt call with a deadline (libvirt-python releases the GIL while it waits)."""
+    future = _calls.submit(call)
+    try:
+        return future.result(timeout)
+    except FutureTimeout:
+        raise GuestError(f"{what} did not answer within {timeout:g} s") from None
+
+
+def version_string(number: int) -> str:
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"

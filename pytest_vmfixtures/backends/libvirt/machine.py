@@ -1,0 +1,118 @@
+"""One guest of the libvirt backend: a transient domain, and the files it owns."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .calls import libvirt
+from .channels import LibvirtAgentTransport, LibvirtQMP
+from .connection import Host, connection_lost, log_dir
+from .console import ConsolePump
+from .save import StateCopy
+from .ssh_route import ssh_route
+
+if TYPE_CHECKING:
+    from .backend import LibvirtBackend
+
+
+class LibvirtMachine:
+    """A transient libvirt domain and the files it owns."""
+
+    def __init__(
+        self, backend: LibvirtBackend, host: Host, domain: Any, name: str, files: Path, ssh_port: int, xml: str,
+        has_agent: bool, backing: Path, overlay: str,
+    ) -> None:
+        self.backend = backend
+        self.host = host
+        self.domain = domain
+        self.domain_name = str(domain.name())
+        self.placed_as = self.domain_name  # the name the backend placed it under (see _restore_copy)
+        self.name = name
+        self.files = files
+        self.xml = xml
+        self.ssh_host = "127.0.0.1"
+        self.ssh_port = ssh_port
+        self.ssh_proxy = ssh_route(host.uri, ssh_port) if host.storage is not None else None
+        self.console_log = files / "console.log"
+        self.agent_socket: Path | None = None  # libvirt owns it; see agent_transport
+        self.agent_transport = LibvirtAgentTransport(domain, name) if has_agent else None
+        self.qmp = LibvirtQMP(domain, name)
+        self.backing = backing  # the local file this guest's disk layer sits on
+        self.overlay = overlay  # a path on the host: a file here, or a volume in a remote host's pool
+        self.console: ConsolePump | None = None
+        self.state_copy: StateCopy | None = None
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    @property
+    def uri(self) -> str:
+        return self.host.uri
+
+    @property
+    def command_line(self) -> list[str]:
+        """QEMU's argv as libvirt builds it (for error messages)."""
+        try:
+            argv = str(self.host.conn.domainXMLToNative("qemu-argv", self.xml, 0))
+        except Exception:
+            return ["libvirt", self.host.uri, self.domain_name]
+        return argv.split()
+
+    def alive(self) -> bool:
+        if self._stopped:
+            return False
+        try:
+            return bool(self.domain.isActive())
+        except libvirt.libvirtError:
+            return False  # a transient domain that ended is gone
+
+    def exit_description(self) -> str:
+        if self.alive():
+            return "still running"
+        if connection_lost(self.host.conn):
+            return (f"the connection to libvirt at {self.host.uri} was lost (libvirtd stopped or the host is "
+                    f"unreachable); domain {self.domain_name} may still run there until a later run reaps it")
+        tail = self.log_tail(3)
+        return f"libvirt domain {self.domain_name} on {self.host.uri} ended" + (f": {tail}" if tail else "")
+
+    def log_tail(self, lines: int = 10) -> str:
+        if self.host.storage is not None:
+            return ""  # libvirt's log of the domain is on the other host
+        try:
+            text = (log_dir(self.host.uri) / f"{self.domain_name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def state(self) -> str:
+        """libvirt's view: running, paused, shut off, ..."""
+        try:
+            code = self.domain.state()[0]
+        except libvirt.libvirtError:
+            return "gone"
+        names = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+                 libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed"}
+        return names.get(code, f"state {code}")
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.qmp.close()
+        if self.agent_transport is not None:
+            self.agent_transport.close()
+        with contextlib.suppress(libvirt.libvirtError):  # already gone (saved, crashed, destroyed by someone)
+            self.domain.destroy()
+        if self.console is not None:
+            self.console.close()
+        self.backend._forget(self)
+        if self.host.storage is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.host.storage.delete(Path(self.overlay).name)
+            return
+        for path in (Path(self.overlay), log_dir(self.host.uri) / f"{self.domain_name}.log"):
+            with contextlib.suppress(OSError):  # absent, or libvirt's log is not ours to remove
+                path.unlink()

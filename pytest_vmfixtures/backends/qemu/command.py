@@ -1,0 +1,136 @@
+"""The QEMU command line of one guest, and the files it names. Pure: every input is a parameter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...accel import AccelChoice
+from ...errors import GuestError
+from ...images.image import BuiltImage
+from ..base import MachineConfig
+from ..common import KERNEL_ARGS, TB_SIZE_MB, mac_for
+
+# UEFI firmware for images that boot through it (Debian/Ubuntu: package ovmf; Fedora: edk2-ovmf).
+# The code is read-only; each guest gets a qcow2 overlay of the variable store as its NVRAM.
+OVMF_CANDIDATES = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+)
+
+
+def find_ovmf() -> tuple[Path, Path]:
+    """The OVMF code and variable-store template, or a GuestError saying what to install."""
+    for code, variables in OVMF_CANDIDATES:
+        if Path(code).is_file() and Path(variables).is_file():
+            return Path(code), Path(variables)
+    raise GuestError("this image boots with UEFI, and no OVMF firmware was found: install it (Debian: apt install ovmf)")
+
+
+@dataclass(frozen=True)
+class MachinePaths:
+    files: Path
+    socks: Path
+
+    @property
+    def overlay(self) -> Path:
+        return self.files / "overlay.qcow2"
+
+    @property
+    def console(self) -> Path:
+        return self.files / "console.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.files / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.files / "pid"
+
+    @property
+    def nvram(self) -> Path:
+        """A UEFI guest's variable store: an overlay, like the disk, and saved with it."""
+        return self.files / "nvram.qcow2"
+
+    @property
+    def qmp(self) -> Path:
+        return self.socks / "qmp"
+
+    @property
+    def agent(self) -> Path:
+        return self.socks / "qga"
+
+
+def opt(path: object) -> str:
+    """A path as a value in QEMU's ``key=value,...`` option syntax, where a comma is written twice."""
+    return str(path).replace(",", ",,")
+
+
+def build_command_line(
+    binary: str,
+    image: BuiltImage,
+    config: MachineConfig,
+    accel: AccelChoice,
+    paths: MachinePaths,
+    ssh_port: int,
+    *,
+    incoming: bool = False,
+    name: str = "guest",
+) -> list[str]:
+    """The QEMU argv. Pure: every input is a parameter, so it is unit-tested.
+
+    Everything that is part of the migrated device state is identical between
+    a cold boot and a restore (the MAC included); only file paths, the
+    forwarded port and ``-incoming`` differ.
+    """
+    argv = [binary, "-name", f"guest={name},debug-threads=on", "-no-user-config", "-nodefaults"]
+    argv += ["-machine", "pc", "-display", "none", "-m", str(config.memory_mb), "-smp", str(config.cpus)]
+    if accel.accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", f"tcg,tb-size={TB_SIZE_MB}"]
+    argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    if image.kernel is not None:
+        argv += ["-kernel", str(image.kernel), "-append", f"{image.cmdline} {KERNEL_ARGS}"]
+        if image.initrd is not None:
+            argv += ["-initrd", str(image.initrd)]
+    elif image.firmware == "uefi":
+        code, _ = find_ovmf()
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={opt(code)}",
+            # qcow2, so savevm (vm.snapshot) can snapshot it with the disk
+            "-drive", f"if=pflash,format=qcow2,unit=1,file={opt(paths.nvram)}",
+        ]
+    argv += [
+        "-drive", f"file={opt(paths.overlay)},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if image.kernel is None else ""),
+    ]
+    if image.seed is not None:  # cloud-init's NoCloud seed, a read-only CD
+        argv += [
+            "-device", "virtio-scsi-pci,id=scsi0",
+            "-drive", f"file={opt(image.seed)},if=none,id=seed0,format=raw,readonly=on,media=cdrom",
+            "-device", "scsi-cd,drive=seed0,bus=scsi0.0",
+        ]
+    restrict = "on" if config.network == "restricted" else "off"
+    argv += [
+        "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", f"virtio-net-pci,netdev=net0,mac={mac_for(config.label)}",
+        "-device", "virtio-rng-pci",
+        "-device", "VGA",  # something to screendump when a test fails
+        # A restore appends to the console log its state's boot console begins (start_restored_console).
+        "-chardev", f"file,id=serial0,path={opt(paths.console)}" + (",append=on" if incoming else ""),
+        "-serial", "chardev:serial0",
+        "-chardev", f"socket,id=qmp,path={opt(paths.qmp)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+    if image.agent:
+        argv += [
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=qga0,path={opt(paths.agent)},server=on,wait=off",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv

@@ -1,0 +1,187 @@
+"""The layout's rules, checked on the source (docs/architecture.md states them).
+
+Each module's imports are read with :mod:`ast`, not by importing it, so a rule
+broken in a function-level import fails here too. Imports under
+``if TYPE_CHECKING:`` are left out: they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "pytest_vmfixtures"
+ROOT = "pytest_vmfixtures"
+MAX_LINES = 450
+# Kept so hooks and suites written against 0.1 still import; each only re-exports from images/.
+COMPAT_SHIMS = {f"{ROOT}.image", f"{ROOT}.cache", f"{ROOT}.catalog"}
+
+
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = [package.name, *path.relative_to(package).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, package: Path = PACKAGE) -> set[str]:
+    """Every module ``path`` imports (absolute names; ``from x import y`` also counts x.y)."""
+    name = module_name(path, package)
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[: len(base) - (child.level - 1)]
+                    target = ".".join([*base, child.module] if child.module else base)
+                else:
+                    target = child.module or ""
+                found.add(target)
+                found.update(f"{target}.{alias.name}" for alias in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+    return found
+
+
+def _modules(package: Path = PACKAGE) -> dict[str, set[str]]:
+    return {module_name(path, package): imports_of(path, package) for path in sorted(package.rglob("*.py"))}
+
+
+MODULES = _modules()
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _violations(rule_from: str, forbidden: tuple[str, ...], modules: dict[str, set[str]] = MODULES) -> list[str]:
+    return sorted(
+        f"{module} imports {target}"
+        for module, targets in modules.items()
+        if _within(module, rule_from)
+        for target in targets
+        if any(_within(target, banned) for banned in forbidden)
+    )
+
+
+PYTEST_SIDE = ("pytest", "_pytest", f"{ROOT}.plugin", f"{ROOT}.fixtures", f"{ROOT}.session", f"{ROOT}.hookspecs")
+RULES = [
+    pytest.param(f"{ROOT}.backends", PYTEST_SIDE, id="backends know no pytest"),
+    pytest.param(f"{ROOT}.channels", ("libvirt", f"{ROOT}.backends", f"{ROOT}.pool", f"{ROOT}.guest"),
+                 id="channels know no hypervisor"),
+    pytest.param(f"{ROOT}.images", (*PYTEST_SIDE, "libvirt", f"{ROOT}.backends", f"{ROOT}.guest", f"{ROOT}.pool"),
+                 id="images need no backend"),
+]
+
+
+@pytest.mark.parametrize(("rule_from", "forbidden"), RULES)
+def test_import_rule(rule_from: str, forbidden: tuple[str, ...]) -> None:
+    assert _violations(rule_from, forbidden) == []
+
+
+def test_the_vm_handle_reaches_backends_only_through_the_protocol() -> None:
+    reached = {target for target in MODULES[f"{ROOT}.guest"] if _within(target, f"{ROOT}.backends")}
+    assert reached <= {f"{ROOT}.backends", f"{ROOT}.backends.base"} | {
+        target for target in reached if target.startswith(f"{ROOT}.backends.base.")
+    }
+
+
+def _internal_graph(modules: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (``from pkg import name`` resolved to pkg.name or pkg)."""
+    graph: dict[str, set[str]] = {}
+    for module, targets in modules.items():
+        edges = set()
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != module and not _within(module, target):
+                edges.add(target)
+        graph[module] = edges
+    return graph
+
+
+def find_cycle(modules: dict[str, set[str]]) -> list[str]:
+    """One import loop among ``modules`` (as a path that starts and ends at the same module), or []."""
+    graph = _internal_graph(modules)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (cycle := walk(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (cycle := walk(start)):
+            return cycle
+    return []
+
+
+def test_no_import_loop() -> None:
+    assert find_cycle(MODULES) == []
+
+
+def test_no_module_is_long() -> None:
+    lengths = {path.relative_to(PACKAGE).as_posix(): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert {name: lines for name, lines in lengths.items() if lines > MAX_LINES} == {}
+
+
+def test_compat_shims_only_re_export() -> None:
+    for shim in COMPAT_SHIMS:
+        assert {t for t in MODULES[shim] if not _within(t, f"{ROOT}.images")} == set(), shim
+
+
+# The checks above must be able to fail: each is run once on a small package made to break it.
+
+
+def _make_package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / ROOT
+    for relative, text in {"__init__.py": "", **files}.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+    return root
+
+
+def test_a_backend_importing_pytest_is_caught(tmp_path: Path) -> None:
+    root = _make_package(tmp_path, {
+        "backends/__init__.py": "",
+        "backends/qemu.py": "def f():\n    import pytest\n",
+        "backends/base.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pytest\n",
+    })
+    assert _violations(f"{ROOT}.backends", PYTEST_SIDE, _modules(root)) == [f"{ROOT}.backends.qemu imports pytest"]
+
+
+def test_a_loop_and_a_relative_import_are_resolved(tmp_path: Path) -> None:
+    root = _make_package(tmp_path, {
+        "images/__init__.py": "",
+        "images/a.py": "from .b import thing\n",
+        "images/b.py": "from ..images import a\n",
+        "images/c.py": "from . import b\n",
+    })
+    modules = _modules(root)
+    assert f"{ROOT}.images.b" in modules[f"{ROOT}.images.c"]
+    assert find_cycle(modules) == [f"{ROOT}.images.a", f"{ROOT}.images.b", f"{ROOT}.images.a"]
