@@ -10,6 +10,7 @@ opens read-write for this user; otherwise TCG, with the reason.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,13 @@ def choose_accel(requested: str, facts: HostFacts) -> AccelChoice:
     if problem is None:
         return AccelChoice("kvm", "KVM usable")
     return AccelChoice("tcg", problem)
+
+
+def guest_accel(choice: AccelChoice, native: bool, guest: str) -> AccelChoice:
+    """What one guest runs with: KVM runs only guests of the host's own architecture.
+
+    ``native`` says whether the guest's architecture is the host's; ``guest`` names it for the reason.
+    """
+    if choice.accel == "kvm" and not native:
+        return AccelChoice("tcg", f"{guest} guest on a {platform.machine()} host: emulated")
+    return choice

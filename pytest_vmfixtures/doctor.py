@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accel import choose_accel, kvm_problem, probe_host
+from .accel import choose_accel, guest_accel, kvm_problem, probe_host
+from .arch import ARCHES, is_native, missing_firmware
 from .options import DEFAULT_LIBVIRT_POOL
 from .runtime import pid_alive
 
@@ -75,6 +76,26 @@ def check_kvm() -> Check:
                 " or nested virtualization is off in the parent hypervisor"
             )
     return Check(WARN, "kvm", f"not used: {problem}; guests run under TCG (software emulation)")
+
+
+def check_arches(requested: str = "auto", binaries: dict[str, str] | None = None) -> Check:
+    """Which guest architectures this host can run (emulator and firmware installed), and how."""
+    choice = choose_accel(requested, probe_host())
+    runs, missing = [], []
+    for arch in ARCHES.values():
+        binary = (binaries or {}).get(arch.family, arch.qemu_binary)
+        lacking = [arch.qemu_package] if shutil.which(binary) is None else []
+        lacking += [arch.firmware_package] if missing_firmware(arch) else []
+        if lacking:
+            missing.append((arch.debian, lacking))
+        else:
+            runs.append(f"{arch.debian} ({guest_accel(choice, is_native(arch), arch.uname).accel})")
+    message = "guests of " + (", ".join(runs) or "no architecture")
+    if not missing:
+        return Check(OK, "architectures", message)
+    packages = sorted({package for _, lacking in missing for package in lacking})
+    names = ", ".join(name for name, _ in missing)
+    return Check(WARN, "architectures", f"{message}; not {names}: apt install {' '.join(packages)}")
 
 
 def check_accel(requested: str) -> Check:
@@ -294,6 +315,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
         check_qemu(qemu_binary, versions),
         check_kvm(),
         check_accel(accel),
+        check_arches(accel),
         *check_image_tools(cache_dir, versions),
         check_cache(cache_dir),
         check_stale(cache_dir),

@@ -329,7 +329,7 @@ def read_guest_os(vm: VM) -> GuestOS:
     """Read the OS facts from the guest itself, falling back to the recipe's for what it cannot tell."""
     script = (
         ". /etc/os-release 2>/dev/null; echo \"id=$ID\"; echo \"version=$VERSION_ID\"; "
-        "echo \"init=$(cat /proc/1/comm 2>/dev/null)\"; "
+        "echo \"init=$(cat /proc/1/comm 2>/dev/null)\"; echo \"arch=$(uname -m)\"; "
         "for pm in apt-get dnf yum zypper apk pacman pkg opkg; do "
         "command -v $pm >/dev/null 2>&1 && { echo \"pm=$pm\"; break; }; done"
     )
@@ -346,4 +346,5 @@ def read_guest_os(vm: VM) -> GuestOS:
         version=facts.get("version") or fallback.version,
         init=init or fallback.init,
         package_manager=pm,
+        arch=facts.get("arch") or fallback.arch,
     )

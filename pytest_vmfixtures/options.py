@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .accel import ACCELS
+from .arch import ARCHES, by_name
 from .backends.base import NETWORKS
 from .images.byo import check_spec
 
@@ -26,6 +27,36 @@ DEFAULT_LIBVIRT_POOL = "vmfixtures"  # on remote libvirt hosts, for the copied i
 
 class OptionError(ValueError):
     """Bad option or marker; the plugin turns it into pytest.UsageError."""
+
+
+DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
+
+
+def parse_qemu_binaries(values: Iterable[str]) -> tuple[str, dict[str, str]]:
+    """``--vm-qemu-binary``: a bare PATH runs x86 guests, ``ARCH=PATH`` another architecture's.
+
+    Returns the x86 binary and a map from QEMU target (``aarch64``) to binary; an
+    architecture not given runs ``qemu-system-TARGET`` from PATH.
+    """
+    x86 = DEFAULT_QEMU_BINARY
+    others: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            x86 = value
+            continue
+        try:
+            arch = by_name(name)
+        except KeyError:
+            raise OptionError(f"--vm-qemu-binary {value}: unknown architecture {name!r}; "
+                              f"use one of {', '.join(ARCHES)} (or a bare path for x86)") from None
+        if not path:
+            raise OptionError(f"--vm-qemu-binary {value}: give the emulator's path after '='")
+        if arch.x86:
+            x86 = path
+        else:
+            others[arch.family] = path
+    return x86, others
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 
 from . import hookspecs
 from .accel import AccelChoice
+from .arch import by_name
 from .backends.base import Backend
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
@@ -18,7 +19,7 @@ from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
 from .images.byo import is_byo
 from .images.cache import default_cache_dir
-from .images.catalog import available_recipes
+from .images.catalog import available_recipes, load_recipe
 from .instance import console_tail
 from .options import (
     DEFAULT_IMAGE,
@@ -30,9 +31,10 @@ from .options import (
     parse_backend,
     parse_count,
     parse_positive,
+    parse_qemu_binaries,
 )
 from .runtime import Runtime
-from .session import Settings, VMSession, builtin_dirs, describe_settings, missing_tools
+from .session import Settings, VMSession, arch_problem, builtin_dirs, describe_settings, missing_tools
 
 GUEST_FIXTURES = ("vm", "vm_factory", "vm_network")
 
@@ -49,7 +51,8 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-libvirt-uri", "vm_libvirt_uris", "args", [], "libvirt URI the libvirt backend uses (repeatable: guests go to the least loaded)"),
     ("--vm-libvirt-pool", "vm_libvirt_pool", "string", DEFAULT_LIBVIRT_POOL, "storage pool that remote libvirt hosts keep copies in"),
     ("--vm-standby", "vm_standby", "string", "1", "1: a clean spare guest is restored in the background per config; 0: revert in line"),
-    ("--vm-qemu-binary", "vm_qemu_binary", "string", "qemu-system-x86_64", "the QEMU system emulator to run"),
+    ("--vm-qemu-binary", "vm_qemu_binary", "args", [],
+     "the QEMU system emulator for x86 guests, or ARCH=PATH for another architecture's (repeatable)"),
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
     ("--vm-artifacts", "vm_artifacts", "string", "", "where failed tests' console logs, screendumps and journals go"),
     ("--vm-keep-on-failure", "vm_keep_on_failure", "bool", False, "keep a failed test's guest running after the run; prints how to ssh in"),
@@ -61,6 +64,7 @@ _DEFAULT_TEXT = {
     "vm_cache": "~/.cache/pytest-vmfixtures",
     "vm_artifacts": "vm-artifacts under pytest's basetemp",
     "vm_libvirt_uris": DEFAULT_LIBVIRT_URI,
+    "vm_qemu_binary": "qemu-system-ARCH from PATH",
 }
 
 
@@ -76,7 +80,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if kind == "bool":
             group.addoption(option, action="store_true", default=None, dest=ini, help=help_text)
         elif kind in ("args", "paths"):
-            metavar = {"vm_images": "NAME", "vm_libvirt_uris": "URI"}.get(ini, "DIR")
+            metavar = {"vm_images": "NAME", "vm_libvirt_uris": "URI", "vm_qemu_binary": "[ARCH=]PATH"}.get(ini, "DIR")
             group.addoption(option, action="append", default=[], dest=ini, metavar=metavar, help=help_text)
         else:
             group.addoption(option, default=None, dest=ini, help=help_text)
@@ -92,6 +96,7 @@ def _value(config: pytest.Config, ini: str) -> Any:
 
 def _settings(config: pytest.Config) -> Settings:
     try:
+        qemu_binary, qemu_binaries = parse_qemu_binaries(_value(config, "vm_qemu_binary"))
         cache = _value(config, "vm_cache")
         rootdir = config.rootpath
         dirs = [Path(p) if Path(p).is_absolute() else rootdir / p for p in config.getoption("vm_images_dir")]
@@ -105,7 +110,8 @@ def _settings(config: pytest.Config) -> Settings:
             command_timeout=parse_positive("--vm-command-timeout", _value(config, "vm_command_timeout")),
             backend=parse_backend(str(_value(config, "vm_backend"))),
             standby=parse_count("--vm-standby", _value(config, "vm_standby")),
-            qemu_binary=str(_value(config, "vm_qemu_binary")),
+            qemu_binary=qemu_binary,
+            qemu_binaries=qemu_binaries,
             provision_key=str(_value(config, "vm_provision_key") or ""),
             artifacts=Path(str(_value(config, "vm_artifacts"))).expanduser() if _value(config, "vm_artifacts") else None,
             keep_on_failure=bool(_value(config, "vm_keep_on_failure")),
@@ -148,7 +154,7 @@ def pytest_vm_make_backend(config: pytest.Config, runtime: Runtime, accel: Accel
                               progress=config.stash[SESSION_KEY].progress)
     from .backends.qemu import QemuBackend
 
-    return QemuBackend(runtime, accel, binary=settings.qemu_binary)
+    return QemuBackend(runtime, accel, binary=settings.qemu_binary, binaries=settings.qemu_binaries)
 
 
 def _uses_guests(fixturenames: Any) -> bool:
@@ -206,6 +212,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 f"unknown image {name!r}; available: {', '.join(sorted(known))} "
                 "(or add a recipe NAME.toml with --vm-images-dir DIR)"
             )
+    for name in sorted(n for n in wanted if n in known):
+        try:
+            problem = arch_problem(vms.settings, name, by_name(load_recipe(name, vms.settings.image_dirs).architecture))
+        except (ImageError, KeyError):
+            continue  # a recipe that does not load or names an unknown architecture fails its build, with why
+        if problem:
+            raise pytest.UsageError(problem)
     try:
         vms.cache.ensure_writable()
     except ImageError as exc:

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from .accel import AccelChoice, guest_accel
+from .arch import by_name, is_native
 from .backends.base import STATE_CONSOLE, Backend, Machine, MachineConfig, SavedState, config_inputs, digest_of
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
@@ -215,15 +217,24 @@ class Pool:
         )
         return SavedState(directory, directory / "disk.qcow2", directory / "memory", key)
 
+    def accel_for(self, image: BuiltImage) -> str:
+        """The session's accelerator, except that a guest of another architecture than the host's is emulated."""
+        try:
+            native = is_native(by_name(image.arch))
+        except KeyError:
+            native = True  # the backend refuses an unknown architecture with its own message
+        return guest_accel(AccelChoice(self.accel, ""), native, image.arch).accel
+
     def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> None:
         """Cold boot, provision, and freeze: done once per state key, ever."""
         started = time.monotonic()
-        self.progress(f"booting {config.describe()} with accel {self.accel} (first use; warm starts afterwards)")
+        accel = self.accel_for(image)
+        self.progress(f"booting {config.describe()} with accel {accel} (first use; warm starts afterwards)")
         name = self.runtime.new_name(f"{config.label}-boot")
         machine = self.backend.boot(image, config, name)
         instance = _bound(machine, image)
         try:
-            wait_ssh_ready(instance, self.boot_timeout, self.accel)
+            wait_ssh_ready(instance, self.boot_timeout, accel)
             self.progress(f"{config.label} booted in {time.monotonic() - started:.0f} s; provisioning")
             vm = self._handle(image, config, instance, slot=None)
             vm.state = GuestState.DIRTY
@@ -267,7 +278,7 @@ class Pool:
             name=instance.machine.name,
             image=image,
             config=config,
-            accel=self.accel,
+            accel=self.accel_for(image),
             instance=instance,
             fresh_instance=fresh,
             discard=self.discard,

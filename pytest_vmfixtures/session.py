@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from .accel import AccelChoice, choose_accel, probe_host
+from .arch import Arch, missing_firmware
 from .backends.base import Backend
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .images.cache import Cache
@@ -49,6 +50,7 @@ class Settings:
     libvirt_uris: list[str] = field(default_factory=list)
     libvirt_pool: str = DEFAULT_LIBVIRT_POOL
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT  # vm.run, put and get given no timeout
+    qemu_binaries: dict[str, str] = field(default_factory=dict)  # QEMU target -> emulator, besides x86's
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:
@@ -165,6 +167,23 @@ def missing_tools(settings: Settings) -> list[str]:
     if shutil.which("qemu-img") is None:
         problems.append("qemu-img not found: install it (Debian: apt install qemu-utils)")
     return problems
+
+
+def arch_problem(settings: Settings, name: str, arch: Arch) -> str | None:
+    """Why image ``name`` of architecture ``arch`` cannot run here, with what to install; None if it can."""
+    if arch.x86:
+        return None  # the x86 emulator is checked for every run (missing_tools)
+    if settings.backend == "libvirt":
+        return (f"image {name!r} is {arch.debian}; the libvirt backend runs x86 guests only: "
+                f"use --vm-backend qemu for it")
+    binary = settings.qemu_binaries.get(arch.family, arch.qemu_binary)
+    if shutil.which(binary) is None:
+        return f"image {name!r} is {arch.debian}: {binary} not found: install it (Debian: apt install {arch.qemu_package})"
+    missing = missing_firmware(arch)
+    if missing:
+        return (f"image {name!r} is {arch.debian}: its firmware {missing[0]} is missing: "
+                f"install it (Debian: apt install {arch.firmware_package})")
+    return None
 
 
 def builtin_dirs(extra: list[Path]) -> list[Path]:

@@ -20,8 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..arch import ARCHES, Arch, by_name, image_arch, is_native
 from ..errors import ImageError
-from . import mmdebstrap
+from . import foreign, mmdebstrap
 from .image import DISK_NAME, INITRD_NAME, KERNEL_NAME, BuiltImage, GuestOS
 from .keys import CLIENT_KEY_NAME, HOST_KEY_NAME, public_line, write_keys
 from .recipe import BUILDER_VERSION
@@ -30,8 +33,13 @@ from .tools import have_tool, run_tool
 if TYPE_CHECKING:
     from .recipe import Recipe
 
-_ARCHES = {"amd64": "x86_64", "arm64": "aarch64", "i386": "i386", "riscv64": "riscv64"}
+_HOST_DEBIAN = {"x86_64": "amd64", "aarch64": "arm64", "riscv64": "riscv64"}
 _MMDEBSTRAP_DISTRIBUTIONS = ("debian", "ubuntu")
+# Which of the architectures this plugin runs each known release has (with a kernel); others are not checked.
+_RELEASE_ARCHES = {
+    ("debian", "bookworm"): frozenset(("amd64", "arm64", "i386")),
+    ("debian", "trixie"): frozenset(("amd64", "arm64", "riscv64")),
+}
 _TOOLS = {
     "genext2fs": "genext2fs",
     "tune2fs": "e2fsprogs",
@@ -45,7 +53,7 @@ _BUILDER_TOOLS = {
 }
 # Only mmdebstrap needs user namespaces (so subordinate ids) without root.
 _ROOTLESS_TOOLS = {"newuidmap": "uidmap", "newgidmap": "uidmap"}
-# mmdebstrap asks arch-test whether this host can run another architecture's binaries (i386 on amd64, too).
+# mmdebstrap asks arch-test whether this host can run another architecture's binaries (i386 on amd64).
 _FOREIGN_TOOLS = {"arch-test": "arch-test"}
 _PACKAGE_MANAGERS = {"mmdebstrap": "apt", "extract": "none"}
 
@@ -77,15 +85,19 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
             from .minimal import extract  # the minimal builder's modules load only when one is built
 
             has_agent = extract.build_root(recipe, stage, raw, host, client, progress)
-        else:
+        elif is_native(arch):
             archive = mmdebstrap.write_stage(recipe, stage, host, client)
             progress(f"bootstrapping {recipe.release} with mmdebstrap")
-            mmdebstrap.run(recipe, archive, raw, progress)
+            mmdebstrap.run(recipe, mmdebstrap.native_command(recipe, archive, raw), progress)
+        else:
+            _build_foreign(recipe, arch, stage, raw, host, client, progress)
+        if recipe.builder != "extract":
             has_agent = (stage / "facts").read_text(encoding="ascii").strip() == "agent=1"
         for name in (KERNEL_NAME, INITRD_NAME):
             os.replace(stage / name, out_dir / name)
-        progress(f"making ext4 of {recipe.disk_size}")
-        _finish_filesystem(raw, recipe.disk_size_bytes)
+        if recipe.builder == "extract" or is_native(arch):
+            progress(f"making ext4 of {recipe.disk_size}")
+            finish_filesystem(raw, recipe.disk_size_bytes)
         progress(f"converting to {DISK_NAME}")
         run_tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)])
     finally:
@@ -107,12 +119,13 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
         user=recipe.user,
         client_key=out_dir / CLIENT_KEY_NAME,
         host_key=public_line(host),
-        arch=arch,
+        arch=image_arch(recipe.architecture),
         os=GuestOS(
             id=recipe.distribution,
             version=recipe.version,
             init=recipe.init,
             package_manager=_PACKAGE_MANAGERS[recipe.builder],
+            arch=arch.uname,
         ),
         agent=has_agent,
         built_at=time.time(),
@@ -121,18 +134,52 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
     progress(f"built {recipe.name} in {time.monotonic() - started:.0f} s")
 
 
-def _check_recipe(recipe: Recipe) -> str:
+def _build_foreign(
+    recipe: Recipe, arch: Arch, stage: Path, raw: Path, host: Ed25519PrivateKey, client: str,
+    progress: Callable[[str], None],
+) -> None:
+    """Unpack on the host, install under emulation (see :mod:`.foreign`); leaves kernel, initrd and facts in ``stage``."""
+    work = stage / "foreign"
+    (work / "host").mkdir(parents=True)
+    archive = mmdebstrap.write_stage(recipe, stage, host, client,
+                                     extra={foreign.STAGE2_NAME: (foreign.stage2_script(recipe), 0o755)})
+    progress(f"unpacking {recipe.release} for {recipe.architecture} with mmdebstrap (first stage)")
+    mmdebstrap.run(recipe, foreign.extract_command(recipe, archive, raw, work / "host"), progress)
+    progress(f"making ext4 of {recipe.disk_size}")
+    finish_filesystem(raw, recipe.disk_size_bytes)
+    results = foreign.run_stage2(recipe, arch, qemu_binary_for(arch), work, raw, progress)
+    foreign.check_filesystem(raw)
+    foreign.copy_results(results, stage)
+
+
+def qemu_binary_for(arch: Arch) -> str:
+    """The emulator a foreign build runs; ``VMFIXTURES_QEMU_<FAMILY>`` names another one."""
+    return os.environ.get(f"VMFIXTURES_QEMU_{arch.family.upper()}", arch.qemu_binary)
+
+
+def _check_recipe(recipe: Recipe) -> Arch:
     """Refuse what this builder cannot make before spending a minute on it."""
     if recipe.builder == "mmdebstrap" and recipe.distribution not in _MMDEBSTRAP_DISTRIBUTIONS:
         raise ImageError(
             f"image {recipe.name!r}: cannot build distribution {recipe.distribution!r}; "
             f"use one of {', '.join(_MMDEBSTRAP_DISTRIBUTIONS)}"
         )
-    if recipe.architecture not in _ARCHES:
+    try:
+        arch = by_name(recipe.architecture)
+    except KeyError:
         raise ImageError(
-            f"image {recipe.name!r}: unsupported architecture {recipe.architecture!r}; use one of {', '.join(_ARCHES)}"
+            f"image {recipe.name!r}: unsupported architecture {recipe.architecture!r}; use one of {', '.join(ARCHES)}"
+        ) from None
+    have = _RELEASE_ARCHES.get((recipe.distribution, recipe.release))
+    if have is not None and recipe.architecture not in have:
+        raise ImageError(
+            f"image {recipe.name!r}: {recipe.distribution} {recipe.release} has no {recipe.architecture} "
+            f"release; it has {', '.join(sorted(have))} (of those this plugin runs)"
         )
-    return _ARCHES[recipe.architecture]
+    if recipe.builder == "extract" and not is_native(arch):
+        raise ImageError(f"image {recipe.name!r}: builder 'extract' runs the guest's busybox on the host, "
+                         f"so it cannot build {recipe.architecture} here; use the default builder")
+    return arch
 
 
 def host_tools(recipe: Recipe, rootless: bool = True) -> dict[str, str]:
@@ -141,7 +188,11 @@ def host_tools(recipe: Recipe, rootless: bool = True) -> dict[str, str]:
     if recipe.builder == "mmdebstrap":
         if rootless:
             tools.update(_ROOTLESS_TOOLS)
-        if _ARCHES.get(recipe.architecture) != platform.machine():
+        arch = ARCHES.get(recipe.architecture)
+        if arch is not None and not is_native(arch):
+            # Unpacked on the host, installed under emulation: the emulator, not arch-test.
+            tools[arch.qemu_binary] = arch.qemu_package
+        elif recipe.architecture != _HOST_DEBIAN.get(platform.machine()):
             tools.update(_FOREIGN_TOOLS)
     return tools
 
@@ -160,7 +211,7 @@ def _check_host(recipe: Recipe) -> None:
         mmdebstrap.check_subordinate_ids(getpass.getuser(), os.getuid())
 
 
-def _finish_filesystem(raw: Path, size: int) -> None:
+def finish_filesystem(raw: Path, size: int) -> None:
     """Turn mmdebstrap's nearly full ext2 into an ext4 of the recipe's size.
 
     The journal makes a guest killed mid-test leave a consistent disk in its

@@ -122,6 +122,11 @@ def _read(path: Path) -> dict[str, Any]:
         raise ImageError(f"{path}: invalid TOML: {exc}; fix the syntax there") from exc
     except OSError as exc:
         raise ImageError(f"{path}: cannot read recipe: {exc.strerror}; check the file") from exc
+    if "arch" in data:
+        # "arch" is the short name of "architecture"; the two must not disagree in one file.
+        if "architecture" in data and data["architecture"] != data["arch"]:
+            raise ImageError(f"{path}: 'arch' and 'architecture' are the same key; keep one")
+        data["architecture"] = data.pop("arch")
     unknown = sorted(set(data) - _ALLOWED_KEYS)
     if unknown:
         raise ImageError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(_ALLOWED_KEYS))}")

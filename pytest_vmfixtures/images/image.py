@@ -30,6 +30,7 @@ class GuestOS:
     version: str
     init: str
     package_manager: str
+    arch: str = ""  # as the guest's ``uname -m`` prints it
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class BuiltImage:
                 version=_str(os_data, "version"),
                 init=_str(os_data, "init"),
                 package_manager=_str(os_data, "package_manager"),
+                arch=str(os_data.get("arch", "")),
             ),
             agent=agent,
             built_at=float(data["built_at"]),
@@ -143,6 +145,7 @@ class BuiltImage:
                 "version": self.os.version,
                 "init": self.os.init,
                 "package_manager": self.os.package_manager,
+                "arch": self.os.arch,
             },
             "agent": self.agent,
             "built_at": self.built_at,

@@ -49,9 +49,9 @@ PrintLastLog no
 """
 
 # Runs inside the finished tree (chrooted), after the recipe's packages are
-# installed, from the staged copy at _GUEST_STAGE. Recipe files and commands
+# installed, from the staged copy at GUEST_STAGE. Recipe files and commands
 # come first, so the guarantees the plugin relies on are applied last and win.
-_GUEST_STAGE = "/var/tmp/vmfixtures"
+GUEST_STAGE = "/var/tmp/vmfixtures"
 _CUSTOMIZE = """\
 set -eu
 stage={stage}
@@ -105,24 +105,28 @@ def check_subordinate_ids(user: str, uid: int) -> None:
             )
 
 
-def write_stage(recipe: Recipe, stage: Path, host_key: Ed25519PrivateKey, client: str) -> Path:
+def write_stage(
+    recipe: Recipe, stage: Path, host_key: Ed25519PrivateKey, client: str,
+    extra: dict[str, tuple[bytes, int]] | None = None,
+) -> Path:
     """Pack everything the guest side needs into one tarball; return its path.
 
     A tarball because rootless mmdebstrap runs hooks as a subordinate uid that
     cannot read the caller's files; its ``tar-in`` reads them as the caller and
-    keeps the owners and modes set here.
+    keeps the owners and modes set here. ``extra`` adds members (name: data,
+    mode) beside the customize script, as a foreign build's second stage.
     """
     steps: list[str] = []
     members: dict[str, tuple[bytes, int]] = {}
     for index, item in enumerate(recipe.files):
         members[f"files/{index}"] = (item.content.lstrip("\n").encode("utf-8"), 0o600)
-        source = shlex.quote(f"{_GUEST_STAGE}/files/{index}")
+        source = shlex.quote(f"{GUEST_STAGE}/files/{index}")
         steps.append(f"install -D -m {item.mode:04o} {source} {shlex.quote(item.path)}")
     for command in recipe.commands:
         steps.append(f"/bin/sh -c {shlex.quote(command)}")
     members["customize.sh"] = (
         _CUSTOMIZE.format(
-            stage=shlex.quote(_GUEST_STAGE),
+            stage=shlex.quote(GUEST_STAGE),
             user=shlex.quote(recipe.user),
             recipe_steps="\n".join(steps),
             kernel=KERNEL_NAME,
@@ -137,12 +141,13 @@ def write_stage(recipe: Recipe, stage: Path, host_key: Ed25519PrivateKey, client
     # No fsck pass: every guest boots a fresh overlay of a clean filesystem.
     members["fstab"] = (b"/dev/vda / ext4 rw,relatime 0 0\n", 0o644)
     members["hostname"] = (recipe.name.encode("ascii") + b"\n", 0o644)
+    members.update(extra or {})
     members["hosts"] = (
         f"127.0.0.1 localhost\n127.0.1.1 {recipe.name}\n::1 localhost ip6-localhost ip6-loopback\n".encode("ascii"),
         0o644,
     )
     archive = stage / "stage.tar"
-    top = _GUEST_STAGE.rsplit("/", 1)[1]
+    top = GUEST_STAGE.rsplit("/", 1)[1]
     with tarfile.open(archive, "w") as tar:
         for directory in (top, f"{top}/files", f"{top}/out"):
             info = tarfile.TarInfo(directory)
@@ -155,11 +160,11 @@ def write_stage(recipe: Recipe, stage: Path, host_key: Ed25519PrivateKey, client
     return archive
 
 
-def run(recipe: Recipe, archive: Path, target: Path, progress: Callable[[str], None]) -> None:
-    """Run mmdebstrap, passing its info lines on and keeping the tail for errors."""
+def native_command(recipe: Recipe, archive: Path, target: Path) -> list[str]:
+    """The whole build in one mmdebstrap run: install, then customize in a chroot of the new tree."""
     stage = archive.parent
-    parent = _GUEST_STAGE.rsplit("/", 1)[0]
-    out = f"{_GUEST_STAGE}/out"
+    parent = GUEST_STAGE.rsplit("/", 1)[0]
+    out = f"{GUEST_STAGE}/out"
     command = [
         "mmdebstrap",
         "--mode=auto",
@@ -168,13 +173,17 @@ def run(recipe: Recipe, archive: Path, target: Path, progress: Callable[[str], N
         "--format=ext2",
         # Stage in, run the guest-side script, take kernel and initrd out, clean up.
         f"--customize-hook=tar-in {archive} {parent}",
-        f'--customize-hook=chroot "$1" /bin/sh {_GUEST_STAGE}/customize.sh',
+        f'--customize-hook=chroot "$1" /bin/sh {GUEST_STAGE}/customize.sh',
         f"--customize-hook=copy-out {out}/{KERNEL_NAME} {out}/{INITRD_NAME} {out}/facts {stage}",
-        f'--customize-hook=rm -rf "$1{_GUEST_STAGE}"',
+        f'--customize-hook=rm -rf "$1{GUEST_STAGE}"',
     ]
     if recipe.packages:
         command.append("--include=" + ",".join(recipe.packages))
-    command += [recipe.release, str(target), recipe.mirror, *recipe.extra_sources]
+    return [*command, recipe.release, str(target), recipe.mirror, *recipe.extra_sources]
+
+
+def run(recipe: Recipe, command: list[str], progress: Callable[[str], None]) -> None:
+    """Run mmdebstrap's ``command``, passing its info lines on and keeping the tail for errors."""
     tail: collections.deque[str] = collections.deque(maxlen=8)
     errors: list[str] = []  # apt's "E:" lines say what went wrong; the tail says where
     # Its own session: on errors mmdebstrap signals its whole process group,

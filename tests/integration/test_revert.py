@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pytest_vmfixtures import CommandError, CommandTimeout
+from pytest_vmfixtures.arch import by_name
 
 
 def test_wreck_packages_and_etc(vm):
@@ -107,8 +108,10 @@ def test_reboot(vm):
     assert vm.run("test -e /root/survives-reboot").ok
 
 
-def test_handle_facts(vm):
-    assert vm.image == "debian-12"
+def test_handle_facts(vm, request):
+    assert vm.image == request.node.callspec.params["_vm_image"]  # the matrix image (--vm-image)
+    assert vm.os.arch == vm.run("uname -m", check=True).stdout.strip()
+    assert vm.os.arch == by_name(vm.built_image.arch).uname  # what the image was built for runs
     assert vm.accel in ("kvm", "tcg")
     assert vm.console_log.exists()
     assert vm.os.id == "debian"
@@ -119,7 +122,7 @@ def test_handle_facts(vm):
 def test_restored_guests_console_log_starts_with_its_boot(vm):
     """Boot console kept with the state, a line marking the restore, then what the guest prints since."""
     vm.revert()  # certainly a guest restored from the clean state, on either backend
-    vm.run("echo vmfx-after-restore > /dev/ttyS0", check=True)
+    vm.run("echo vmfx-after-restore > /dev/console", check=True)  # ttyS0, ttyAMA0: whichever the kernel's is
     deadline = time.monotonic() + 30
     while b"vmfx-after-restore" not in vm.console_log.read_bytes() and time.monotonic() < deadline:
         time.sleep(0.1)

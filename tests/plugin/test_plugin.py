@@ -374,6 +374,30 @@ def test_missing_qemu_binary_is_a_one_line_usage_error(env: Env) -> None:
     ]
 
 
+def test_a_missing_emulator_for_an_images_architecture_names_its_package(env: Env) -> None:
+    env.pytester.makepyfile(test_m="def test_x(vm):\n    pass\n")
+    result = env.collect("--vm-image", "debian-12-arm64", "--vm-qemu-binary", "arm64=/nonexistent/qemu-aarch64")
+    assert result.ret == USAGE_ERROR
+    errors = [line for line in result.errlines if line.strip()]
+    assert errors == ["ERROR: image 'debian-12-arm64' is arm64: /nonexistent/qemu-aarch64 not found: "
+                      "install it (Debian: apt install qemu-system-arm)"]
+
+
+def test_a_foreign_architecture_on_the_libvirt_backend_is_a_usage_error(env: Env) -> None:
+    env.pytester.makepyfile(test_m="import pytest\n\n@pytest.mark.vm(image='debian-13-riscv64')\ndef test_x(vm):\n    pass\n")
+    result = env.collect("--vm-backend", "libvirt")
+    assert result.ret == USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: image 'debian-13-riscv64' is riscv64; the libvirt backend runs x86 guests only*"])
+
+
+def test_an_architecture_matrix_puts_each_image_in_the_test_id(env: Env) -> None:
+    env.pytester.makepyfile(test_m="def test_x(vm):\n    pass\n")
+    result = env.collect("--vm-image", "debian-12", "--vm-image", "debian-12-arm64")
+    assert result.ret == 0
+    assert [line for line in result.outlines if "::" in line] == [
+        "test_m.py::test_x[debian-12]", "test_m.py::test_x[debian-12-arm64]"]
+
+
 def test_unwritable_cache_is_a_usage_error_naming_vm_cache(env: Env, tmp_path: Path) -> None:
     blocker = tmp_path / "regular-file"
     blocker.write_text("")

@@ -51,7 +51,7 @@ def _instance() -> Instance:
 
 
 def _vm(**kwargs: Any) -> VM:
-    return VM("fake-1", SimpleNamespace(user="root"), MachineConfig(image="debian-12"), "tcg",  # type: ignore[arg-type]
+    return VM("fake-1", SimpleNamespace(user="root", arch="x86_64"), MachineConfig(image="debian-12"), "tcg",  # type: ignore[arg-type]
               _instance(), fresh_instance=_instance, discard=lambda instance: None, **kwargs)
 
 
@@ -84,7 +84,7 @@ def test_guests_from_the_pool_carry_its_default() -> None:
     # vm and vm_factory both get their guests from Pool.acquire, which makes the handle here.
     pool = Pool(None, None, None, [], accel="tcg", command_timeout=42.0)  # type: ignore[arg-type]
     try:
-        vm = pool._handle(SimpleNamespace(user="root"), MachineConfig(image="debian-12"), _instance(), slot=None)  # type: ignore[arg-type]
+        vm = pool._handle(SimpleNamespace(user="root", arch="x86_64"), MachineConfig(image="debian-12"), _instance(), slot=None)  # type: ignore[arg-type]
     finally:
         pool.executor.shutdown()
     assert vm.command_timeout == 42.0

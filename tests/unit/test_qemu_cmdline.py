@@ -12,6 +12,7 @@ from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.common import KERNEL_ARGS, TB_SIZE_MB, mac_for
 from pytest_vmfixtures.backends.qemu import MachinePaths, build_command_line
+from pytest_vmfixtures.errors import GuestError
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
 
 TCG = AccelChoice("tcg", "test")
@@ -235,3 +236,34 @@ def test_commas_in_paths_are_doubled_so_they_cannot_add_options(image: BuiltImag
     assert "format=raw" not in options and "format=qcow2" in options
     for chardev in option_values(argv, "-chardev"):
         assert "cache,format=raw" not in chardev.replace(",,", "")
+
+
+# -- other architectures ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("arch", "machine", "cpu"), [("aarch64", "virt", "cortex-a57"), ("riscv64", "virt", None)])
+def test_other_architectures_get_their_machine_and_a_fixed_tcg_cpu(
+        image: BuiltImage, tmp_path: Path, arch: str, machine: str, cpu: str | None) -> None:
+    argv = build(replace(image, arch=arch), tmp_path)
+    assert option_values(argv, "-machine") == [machine]
+    assert option_values(argv, "-cpu") == ([cpu] if cpu else [])
+    assert "VGA" not in argv  # no VGA console on the virt machines
+    assert option_values(argv, "-device")[:2] == ["virtio-blk-pci,drive=disk0", f"virtio-net-pci,netdev=net0,mac={mac_for('debian-12')}"]
+
+
+def test_x86_keeps_the_pc_machine_and_its_vga(image: BuiltImage, tmp_path: Path) -> None:
+    for arch in ("x86_64", "i386"):
+        argv = build(replace(image, arch=arch), tmp_path, paths=paths_in(tmp_path, arch))
+        assert option_values(argv, "-machine") == ["pc"]
+        assert "VGA" in argv
+
+
+def test_kvm_on_an_arm64_host_uses_its_cpu(image: BuiltImage, tmp_path: Path) -> None:
+    # The backend passes KVM only for a guest of the host's architecture (accel.guest_accel).
+    argv = build(replace(image, arch="aarch64"), tmp_path, accel=KVM)
+    assert option_values(argv, "-accel") == ["kvm"]
+    assert option_values(argv, "-cpu") == ["host"]
+
+
+def test_an_unknown_architecture_is_a_guest_error_naming_it(image: BuiltImage, tmp_path: Path) -> None:
+    with pytest.raises(GuestError, match="architecture 'sparc64'"):
+        build(replace(image, arch="sparc64"), tmp_path)

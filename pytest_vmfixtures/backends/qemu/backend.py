@@ -10,7 +10,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from ...accel import AccelChoice
+from ...accel import AccelChoice, guest_accel
+from ...arch import ARCHES, is_native
 from ...channels.agent import AgentTransport
 from ...channels.qmp import QMP
 from ...errors import BootError, GuestError, SnapshotError, VMError
@@ -19,7 +20,7 @@ from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan
-from .command import MachinePaths, build_command_line, find_ovmf
+from .command import MachinePaths, build_command_line, find_ovmf, guest_arch
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 PORT_ATTEMPTS = 5
@@ -29,9 +30,15 @@ def qemu_version(binary: str) -> str:
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise GuestError(f"cannot run {binary}: {exc}; install QEMU (apt install qemu-system-x86)") from exc
+        raise GuestError(f"cannot run {binary}: {exc}; install QEMU (apt install {qemu_package(binary)})") from exc
     match = re.search(r"version (\S+)", out)
     return match.group(1) if match else out.strip()
+
+
+def qemu_package(binary: str) -> str:
+    """The Debian package with ``binary`` (by its qemu-system-FAMILY name)."""
+    family = Path(binary).name.removeprefix("qemu-system-")
+    return next((a.qemu_package for a in ARCHES.values() if a.family == family), "qemu-system-x86")
 
 
 def host_cpu_id() -> str:
@@ -135,26 +142,48 @@ class QemuMachine:
 class QemuBackend:
     name = "qemu"
 
-    def __init__(self, runtime: Runtime, accel: AccelChoice, binary: str = DEFAULT_BINARY, qemu_img: str = "qemu-img") -> None:
+    def __init__(
+        self, runtime: Runtime, accel: AccelChoice, binary: str = DEFAULT_BINARY, qemu_img: str = "qemu-img",
+        binaries: dict[str, str] | None = None,
+    ) -> None:
+        """``binary`` runs x86 guests; ``binaries`` maps other QEMU targets (``aarch64``) to their emulators."""
         self.runtime = runtime
         self.accel = accel
         self.binary = binary
+        self.binaries = {**(binaries or {}), "x86_64": binary}
         self.qemu_img = qemu_img
         self.version = qemu_version(binary)
+        self._versions = {binary: self.version}
 
     def describe(self) -> str:
         return f"qemu {self.version}, accel {self.accel.accel} ({self.accel.reason})"
 
+    def binary_for(self, image: BuiltImage) -> str:
+        arch = guest_arch(image)
+        return self.binaries.get(arch.family, arch.qemu_binary)
+
+    def accel_for(self, image: BuiltImage) -> AccelChoice:
+        arch = guest_arch(image)
+        return guest_accel(self.accel, is_native(arch), arch.uname)
+
+    def _version_of(self, binary: str) -> str:
+        if binary not in self._versions:
+            self._versions[binary] = qemu_version(binary)
+        return self._versions[binary]
+
     def state_inputs(self, image: BuiltImage, config: MachineConfig) -> dict[str, object]:
+        accel = self.accel_for(image)
         inputs: dict[str, object] = {
             "backend": "qemu",
-            "qemu": self.version,
-            "accel": self.accel.accel,
+            "qemu": self._version_of(self.binary_for(image)),
+            "accel": accel.accel,
             "tb": TB_SIZE_MB,
             "kernel_args": KERNEL_ARGS,
             "devices": 2,  # bump when the device set in build_command_line changes
         }
-        if self.accel.accel == "kvm":
+        if not guest_arch(image).x86:
+            inputs["machine"] = [guest_arch(image).machine, guest_arch(image).tcg_cpu]
+        if accel.accel == "kvm":
             inputs["cpu"] = host_cpu_id()
         if image.kernel is None:  # firmware boot: the firmware is part of the machine
             inputs["firmware"] = image.firmware
@@ -190,7 +219,8 @@ class QemuBackend:
         last_error = ""
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = free_port()
-            argv = build_command_line(self.binary, image, config, self.accel, paths, port, incoming=incoming, name=name)
+            argv = build_command_line(self.binary_for(image), image, config, self.accel_for(image), paths, port,
+                                      incoming=incoming, name=name)
             with open(paths.stderr, "wb") as stderr:
                 process = self.runtime.spawn(argv, stderr, paths.pidfile)
             machine = QemuMachine(name, process, paths, argv, port, image.agent)

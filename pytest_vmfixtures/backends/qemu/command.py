@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...accel import AccelChoice
+from ...arch import ARCHES, Arch, by_name
 from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
@@ -63,6 +64,15 @@ class MachinePaths:
         return self.socks / "qga"
 
 
+def guest_arch(image: BuiltImage) -> Arch:
+    """The architecture an image was built for, or a GuestError naming it."""
+    try:
+        return by_name(image.arch)
+    except KeyError:
+        raise GuestError(f"image {image.name!r} is for architecture {image.arch!r}, which this plugin cannot run; "
+                         f"use one of {', '.join(ARCHES)}") from None
+
+
 def opt(path: object) -> str:
     """A path as a value in QEMU's ``key=value,...`` option syntax, where a comma is written twice."""
     return str(path).replace(",", ",,")
@@ -85,12 +95,15 @@ def build_command_line(
     a cold boot and a restore (the MAC included); only file paths, the
     forwarded port and ``-incoming`` differ.
     """
+    arch = guest_arch(image)
     argv = [binary, "-name", f"guest={name},debug-threads=on", "-no-user-config", "-nodefaults"]
-    argv += ["-machine", "pc", "-display", "none", "-m", str(config.memory_mb), "-smp", str(config.cpus)]
+    argv += ["-machine", arch.machine, "-display", "none", "-m", str(config.memory_mb), "-smp", str(config.cpus)]
     if accel.accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
         argv += ["-accel", f"tcg,tb-size={TB_SIZE_MB}"]
+        if arch.tcg_cpu:
+            argv += ["-cpu", arch.tcg_cpu]
     argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     if image.kernel is not None:
         argv += ["-kernel", str(image.kernel), "-append", f"{image.cmdline} {KERNEL_ARGS}"]
@@ -118,7 +131,10 @@ def build_command_line(
         "-netdev", f"user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", f"virtio-net-pci,netdev=net0,mac={mac_for(config.label)}",
         "-device", "virtio-rng-pci",
-        "-device", "VGA",  # something to screendump when a test fails
+    ]
+    if arch.x86:
+        argv += ["-device", "VGA"]  # something to screendump when a test fails (other machines have no VGA console)
+    argv += [
         # A restore appends to the console log its state's boot console begins (start_restored_console).
         "-chardev", f"file,id=serial0,path={opt(paths.console)}" + (",append=on" if incoming else ""),
         "-serial", "chardev:serial0",

@@ -29,7 +29,7 @@ INITRAMFS_APPLETS = ("sh", "mount", "umount", "insmod", "sleep", "switch_root", 
 
 _INIT = """\
 #!/bin/sh
-# initramfs: load the virtio drivers, mount the root disk, hand over to its init.
+# initramfs: load the virtio drivers, mount the root disk, hand over to its init (init= on the command line).
 # Exiting panics the kernel, which the plugin reports with the console log.
 export PATH=/bin
 mount -t devtmpfs devtmpfs /dev
@@ -38,8 +38,12 @@ for module in {modules}; do
     insmod "/lib/modules/$module.ko" || echo "initramfs: cannot load $module"
 done
 root=/dev/vda
+init=/sbin/init
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in root=*) root=${{arg#root=}} ;; esac
+    case "$arg" in
+        root=*) root=${{arg#root=}} ;;
+        init=*) init=${{arg#init=}} ;;
+    esac
 done
 tries=0
 while [ ! -b "$root" ]; do
@@ -50,7 +54,7 @@ done
 mount -t ext4 -o rw "$root" /newroot || {{ echo "initramfs: cannot mount $root"; exit 1; }}
 umount /proc
 mount --move /dev /newroot/dev
-exec switch_root /newroot /sbin/init
+exec switch_root /newroot "$init"
 """
 
 _INITTAB = """\
