@@ -149,7 +149,7 @@ def _build_foreign(
     finish_filesystem(raw, recipe.disk_size_bytes)
     results = foreign.run_stage2(recipe, arch, qemu_binary_for(arch), work, raw, progress)
     foreign.check_filesystem(raw)
-    foreign.copy_results(results, stage)
+    foreign.copy_results(work, results, stage)
 
 
 def qemu_binary_for(arch: Arch) -> str:

@@ -74,9 +74,13 @@ rm -f /etc/resolv.conf
 : > /etc/resolv.conf
 sed -i 's/^root:[^:]*:/root:*:/' /etc/shadow
 if [ -x /usr/sbin/qemu-ga ]; then echo agent=1; else echo agent=0; fi > "$stage/out/facts"
-kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1)
+# vmlinuz on most architectures; riscv64's Debian kernel is an uncompressed vmlinux.
+kernel=$(ls /boot/vmlinuz-* /boot/vmlinux-* 2>/dev/null | sort -V | tail -n 1)
 [ -n "$kernel" ] || {{ echo "E: no kernel in /boot: add a linux-image package" >&2; exit 1; }}
-version=${{kernel#/boot/vmlinuz-}}
+version=${{kernel#/boot/vmlinu?-}}
+cp "$kernel" "$stage/out/{kernel}"
+# A foreign build brings an initrd made on the host (images/foreign.py); a native one uses the guest's.
+[ -z "${{VMFIXTURES_HOST_INITRD:-}}" ] || exit 0
 [ -f "/boot/initrd.img-$version" ] || {{ echo "E: no initrd for $version: add initramfs-tools" >&2; exit 1; }}
 if ! grep -qs '^CONFIG_VIRTIO_BLK=y' "/boot/config-$version"; then
     lsinitramfs "/boot/initrd.img-$version" | grep -q '/virtio_blk\\.ko' || {{
@@ -84,7 +88,6 @@ if ! grep -qs '^CONFIG_VIRTIO_BLK=y' "/boot/config-$version"; then
         exit 1
     }}
 fi
-cp "$kernel" "$stage/out/{kernel}"
 cp "/boot/initrd.img-$version" "$stage/out/{initrd}"
 """
 
