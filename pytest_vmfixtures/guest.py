@@ -255,6 +255,7 @@ class VM:
         if instance.agent is not None:
             instance.agent.close()
         self._hmp(instance, f"loadvm {name}")
+        instance.machine.after_load()
         warm_up(instance, self._image)
 
     def _hmp(self, instance: Instance, command: str) -> None:

@@ -129,6 +129,10 @@ class Machine(Protocol):
 
     def alive(self) -> bool: ...
 
+    def after_load(self) -> None:
+        """Repair what loading a state (a restore, a loadvm) leaves undone; most machines need nothing."""
+        ...
+
     def exit_description(self) -> str:
         """How the machine ended (signal, status, QEMU's last words), for error messages."""
         ...

@@ -104,3 +104,57 @@ def test_libvirt_backend_as_ordinary_user() -> None:
     assert "2 passed" in result.stdout and "backend libvirt qemu:///session" in result.stdout
     left = _as_user(["virsh", "-q", "-c", "qemu:///session", "list", "--all", "--name"])
     assert left.returncode == 0 and left.stdout.strip() == "", left.stdout + left.stderr
+
+
+FOREIGN_FIRST_STAGE = '''
+import sys
+from pathlib import Path
+
+from pytest_vmfixtures.images import foreign, mmdebstrap
+from pytest_vmfixtures.images.builder import finish_filesystem
+from pytest_vmfixtures.images.catalog import load_recipe
+from pytest_vmfixtures.images.keys import public_line, write_keys
+
+work = Path(sys.argv[1])
+recipe = load_recipe("debian-12-arm64")
+stage, host, raw = work / "stage", work / "stage" / "foreign" / "host", work / "root.ext2"
+host.mkdir(parents=True)
+client, host_key = write_keys(work)
+archive = mmdebstrap.write_stage(recipe, stage, host_key, public_line(client),
+                                 extra={foreign.STAGE2_NAME: (foreign.stage2_script(recipe), 0o755)})
+mmdebstrap.run(recipe, foreign.extract_command(recipe, archive, raw, host), lambda line: None)
+finish_filesystem(raw, recipe.disk_size_bytes)
+kernel, cpio = foreign.initramfs(host)
+print("kernel", kernel.name, "initramfs", len(cpio))
+'''
+
+
+def _debugfs(image: Path, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True).stdout
+
+
+def test_foreign_first_stage_as_ordinary_user() -> None:
+    """What a foreign build does on the host (unpack, no emulation), done without root: files keep real owners.
+
+    The second stage is QEMU run as the same user on the files made here; it is run whole, as root,
+    by the arm64 run of scripts/test.
+    """
+    home, source, suite, venv = _user_setup()
+    work = home / "foreign-first-stage"
+    shutil.rmtree(work, ignore_errors=True)
+    script = suite / "first_stage.py"
+    script.write_text(FOREIGN_FIRST_STAGE)
+    made = _as_user(["/usr/bin/mkdir", "-p", str(work)])
+    assert made.returncode == 0, made.stderr
+    result = _as_user([str(venv / "bin" / "python"), str(script), str(work)], env={"PYTHONPATH": str(source)},
+                      cwd=suite, timeout=1800)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "kernel vmlinuz-" in result.stdout
+    raw = work / "root.ext2"
+    assert raw.stat().st_uid == pwd.getpwnam(USER).pw_uid
+    # Unpacked files belong to their packages' owners, not to the user who built them.
+    assert "User:     0   Group:    42" in _debugfs(raw, "stat /etc/shadow")
+    assert "Type: symlink" in _debugfs(raw, "stat /bin")  # merged /usr, set up before unpacking
+    assert "Mode:  0755" in _debugfs(raw, f"stat /var/tmp/vmfixtures/{'stage2.sh'}")
+    assert ".deb" in _debugfs(raw, "ls /var/cache/apt/archives")  # kept for the second stage
+    shutil.rmtree(work, ignore_errors=True)

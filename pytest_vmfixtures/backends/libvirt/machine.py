@@ -68,6 +68,9 @@ class LibvirtMachine:
         except libvirt.libvirtError:
             return False  # a transient domain that ended is gone
 
+    def after_load(self) -> None:
+        """Nothing: the libvirt backend runs x86 guests, whose state loads whole."""
+
     def exit_description(self) -> str:
         if self.alive():
             return "still running"

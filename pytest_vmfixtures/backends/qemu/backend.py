@@ -21,6 +21,7 @@ from ...waiting import wait_for
 from ..base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan
 from .command import MachinePaths, build_command_line, find_ovmf, guest_arch
+from .riscv import rearm_timers
 
 DEFAULT_BINARY = "qemu-system-x86_64"
 PORT_ATTEMPTS = 5
@@ -56,7 +57,8 @@ class QemuMachine:
     """A QEMU process and the files it owns."""
 
     def __init__(
-        self, name: str, process: subprocess.Popen[bytes], paths: MachinePaths, argv: list[str], ssh_port: int, has_agent: bool
+        self, name: str, process: subprocess.Popen[bytes], paths: MachinePaths, argv: list[str], ssh_port: int, has_agent: bool,
+        riscv_harts: int = 0,
     ) -> None:
         self.name = name
         self.process = process
@@ -69,6 +71,7 @@ class QemuMachine:
         self.agent_socket = paths.agent if has_agent else None
         self.agent_transport: AgentTransport | None = None
         self.qmp = QMP(paths.qmp, name)
+        self._riscv_harts = riscv_harts  # > 0: a RISC-V guest, whose timer a state load loses
         self._stopped = False
 
     @property
@@ -77,6 +80,10 @@ class QemuMachine:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def after_load(self) -> None:
+        if self._riscv_harts:
+            rearm_timers(self.paths.gdb, self.name, self._riscv_harts)
 
     def exit_description(self) -> str:
         code = self.process.poll()
@@ -223,7 +230,8 @@ class QemuBackend:
                                       incoming=incoming, name=name)
             with open(paths.stderr, "wb") as stderr:
                 process = self.runtime.spawn(argv, stderr, paths.pidfile)
-            machine = QemuMachine(name, process, paths, argv, port, image.agent)
+            harts = config.cpus if guest_arch(image).family == "riscv64" else 0
+            machine = QemuMachine(name, process, paths, argv, port, image.agent, riscv_harts=harts)
             try:
                 machine.connect_qmp(30.0)
                 return machine
@@ -270,6 +278,7 @@ class QemuBackend:
 
         wait_for(f"{machine.name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
         machine.qmp.execute("cont")
+        machine.after_load()
 
     def save(self, machine: Machine, directory: Path) -> None:
         if not isinstance(machine, QemuMachine):

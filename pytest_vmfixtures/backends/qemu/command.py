@@ -11,6 +11,7 @@ from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
 from ..common import KERNEL_ARGS, TB_SIZE_MB, mac_for
+from .riscv import gdb_arguments
 
 # UEFI firmware for images that boot through it (Debian/Ubuntu: package ovmf; Fedora: edk2-ovmf).
 # The code is read-only; each guest gets a qcow2 overlay of the variable store as its NVRAM.
@@ -62,6 +63,10 @@ class MachinePaths:
     @property
     def agent(self) -> Path:
         return self.socks / "qga"
+
+    @property
+    def gdb(self) -> Path:
+        return self.socks / "gdb"
 
 
 def guest_arch(image: BuiltImage) -> Arch:
@@ -147,6 +152,8 @@ def build_command_line(
             "-chardev", f"socket,id=qga0,path={opt(paths.agent)},server=on,wait=off",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
+    if arch.family == "riscv64":
+        argv += gdb_arguments(paths.gdb)  # to re-arm the timer after a restore (see riscv.py)
     if incoming:
         argv += ["-incoming", "defer"]
     return argv
