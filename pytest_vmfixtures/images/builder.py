@@ -89,7 +89,7 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
             archive = mmdebstrap.write_stage(recipe, stage, host, client)
             progress(f"bootstrapping {recipe.release} with mmdebstrap")
             mmdebstrap.run(recipe, mmdebstrap.native_command(recipe, archive, raw), progress)
-        else:
+        else:  # finishes the filesystem itself: its second stage installs into the grown ext4
             _build_foreign(recipe, arch, stage, raw, host, client, progress)
         if recipe.builder != "extract":
             has_agent = (stage / "facts").read_text(encoding="ascii").strip() == "agent=1"
@@ -147,14 +147,9 @@ def _build_foreign(
     mmdebstrap.run(recipe, foreign.extract_command(recipe, archive, raw, work / "host"), progress)
     progress(f"making ext4 of {recipe.disk_size}")
     finish_filesystem(raw, recipe.disk_size_bytes)
-    results = foreign.run_stage2(recipe, arch, qemu_binary_for(arch), work, raw, progress)
+    results = foreign.run_stage2(recipe, arch, arch.qemu_binary, work, raw, progress)
     foreign.check_filesystem(raw)
     foreign.copy_results(work, results, stage)
-
-
-def qemu_binary_for(arch: Arch) -> str:
-    """The emulator a foreign build runs; ``VMFIXTURES_QEMU_<FAMILY>`` names another one."""
-    return os.environ.get(f"VMFIXTURES_QEMU_{arch.family.upper()}", arch.qemu_binary)
 
 
 def _check_recipe(recipe: Recipe) -> Arch:

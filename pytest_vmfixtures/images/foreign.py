@@ -82,7 +82,7 @@ printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin
 # image boots the initramfs this stage started from (busybox and the modules of the virt machine),
 # made on the host. Outside this stage update-initramfs is the package's own again.
 dpkg-divert --quiet --local --rename --divert /usr/sbin/update-initramfs.vmfixtures --add /usr/sbin/update-initramfs
-printf '#!/bin/sh\nexit 0\n' > /usr/sbin/update-initramfs && chmod 0755 /usr/sbin/update-initramfs
+printf '#!/bin/sh\\nexit 0\\n' > /usr/sbin/update-initramfs && chmod 0755 /usr/sbin/update-initramfs
 cd /var/cache/apt/archives || fail "no downloaded packages"
 debs=""
 for deb in *.deb; do
@@ -133,22 +133,26 @@ def extract_command(recipe: Recipe, archive: Path, target: Path, host_files: Pat
         f"--extract-hook=tar-in {archive} {parent}",
         f"--extract-hook=copy-out /boot /usr/lib/modules /usr/bin/busybox {host_files}",
     ]
-    for pattern in _VARIANT_PATTERNS.get(recipe.variant, _VARIANT_PATTERNS["apt"]):
-        if pattern.startswith("?"):
-            command.append(f"--include={pattern}")
-    names = [name for name in _VARIANT_PATTERNS.get(recipe.variant, []) if not name.startswith("?")]
+    patterns, names = _selection(recipe)
+    command += [f"--include={pattern}" for pattern in patterns]
     command.append("--include=" + ",".join([*names, *recipe.packages, INITRAMFS_PACKAGE]))
     return [*command, recipe.release, str(target), recipe.mirror, *recipe.extra_sources]
 
 
 def stage2_script(recipe: Recipe) -> bytes:
     initramfs_only = "" if INITRAMFS_PACKAGE in recipe.packages else INITRAMFS_PACKAGE
-    names = [name for name in _VARIANT_PATTERNS.get(recipe.variant, []) if not name.startswith("?")]
-    packages = [*names, *recipe.packages]
-    return STAGE2.format(
-        stage=shlex.quote(GUEST_STAGE), mark=_MARK, count=len(packages),
-        packages=" ".join(shlex.quote(p) for p in packages), initramfs_only=initramfs_only,
-    ).encode("utf-8")
+    count = len(_selection(recipe)[1]) + len(recipe.packages)
+    return STAGE2.format(stage=shlex.quote(GUEST_STAGE), mark=_MARK, count=count,
+                         initramfs_only=initramfs_only).encode("utf-8")
+
+
+def _selection(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """What the recipe's variant installs besides its packages: apt patterns, and package names."""
+    if recipe.variant not in _VARIANT_PATTERNS:
+        raise ImageError(f"image {recipe.name!r}: variant {recipe.variant!r} cannot be built for another "
+                         f"architecture; use one of {', '.join(_VARIANT_PATTERNS)}")
+    chosen = _VARIANT_PATTERNS[recipe.variant]
+    return [p for p in chosen if p.startswith("?")], [p for p in chosen if not p.startswith("?")]
 
 
 def initramfs(host_files: Path) -> tuple[Path, bytes]:

@@ -103,3 +103,11 @@ def test_an_architecture_the_release_lacks_is_an_image_error_naming_both(tmp_pat
     with pytest.raises(ImageError, match="debian bookworm has no riscv64 release; it has amd64, arm64, i386"):
         build_image(recipe, out)
     assert list(out.iterdir()) == []  # refused before anything was written
+
+
+def test_a_variant_a_foreign_build_cannot_make_is_refused_by_name(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    recipe = replace(load_recipe("debian-12-arm64"), variant="buildd")
+    with pytest.raises(ImageError, match="variant 'buildd' cannot be built for another architecture"):
+        foreign.extract_command(recipe, tmp_path / "s.tar", tmp_path / "r.ext2", tmp_path / "h")

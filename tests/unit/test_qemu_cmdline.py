@@ -267,3 +267,12 @@ def test_kvm_on_an_arm64_host_uses_its_cpu(image: BuiltImage, tmp_path: Path) ->
 def test_an_unknown_architecture_is_a_guest_error_naming_it(image: BuiltImage, tmp_path: Path) -> None:
     with pytest.raises(GuestError, match="architecture 'sparc64'"):
         build(replace(image, arch="sparc64"), tmp_path)
+
+
+def test_only_riscv_guests_get_a_gdbstub_and_only_on_their_private_socket(image: BuiltImage, tmp_path: Path) -> None:
+    paths = paths_in(tmp_path, "rv")
+    argv = build(replace(image, arch="riscv64"), tmp_path, paths=paths)
+    assert option_values(argv, "-gdb") == ["chardev:gdb0"]
+    assert f"socket,id=gdb0,path={paths.socks / 'gdb'},server=on,wait=off" in option_values(argv, "-chardev")
+    assert "tcp" not in " ".join(option_values(argv, "-chardev"))
+    assert "-gdb" not in build(image, tmp_path, paths=paths_in(tmp_path, "x86"))
