@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import pytest_vmfixtures
+from pytest_vmfixtures.images import foreign
 
 USER = os.environ.get("VMFIX_TEST_USER", "")
 
@@ -130,7 +131,8 @@ print("kernel", kernel.name, "initramfs", len(cpio))
 
 
 def _debugfs(image: Path, request: str) -> str:
-    return subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True, check=True)
+    return done.stdout + done.stderr  # debugfs reports a missing path on stderr and exits 0
 
 
 def test_foreign_first_stage_as_ordinary_user() -> None:
@@ -152,9 +154,10 @@ def test_foreign_first_stage_as_ordinary_user() -> None:
     assert "kernel vmlinuz-" in result.stdout
     raw = work / "root.ext2"
     assert raw.stat().st_uid == pwd.getpwnam(USER).pw_uid
-    # Unpacked files belong to their packages' owners, not to the user who built them.
-    assert "User:     0   Group:    42" in _debugfs(raw, "stat /etc/shadow")
+    # Unpacked files belong to their packages' owners, not to the user who built them (chage: root:shadow, setgid).
+    chage = _debugfs(raw, "stat /usr/bin/chage")
+    assert "User:     0   Group:    42" in chage and "Mode:  02755" in chage, chage
     assert "Type: symlink" in _debugfs(raw, "stat /bin")  # merged /usr, set up before unpacking
-    assert "Mode:  0755" in _debugfs(raw, f"stat /var/tmp/vmfixtures/{'stage2.sh'}")
+    assert "Mode:  0755" in _debugfs(raw, f"stat /var/tmp/vmfixtures/{foreign.STAGE2_NAME}")
     assert ".deb" in _debugfs(raw, "ls /var/cache/apt/archives")  # kept for the second stage
     shutil.rmtree(work, ignore_errors=True)
