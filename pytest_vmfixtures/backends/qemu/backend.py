@@ -179,7 +179,7 @@ class QemuBackend:
         return self._versions[binary]
 
     def state_inputs(self, image: BuiltImage, config: MachineConfig) -> dict[str, object]:
-        accel = self.accel_for(image)
+        arch, accel = guest_arch(image), self.accel_for(image)
         inputs: dict[str, object] = {
             "backend": "qemu",
             "qemu": self._version_of(self.binary_for(image)),
@@ -188,8 +188,8 @@ class QemuBackend:
             "kernel_args": KERNEL_ARGS,
             "devices": 2,  # bump when the device set in build_command_line changes
         }
-        if not guest_arch(image).x86:
-            inputs["machine"] = [guest_arch(image).machine, guest_arch(image).tcg_cpu]
+        if not arch.x86:  # x86 states keep the keys they had before other architectures came
+            inputs["machine"] = [arch.machine, arch.tcg_cpu]
         if accel.accel == "kvm":
             inputs["cpu"] = host_cpu_id()
         if image.kernel is None:  # firmware boot: the firmware is part of the machine
