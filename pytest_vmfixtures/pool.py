@@ -241,6 +241,10 @@ class Pool:
             if image.seed is not None:
                 # Let cloud-init finish its first boot, so every guest starts from a settled system.
                 vm.run("cloud-init status --wait >/dev/null 2>&1 || true", timeout=self.boot_timeout)
+                # cloud-init may restart sshd as its last step, and a state saved in that moment has no
+                # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
+                instance.ssh.close()
+                wait_ssh_ready(instance, self.boot_timeout, accel)
             self.provision(vm)
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
             vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
