@@ -78,13 +78,12 @@ def check_kvm() -> Check:
     return Check(WARN, "kvm", f"not used: {problem}; guests run under TCG (software emulation)")
 
 
-def check_arches(requested: str = "auto", binaries: dict[str, str] | None = None) -> Check:
+def check_arches(requested: str = "auto") -> Check:
     """Which guest architectures this host can run (emulator and firmware installed), and how."""
     choice = choose_accel(requested, probe_host())
     runs, missing = [], []
     for arch in ARCHES.values():
-        binary = (binaries or {}).get(arch.family, arch.qemu_binary)
-        lacking = [arch.qemu_package] if shutil.which(binary) is None else []
+        lacking = [arch.qemu_package] if shutil.which(arch.qemu_binary) is None else []
         lacking += [arch.firmware_package] if missing_firmware(arch) else []
         if lacking:
             missing.append((arch.debian, lacking))
