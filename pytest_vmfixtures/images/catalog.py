@@ -57,7 +57,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "mirror": "http://deb.debian.org/debian",
     "builder": DEFAULT_BUILDER,
 }
-_INITS = ("systemd", "sysvinit", "busybox")
+_INITS = ("systemd", "sysvinit", "openrc", "busybox")
 # mmdebstrap installs packages into a full Debian system; extract unpacks them
 # into a minimal busybox system without running any package's scripts.
 _BUILDERS = ("mmdebstrap", "extract")

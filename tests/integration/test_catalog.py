@@ -26,14 +26,16 @@ EXPECTED = {
     "debian-12": (GuestOS("debian", "12", "systemd", "apt", "x86_64"), "x86_64", "x86_64"),
     "debian-12-i386": (GuestOS("debian", "12", "systemd", "apt", "i686"), "i386", "i686"),
     "debian-12-sysv": (GuestOS("debian", "12", "sysvinit", "apt", "x86_64"), "x86_64", "x86_64"),
+    "debian-12-openrc": (GuestOS("debian", "12", "openrc", "apt", "x86_64"), "x86_64", "x86_64"),
     "debian-13": (GuestOS("debian", "13", "systemd", "apt", "x86_64"), "x86_64", "x86_64"),
     "tiny": (GuestOS("tiny", "1", "busybox", "none", "x86_64"), "x86_64", "x86_64"),
 }
 IMAGES = sorted(EXPECTED)
-# vm.os.init falls back to the recipe's word when PID 1 is just "init": check the real thing.
+# vm.os.init is read from the running guest: check it against the real thing another way.
 PID1_IS = {
     "systemd": 'test "$(cat /proc/1/comm)" = systemd',
-    "sysvinit": "dpkg -s sysvinit-core >/dev/null && test ! -d /run/systemd/system",
+    "sysvinit": "dpkg -s sysvinit-core >/dev/null && test ! -d /run/systemd/system && ! dpkg -s openrc >/dev/null 2>&1",
+    "openrc": "test \"$(cat /proc/1/comm)\" = init && rc-status --runlevel >/dev/null && rc-service ssh status",
     "busybox": 'test "$(readlink /sbin/init)" = /usr/bin/busybox',
 }
 
