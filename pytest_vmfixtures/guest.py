@@ -123,6 +123,15 @@ class VM:
     def ssh_user(self) -> str:
         return self._image.user
 
+    @property
+    def channel(self) -> str:
+        """How ``vm.run`` reaches the guest now: ``"agent"`` (the QEMU guest agent) or ``"ssh"``.
+
+        Guests whose image runs no agent, and guests whose agent failed, use SSH.
+        Asking does not count as use.
+        """
+        return "agent" if self._instance.agent is not None else "ssh"
+
     def machine_alive(self) -> bool:
         return self.state != GuestState.DEAD and self._instance.machine.alive()
 
@@ -174,7 +183,7 @@ class VM:
 
     # -- commands ------------------------------------------------------------
     def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
-        """Run ``command`` with /bin/sh in the guest as the image's user.
+        """Run ``command`` with /bin/sh in the guest as root (through ``sudo -n`` if the login user is not root).
 
         Past ``timeout`` seconds (None: ``command_timeout``, from --vm-command-timeout) it is killed with
         its children and :class:`CommandTimeout` is raised.
@@ -183,7 +192,7 @@ class VM:
         timeout = self.command_timeout if timeout is None else timeout
         tag = new_tag()
         result: CommandResult | None = None
-        if instance.agent is not None and self._image.user == "root":
+        if instance.agent is not None:  # the agent runs commands as root, as SSH does through sudo
             try:
                 if not instance.agent.connected:
                     instance.agent.connect(10.0)
@@ -330,7 +339,11 @@ def read_guest_os(vm: VM) -> GuestOS:
     """Read the OS facts from the guest itself, falling back to the recipe's for what it cannot tell."""
     script = (
         ". /etc/os-release 2>/dev/null; echo \"id=$ID\"; echo \"version=$VERSION_ID\"; "
-        "echo \"init=$(cat /proc/1/comm 2>/dev/null)\"; echo \"arch=$(uname -m)\"; "
+        # The service manager, not just PID 1's name: OpenRC runs under sysvinit's or busybox's init.
+        "if [ -d /run/systemd/system ]; then echo init=systemd; elif [ -d /run/openrc ]; then echo init=openrc; "
+        "else case $(readlink /proc/1/exe 2>/dev/null) in *busybox*) echo init=busybox;; "
+        "*) [ -f /etc/inittab ] && echo init=sysvinit || echo \"init=$(cat /proc/1/comm 2>/dev/null)\";; esac; fi; "
+        "echo \"arch=$(uname -m)\"; "
         "for pm in apt-get dnf yum zypper apk pacman pkg opkg; do "
         "command -v $pm >/dev/null 2>&1 && { echo \"pm=$pm\"; break; }; done"
     )
@@ -340,7 +353,6 @@ def read_guest_os(vm: VM) -> GuestOS:
     facts = dict(re.findall(r"^(\w+)=(.*)$", out, re.M))
     fallback = vm.built_image.os
     init = facts.get("init", "")
-    init = {"systemd": "systemd", "init": fallback.init if fallback.init != "systemd" else "sysvinit"}.get(init, init)
     pm = {"apt-get": "apt"}.get(facts.get("pm", ""), facts.get("pm", "")) or fallback.package_manager
     return GuestOS(
         id=facts.get("id") or fallback.id,
