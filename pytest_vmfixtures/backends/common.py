@@ -19,6 +19,30 @@ TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
 # holds only the memory in use: zero pages cost nothing to save or restore.
 KERNEL_ARGS = "init_on_free=1"
 
+# UEFI firmware for images that boot through it (Debian/Ubuntu: package ovmf; Fedora: edk2-ovmf).
+# The code is read-only; each guest gets a qcow2 overlay of the variable store as its NVRAM.
+OVMF_CANDIDATES = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+)
+
+
+def find_ovmf() -> tuple[Path, Path]:
+    """The OVMF code and variable-store template, or a GuestError saying what to install."""
+    for code, variables in OVMF_CANDIDATES:
+        if Path(code).is_file() and Path(variables).is_file():
+            return Path(code), Path(variables)
+    raise GuestError("this image boots with UEFI, and no OVMF firmware was found: install it (Debian: apt install ovmf)")
+
+
+def firmware_inputs(firmware: str) -> dict[str, object]:
+    """What a firmware-booted guest's saved state depends on: the firmware, and OVMF's bytes."""
+    inputs: dict[str, object] = {"firmware": firmware}
+    if firmware == "uefi":
+        inputs["ovmf"] = [hashlib.sha256(p.read_bytes()).hexdigest() for p in find_ovmf()]
+    return inputs
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

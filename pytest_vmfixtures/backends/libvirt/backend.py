@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ...accel import AccelChoice
-from ...errors import BootError, GuestError, SnapshotError
+from ...errors import BootError, GuestError, ImageError, SnapshotError
 from ...images.image import BuiltImage
 from ...options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ...runtime import Runtime
 from ..base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan
+from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, find_ovmf, firmware_inputs, free_port, hotplug_lan
 from .calls import bounded, libvirt, require_libvirt
 from .connection import (
     CLIENT,
@@ -35,7 +35,7 @@ from .connection import (
 )
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
-from .machine import LibvirtMachine
+from .machine import NVRAM_NAME, LibvirtMachine
 from .save import StateCopy, load_through_monitor, rewrap, save_domain, stream_offset
 from .storage import guest_files
 
@@ -43,6 +43,21 @@ log = logging.getLogger("pytest_vmfixtures")
 
 PORT_ATTEMPTS = 5
 REMOTE_PORTS = (20000, 60000)  # ports on a remote host cannot be probed from here: pick, retry if taken
+
+
+def hosts_for(image: BuiltImage, hosts: list[Host]) -> list[Host]:
+    """The hosts a guest of ``image`` may run on: any, except that your own cloud image runs only on
+    hosts that share this machine's files (its seed and NVRAM are files here; see _host_files)."""
+    if image.kernel is not None:
+        return hosts
+    local = [h for h in hosts if h.storage is None]
+    if not local:
+        raise ImageError(
+            f"{image.name} boots through firmware (your own cloud image), which the libvirt backend runs only on "
+            f"a host sharing this machine's files (qemu:///system or qemu:///session), not on "
+            f"{', '.join(h.uri for h in hosts)}: add such a --vm-libvirt-uri, or use --vm-backend qemu"
+        )
+    return local
 
 
 class LibvirtBackend:
@@ -102,12 +117,14 @@ class LibvirtBackend:
             "tb": TB_SIZE_MB,
             "kernel_args": KERNEL_ARGS,
             "devices": DEVICES_VERSION,
+            **({} if image.agent else {"agent": False}),  # no agent channel: other hardware
+            **(firmware_inputs(image.firmware) if image.kernel is None else {}),
         }
 
     # -- placement ---------------------------------------------------------
-    def _pick_host(self, name: str) -> Host:
+    def _pick_host(self, name: str, image: BuiltImage) -> Host:
         with self._lock:
-            return pick_host(self.hosts, name)
+            return pick_host(hosts_for(image, self.hosts), name)
 
     def _release_host(self, host: Host, name: str) -> None:
         with self._lock:
@@ -134,12 +151,27 @@ class LibvirtBackend:
 
     def _host_files(self, host: Host, image: BuiltImage, backing: Path, overlay_name: str, files: Path,
                     state: SavedState | None) -> dict[str, object]:
-        """Where the host finds this guest's kernel, initrd and (new) overlay; remote hosts get copies first."""
-        if host.storage is None:
-            create_overlay(self.qemu_img, backing, files / overlay_name)
-            return {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
-                    "console": files / "console.log"}
-        return guest_files(host.storage, image, backing, overlay_name, files, state, self.qemu_img, self.progress)
+        """Where the host finds this guest's kernel, initrd and (new) overlay; remote hosts get copies first.
+
+        A guest of your own cloud image (local hosts only, see _pick_host) has its seed, and with
+        UEFI OVMF's code and an NVRAM of its own: a qcow2 overlay over OVMF's variable-store
+        template at a cold boot, over the variables frozen with the state at a restore.
+        """
+        if host.storage is not None:
+            return guest_files(host.storage, image, backing, overlay_name, files, state, self.qemu_img, self.progress)
+        # A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
+        create_overlay(self.qemu_img, backing, files / overlay_name, "qcow2" if state is not None else image.disk_format)
+        paths: dict[str, object] = {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
+                                    "console": files / "console.log", "seed": image.seed}
+        if image.kernel is None and image.firmware == "uefi":
+            code, variables = find_ovmf()
+            nvram = files / NVRAM_NAME
+            if state is not None:
+                create_overlay(self.qemu_img, state.directory / NVRAM_NAME, nvram)
+            else:
+                create_overlay(self.qemu_img, variables, nvram, "raw")
+            paths.update(ovmf_code=code, nvram=nvram)
+        return paths
 
     def _start(
         self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, state: SavedState | None,
@@ -150,7 +182,7 @@ class LibvirtBackend:
         """
         domain_name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{name}"
         while True:
-            host = self._pick_host(domain_name)
+            host = self._pick_host(domain_name, image)
             try:
                 return self._start_on(host, image, config, name, domain_name, backing, state)
             except Exception as exc:
@@ -197,8 +229,9 @@ class LibvirtBackend:
                     if "host forwarding" in last_error or "hostfwd" in last_error:
                         continue  # the port was taken between our choice and QEMU's bind
                     break
+                nvram = paths.get("nvram")
                 machine = LibvirtMachine(self, host, domain, name, files, port, xml, image.agent, backing,
-                                         str(paths["overlay"]))
+                                         str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
                 machine.placed_as = domain_name
                 machine.state_copy = copy
                 with self._lock:
@@ -214,12 +247,14 @@ class LibvirtBackend:
             raise
 
     def _drop_overlay(self, host: Host, overlay_name: str, files: Path) -> None:
+        """Remove what a guest that did not start was given: its overlay, and its NVRAM if it had one."""
         if host.storage is not None:
             with contextlib.suppress(Exception):
                 host.storage.delete(overlay_name)
         else:
-            with contextlib.suppress(OSError):
-                (files / overlay_name).unlink()
+            for name in (overlay_name, NVRAM_NAME):
+                with contextlib.suppress(OSError):
+                    (files / name).unlink()
 
     def _attach_console(self, machine: LibvirtMachine, resume: bool) -> None:
         """Stream a remote guest's console here before it runs, so its first words are kept."""

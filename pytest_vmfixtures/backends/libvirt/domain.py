@@ -32,20 +32,71 @@ def _template() -> string.Template:
 
 def render_domain(values: dict[str, object]) -> str:
     """Fill in domain.xml; values are escaped, except the ones that are whole XML elements."""
-    raw = {"tcg_features", "cpu", "incoming", "seclabel", "serial"}
     return _template().substitute(
-        {k: (str(v) if k in raw else escape(str(v), {"'": "&apos;", '"': "&quot;"})) for k, v in values.items()}
+        {k: (str(v) if k in RAW else escape(str(v), {"'": "&apos;", '"': "&quot;"})) for k, v in values.items()}
     )
+
+
+def attr(value: object) -> str:
+    """A value for an XML attribute quoted with '."""
+    return escape(str(value), {"'": "&apos;", '"': "&quot;"})
+
+
+def qemu_opt(path: object) -> str:
+    """A path as a value in QEMU's ``key=value,...`` option syntax, where a comma is written twice."""
+    return str(path).replace(",", ",,")
+
+
+# Placeholders that take whole XML elements, built (and escaped) here.
+RAW = frozenset({"tcg_features", "cpu", "incoming", "seclabel", "serial", "boot", "disk_boot", "seed", "agent",
+                 "firmware"})
+
+
+def boot_elements(image: BuiltImage, paths: dict[str, object]) -> dict[str, str]:
+    """How the guest starts: its kernel directly, or through firmware from the disk's own bootloader.
+
+    A firmware boot starts from the disk alone (the seed CD is not bootable). SeaBIOS is the
+    machine's default firmware; OVMF's code and this guest's NVRAM go in as pflash drives, the
+    NVRAM as qcow2 so that it is saved with the state and snapshots (savevm) include it.
+    """
+    if image.kernel is not None:
+        return {
+            "boot": (f"<kernel>{escape(str(paths['kernel']))}</kernel><initrd>{escape(str(paths['initrd']))}</initrd>"
+                     f"<cmdline>{escape(f'{image.cmdline} {KERNEL_ARGS}')}</cmdline>"),
+            "disk_boot": "",
+            "firmware": "",
+        }
+    if image.firmware not in ("bios", "uefi"):
+        raise ImageError(f"{image.name} has no kernel and firmware {image.firmware!r}, not bios or uefi; "
+                         f"delete {image.directory} so it is prepared again")
+    firmware = ""
+    if image.firmware == "uefi":
+        drives = (f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_opt(paths['ovmf_code'])}",
+                  f"if=pflash,format=qcow2,unit=1,file={qemu_opt(paths['nvram'])}")
+        firmware = "".join(f"<qemu:arg value='-drive'/><qemu:arg value='{attr(d)}'/>" for d in drives)
+    return {"boot": "", "disk_boot": "<boot order='1'/>", "firmware": firmware}
+
+
+def seed_elements(image: BuiltImage, paths: dict[str, object]) -> str:
+    """cloud-init's NoCloud seed: a read-only CD on a virtio-scsi controller, as the QEMU backend attaches it."""
+    if image.seed is None:
+        return ""
+    return ("<controller type='scsi' index='0' model='virtio-scsi'/>"
+            "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+            f"<source file='{attr(paths['seed'])}'/><target dev='sda' bus='scsi'/><readonly/></disk>")
+
+
+AGENT_CHANNEL = ("<channel type='unix'><source mode='bind'/>"
+                 "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
 
 
 def domain_xml(
     accel: AccelChoice, image: BuiltImage, config: MachineConfig, domain_name: str, host: Host,
     paths: dict[str, object], ssh_port: int, incoming: bool, domain_uuid: str | None = None,
 ) -> str:
-    """``paths``: kernel, initrd, overlay as the host sees them; console (local hosts only)."""
+    """``paths``: kernel, initrd, overlay as the host sees them; console (local hosts only); for an image
+    booted through firmware, seed and, with UEFI, ovmf_code and nvram."""
     kvm = accel.accel == "kvm"
-    if image.kernel is None:
-        raise ImageError(f"{image.name} boots through firmware (your own image); use --vm-backend qemu for it")
     local = host.storage is None
     append = " append='on'" if incoming else ""
     return render_domain({
@@ -54,9 +105,7 @@ def domain_xml(
         "uuid": domain_uuid or uuid.uuid4(),
         "memory_mb": config.memory_mb,
         "cpus": config.cpus,
-        "kernel": paths["kernel"],
-        "initrd": paths["initrd"],
-        "cmdline": f"{image.cmdline} {KERNEL_ARGS}",
+        **boot_elements(image, paths),
         "tcg_features": "" if kvm else f"<tcg><tb-cache unit='MiB'>{TB_SIZE_MB}</tb-cache></tcg>",
         "cpu": "<cpu mode='host-passthrough'/>" if kvm else "",
         # Here QEMU runs as the user running the tests, and libvirt leaves our files' owners
@@ -65,13 +114,16 @@ def domain_xml(
         "seclabel": (f"<seclabel type='static' model='dac' relabel='no'><label>+{os.getuid()}:+{os.getgid()}"
                      "</label></seclabel>") if local and not is_session(host.uri) else "",
         "overlay": paths["overlay"],
+        "seed": seed_elements(image, paths),
         # Here the console goes to a file; from a remote host it is streamed back (ConsolePump).
         # A restore appends to the log its state's boot console begins (start_restored_console).
-        "serial": (f"<serial type='file'><source path='{escape(str(paths['console']))}'{append}/>"
+        "serial": (f"<serial type='file'><source path='{attr(paths['console'])}'{append}/>"
                    "<target port='0'/></serial>"
                    if local else "<serial type='pty'><target port='0'/></serial>"),
+        "agent": AGENT_CHANNEL if image.agent else "",
         "restrict": "on" if config.network == "restricted" else "off",
         "ssh_port": ssh_port,
-        "mac": mac_for(config.image),
+        # By the label, as the QEMU backend does: a URL's port may change between runs, its digest does not.
+        "mac": mac_for(config.label),
         "incoming": "<qemu:arg value='-incoming'/><qemu:arg value='defer'/>" if incoming else "",
     })

@@ -17,13 +17,15 @@ from .ssh_route import ssh_route
 if TYPE_CHECKING:
     from .backend import LibvirtBackend
 
+NVRAM_NAME = "nvram.qcow2"  # a UEFI guest's variable store, in its files and in a saved state's directory
+
 
 class LibvirtMachine:
     """A transient libvirt domain and the files it owns."""
 
     def __init__(
         self, backend: LibvirtBackend, host: Host, domain: Any, name: str, files: Path, ssh_port: int, xml: str,
-        has_agent: bool, backing: Path, overlay: str,
+        has_agent: bool, backing: Path, overlay: str, nvram: Path | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
@@ -42,6 +44,7 @@ class LibvirtMachine:
         self.qmp = LibvirtQMP(domain, name)
         self.backing = backing  # the local file this guest's disk layer sits on
         self.overlay = overlay  # a path on the host: a file here, or a volume in a remote host's pool
+        self.nvram = nvram  # a UEFI guest's own NVRAM (a qcow2 overlay here), saved with its state
         self.console: ConsolePump | None = None
         self.state_copy: StateCopy | None = None
         self._stopped = False
@@ -116,6 +119,7 @@ class LibvirtMachine:
             with contextlib.suppress(libvirt.libvirtError):
                 self.host.storage.delete(Path(self.overlay).name)
             return
-        for path in (Path(self.overlay), log_dir(self.host.uri) / f"{self.domain_name}.log"):
+        own = [Path(self.overlay)] + ([self.nvram] if self.nvram is not None else [])
+        for path in (*own, log_dir(self.host.uri) / f"{self.domain_name}.log"):
             with contextlib.suppress(OSError):  # absent, or libvirt's log is not ours to remove
                 path.unlink()

@@ -129,7 +129,8 @@ def load_through_monitor(machine: LibvirtMachine, memory: Path, offset: int) -> 
 
 
 def save_domain(machine: LibvirtMachine, directory: Path, qemu_img: str) -> None:
-    """``virDomainSave`` ``machine`` into ``directory`` (memory, disk.qcow2); a remote host's save comes home."""
+    """``virDomainSave`` ``machine`` into ``directory`` (memory, disk.qcow2, a UEFI guest's nvram.qcow2);
+    a remote host's save comes home."""
     memory = directory / "memory"
     storage = machine.host.storage
     target = str(memory) if storage is None else f"{storage.directory}/{machine.domain_name}.save"
@@ -149,6 +150,10 @@ def save_domain(machine: LibvirtMachine, directory: Path, qemu_img: str) -> None
     os.chmod(memory, 0o600)
     if storage is None:
         os.replace(machine.overlay, directory / "disk.qcow2")
+        if machine.nvram is not None:
+            # A UEFI guest's variables are frozen with its disk; each restored guest overlays them.
+            os.chmod(machine.nvram, 0o600)
+            os.replace(machine.nvram, directory / machine.nvram.name)
     machine.stop()
 
 
