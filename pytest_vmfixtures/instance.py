@@ -36,13 +36,22 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def diagnose_console(text: str, accel: str) -> str:
-    """One line saying what a boot log most likely shows."""
+def diagnose_console(text: str, accel: str, seeded: bool = False) -> str:
+    """One line saying what a boot log most likely shows.
+
+    ``seeded``: the guest is your own image, started by its bootloader and set up by cloud-init.
+    """
     if "Kernel panic" in text:
         line = next((ln for ln in text.splitlines() if "Kernel panic" in ln), "Kernel panic")
         return "kernel panic: " + line.split("Kernel panic", 1)[1].strip(" -:")
     if not text.strip():
+        if seeded:
+            return ("nothing on the serial console: the firmware found nothing to boot on the disk, or the "
+                    "image's kernel does not write to ttyS0; check firmware= (bios or uefi) and that the disk boots")
         return "no console output at all: the kernel did not start (check the kernel, initrd and accel)"
+    if seeded and "cloud-init" not in text.lower():
+        return ("cloud-init never showed on the console: the image seems not to run it, and without it nothing "
+                "installs the plugin's keys; use an image with cloud-init (see docs/cloud-images.md)")
     if "Gave up waiting for root" in text or "unable to mount root" in text.lower():
         return "the root disk was not found: the initrd lacks virtio_blk or root= is wrong"
     if "ssh" not in text.lower() and "login:" not in text:
@@ -62,6 +71,7 @@ class Instance:
     ssh: SSH
     agent: Agent | None = None
     snapshots: set[str] = field(default_factory=set)
+    seeded: bool = False  # your own image, set up by cloud-init: what a failed boot most likely means differs
 
     def close(self) -> None:
         """Close the channels and stop the machine; the machine is stopped even if a channel fails to close."""
@@ -82,16 +92,32 @@ def bind_channels(machine: Machine, image: BuiltImage) -> Instance:
         agent = Agent.over(machine.agent_transport, machine.name)
     elif machine.agent_socket is not None:
         agent = Agent(machine.agent_socket, machine.name)
-    return Instance(machine, ssh, agent)
+    return Instance(machine, ssh, agent, seeded=image.seed is not None)
 
 
-def boot_error(machine: Machine, message: str, accel: str) -> BootError:
+AGENT_PROBE_SECONDS = 20.0  # for an image that may have no agent: its boot is done, an agent would be up
+
+
+def agent_answers(instance: Instance, timeout: float) -> bool:
+    """Whether a guest agent answers on the instance's channel; if none does, the instance stops asking."""
+    if instance.agent is None:
+        return False
+    try:
+        instance.agent.connect(timeout)
+        return True
+    except VMError:
+        instance.agent.close()
+        instance.agent = None
+        return False
+
+
+def boot_error(machine: Machine, message: str, accel: str, seeded: bool = False) -> BootError:
     """A BootError for ``machine`` with its console tail, command line and what the console most likely shows."""
     return BootError(
         f"{machine.name}: {message}",
         console_tail=console_tail(machine.console_log),
         command_line=machine.command_line,
-        diagnosis=diagnose_console(console_tail(machine.console_log, 400), accel),
+        diagnosis=diagnose_console(console_tail(machine.console_log, 400), accel, seeded),
     )
 
 
@@ -101,9 +127,9 @@ def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
 
     def attempt() -> bool | None:
         if not machine.alive():
-            raise boot_error(machine, f"QEMU ended during boot: {machine.exit_description()}", accel)
+            raise boot_error(machine, f"QEMU ended during boot: {machine.exit_description()}", accel, instance.seeded)
         if "Kernel panic" in console_tail(machine.console_log, 400):
-            raise boot_error(machine, "the guest kernel panicked during boot", accel)
+            raise boot_error(machine, "the guest kernel panicked during boot", accel, instance.seeded)
         try:
             instance.ssh.connect(timeout=5)
             if instance.ssh.exec("true", new_tag(), 30).ok:
@@ -113,7 +139,7 @@ def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
         return None
 
     wait_for(f"SSH on {machine.name}", attempt, timeout, interval=0.25, max_interval=1.0,
-             error=lambda message: boot_error(machine, message, accel))
+             error=lambda message: boot_error(machine, message, accel, instance.seeded))
 
 
 def clock_command() -> str:

@@ -30,7 +30,7 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, wait_ssh_ready, warm_up
+from .instance import AGENT_PROBE_SECONDS, Instance, agent_answers, bind_channels, wait_ssh_ready, warm_up
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -39,13 +39,21 @@ STATE_FORMAT = 3  # 3: the boot's console log is kept with the state
 Progress = Callable[[str], None]
 
 
-def _bound(machine: Machine, image: BuiltImage) -> Instance:
-    """The machine with its channels; a machine whose channels cannot be made (a key gone, say) is stopped."""
+def _bound(machine: Machine, image: BuiltImage, agent: bool = True) -> Instance:
+    """The machine with its channels; a machine whose channels cannot be made (a key gone, say) is stopped.
+
+    ``agent`` False: the guest has no agent answering (found when its state was made), so its
+    commands go over SSH from the start, with no time lost asking the agent first.
+    """
     try:
-        return bind_channels(machine, image)
+        instance = bind_channels(machine, image)
     except BaseException:
         machine.stop()
         raise
+    if not agent and instance.agent is not None:
+        instance.agent.close()
+        instance.agent = None
+    return instance
 
 
 class Slot:
@@ -74,7 +82,7 @@ class Slot:
             log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
             self.remake_state(state)
             machine = self.pool.backend.restore(self.image, self.config, self.state, name)
-        instance = _bound(machine, self.image)
+        instance = _bound(machine, self.image, agent=state.meta.get("agent") is not False)
         try:
             warm_up(instance, self.image)
         except BaseException:
@@ -199,9 +207,9 @@ class Pool:
         key = self.state_key(image, config)
 
         def create(directory: Path) -> None:
-            self._make_state(image, config, directory)
+            facts = self._make_state(image, config, directory)
             files = ["disk.qcow2", "memory"] + [name for name in ("nvram.qcow2", STATE_CONSOLE) if (directory / name).exists()]
-            self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config)}, files)
+            self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config), **facts}, files)
 
         def verify(directory: Path) -> str | None:
             # The state's disk layer names the image disk it was made over: a state of another file
@@ -215,7 +223,7 @@ class Pool:
             "states", key, create, verify,
             waiting=lambda: self.progress(f"waiting for another run preparing {config.describe()}"),
         )
-        return SavedState(directory, directory / "disk.qcow2", directory / "memory", key)
+        return SavedState(directory, directory / "disk.qcow2", directory / "memory", key, self.cache.read_manifest(directory))
 
     def accel_for(self, image: BuiltImage) -> str:
         """The session's accelerator, except that a guest of another architecture than the host's is emulated."""
@@ -225,8 +233,9 @@ class Pool:
             native = True  # the backend refuses an unknown architecture with its own message
         return guest_accel(AccelChoice(self.accel, ""), native, image.arch).accel
 
-    def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> None:
-        """Cold boot, provision, and freeze: done once per state key, ever."""
+    def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> dict[str, object]:
+        """Cold boot, provision, and freeze: done once per state key, ever. Returns what was learned."""
+        facts: dict[str, object] = {}
         started = time.monotonic()
         accel = self.accel_for(image)
         self.progress(f"booting {config.describe()} with accel {accel} (first use; warm starts afterwards)")
@@ -245,6 +254,10 @@ class Pool:
                 # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
                 instance.ssh.close()
                 wait_ssh_ready(instance, self.boot_timeout, accel)
+                # Your own image may or may not run a guest agent: ask once, remember the answer with the state.
+                facts["agent"] = agent_answers(instance, AGENT_PROBE_SECONDS)
+                self.progress(f"{config.label}: " + ("the guest agent answers; commands go through it" if facts["agent"]
+                                                     else "no guest agent answers; commands go over SSH"))
             self.provision(vm)
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
             vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
@@ -259,6 +272,7 @@ class Pool:
         finally:
             instance.close()
         self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")
+        return facts
 
     # -- guests ----------------------------------------------------------------
     def _slot(self, config: MachineConfig) -> Slot:

@@ -56,6 +56,7 @@ SEED_VERSION = "1"
 SEED_NAME = "seed.iso"
 CHUNK = 1 << 20
 PROGRESS_EVERY = 3.0  # seconds between download progress lines
+HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -131,10 +132,17 @@ def download(url: str, sha256: str, target: Path, progress: Progress, timeout: f
     started = last = time.monotonic()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+            kind = response.headers.get_content_type()
+            if kind in HTML_TYPES:
+                raise ImageError(f"{url} serves a web page ({kind}), not a disk image: give the URL of the "
+                                 ".qcow2 or .img file itself (the download link, not the page listing it)")
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             progress(f"downloading {url}" + (f" ({total / 2**20:.0f} MiB)" if total else ""))
             while chunk := response.read(CHUNK):
+                if done == 0 and _looks_like_html(chunk):
+                    raise ImageError(f"{url} serves a web page, not a disk image: give the URL of the "
+                                     ".qcow2 or .img file itself (the download link, not the page listing it)")
                 digest.update(chunk)
                 out.write(chunk)
                 done += len(chunk)
@@ -143,6 +151,9 @@ def download(url: str, sha256: str, target: Path, progress: Progress, timeout: f
                     last = now
                     share = f" ({100 * done / total:.0f}%)" if total else ""
                     progress(f"downloaded {done / 2**20:.0f} MiB{share} of {url}")
+    except ImageError:
+        target.unlink(missing_ok=True)
+        raise
     except (urllib.error.URLError, OSError, ValueError) as exc:
         target.unlink(missing_ok=True)
         raise ImageError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
@@ -155,6 +166,11 @@ def download(url: str, sha256: str, target: Path, progress: Progress, timeout: f
         )
     rate = done / 2**20 / max(time.monotonic() - started, 1e-3)
     progress(f"downloaded {url}: {done / 2**20:.0f} MiB, checksum verified ({rate:.0f} MiB/s)")
+
+
+def _looks_like_html(chunk: bytes) -> bool:
+    start = chunk[:512].lstrip().lower()
+    return start.startswith((b"<!doctype html", b"<html", b"<?xml")) or b"<html" in start[:256]
 
 
 def cached_download(cache: Cache, url: str, sha256: str, progress: Progress) -> Path:
@@ -269,6 +285,22 @@ def _guid(raw: bytes) -> str:
     return str(uuid.UUID(bytes_le=raw))
 
 
+def boot_problem(head: bytes, firmware: str) -> str | None:
+    """Why the disk cannot boot with ``firmware``, seen from its first sectors, or None.
+
+    A BIOS boots only a disk with a boot sector (the 0x55AA signature); UEFI needs a partition
+    table (GPT, or an MBR) to find its EFI system partition. A filesystem image, an empty disk
+    or some other file has neither.
+    """
+    signed = len(head) >= 512 and head[510:512] == b"\x55\xaa"
+    gpt = len(head) >= 520 and head[512:520] == b"EFI PART"
+    if firmware == "bios" and not signed:
+        return "its first sector has no boot signature, so the BIOS cannot boot it"
+    if firmware == "uefi" and not (gpt or signed):
+        return "it has no partition table, so the UEFI firmware finds no EFI system partition on it"
+    return None
+
+
 def detect_firmware(head: bytes) -> str:
     """ "uefi" for a GPT with an EFI system partition and no BIOS boot partition, else "bios".
 
@@ -363,13 +395,16 @@ def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qe
             raise ImageError(f"image {spec.source!r}: no such file")
         disk, sha256 = imported_copy(cache, source, spec.sha256, progress)
     fmt = disk_info(disk, qemu_img)
-    firmware = spec.firmware
-    if firmware == "auto":
-        scratch = cache.new_tmp("probe")
-        try:
-            firmware = detect_firmware(read_head(disk, fmt, 34 * 512, scratch, qemu_img))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    scratch = cache.new_tmp("probe")
+    try:
+        head = read_head(disk, fmt, 34 * 512, scratch, qemu_img)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    firmware = detect_firmware(head) if spec.firmware == "auto" else spec.firmware
+    problem = boot_problem(head, firmware)
+    if problem is not None:
+        raise ImageError(f"image {spec.source!r} is not a bootable disk: {problem}; give a cloud image's whole "
+                         "disk (qcow2 or raw, with its partition table and bootloader), not a filesystem or an ISO")
 
     def create(directory: Path) -> None:
         make_seed(directory, sha256, spec.user)
@@ -389,7 +424,8 @@ def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qe
         directory=seeds,
         name=label_for(spec.source, sha256),
         # The seed holds the keys: a new seed is a new guest, so it is part of the identity.
-        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}".encode()).hexdigest(),
+        # "agent": guests get the agent's channel (whether an agent answers is learned on first boot).
+        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}|agent".encode()).hexdigest(),
         disk=disk,
         disk_sha256=sha256,
         kernel=None,
@@ -400,7 +436,7 @@ def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qe
         host_key=(seeds / HOST_KEY_NAME).read_text().strip(),
         arch="x86_64",
         os=GuestOS(id="unknown", version="", init="unknown", package_manager="unknown"),
-        agent=False,
+        agent=True,
         built_at=time.time(),
         builder_version=f"byo-{SEED_VERSION}",
         firmware=firmware,

@@ -19,6 +19,8 @@ from pytest_vmfixtures.errors import ImageError
 from pytest_vmfixtures.images.byo import (
     BIOS_BOOT_GUIDS,
     ESP_GUID,
+    ByoSpec,
+    boot_problem,
     cached_download,
     detect_firmware,
     download,
@@ -26,6 +28,7 @@ from pytest_vmfixtures.images.byo import (
     imported_copy,
     is_byo,
     make_seed,
+    prepare,
 )
 from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.options import OptionError, parse_marker
@@ -197,4 +200,54 @@ def test_a_local_disk_that_does_not_match_its_digest_leaves_nothing(tmp_path: Pa
     with pytest.raises(ImageError, match="not the expected"):
         imported_copy(cache, source, SHA, lambda m: None)
     assert not (cache.root / "downloads" / SHA).exists()
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "body"), [
+    ("index.html", b"<html><body>the download page</body></html>"),  # served as text/html
+    ("disk.qcow2", b"\n  <!DOCTYPE html>\n<html><head><title>Not here</title></head></html>"),  # a page under a disk's name
+])
+def test_a_url_that_serves_a_web_page_is_refused_and_leaves_nothing(tmp_path: Path, name: str, body: bytes) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / name).write_bytes(body)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    cache = Cache(tmp_path / "cache")
+    cache.ensure_writable()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{name}"
+        with pytest.raises(ImageError, match="serves a web page.*not a disk image: give the URL of the .qcow2"):
+            cached_download(cache, url, hashlib.sha256(body).hexdigest(), lambda m: None)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not (cache.root / "downloads" / hashlib.sha256(body).hexdigest()).exists()
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+def test_what_each_firmware_can_boot() -> None:
+    mbr = bytes(510) + b"\x55\xaa" + bytes(33 * 512)
+    assert boot_problem(mbr, "bios") is None and boot_problem(mbr, "uefi") is None
+    gpt = _gpt(ESP_GUID)
+    assert boot_problem(gpt, "uefi") is None and boot_problem(gpt, "bios") is None  # a protective MBR is signed
+    unsigned_gpt = bytes(512) + gpt[512:]
+    assert boot_problem(unsigned_gpt, "uefi") is None
+    assert "no boot signature" in str(boot_problem(unsigned_gpt, "bios"))
+    blank = bytes(34 * 512)  # a filesystem image, an empty disk
+    assert "no boot signature" in str(boot_problem(blank, "bios"))
+    assert "no partition table" in str(boot_problem(blank, "uefi"))
+
+
+@pytest.mark.parametrize("firmware", ["auto", "uefi"])
+def test_a_disk_that_cannot_boot_is_refused_before_any_guest_runs(tmp_path: Path, firmware: str) -> None:
+    """An ext4 filesystem image given where a whole disk belongs: refused, with what to give instead."""
+    cache = Cache(tmp_path / "cache")
+    cache.ensure_writable()
+    source = tmp_path / "rootfs.img"
+    source.write_bytes(bytes(1024) + b"\x53\xef" * 512 + bytes(64 * 1024))  # no MBR, no GPT
+    with pytest.raises(ImageError, match=r"rootfs.img.* is not a bootable disk: .*; give a cloud image's whole disk"):
+        prepare(cache, ByoSpec(str(source), firmware=firmware), lambda m: None)
+    assert not (cache.root / "seeds").exists() or list((cache.root / "seeds").iterdir()) == []
     assert list((cache.root / "tmp").iterdir()) == []

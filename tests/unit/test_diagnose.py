@@ -115,3 +115,25 @@ def test_console_tail_reads_only_the_end_of_a_huge_log(tmp_path: Path) -> None:
 
 def test_console_tail_of_a_missing_log(tmp_path: Path) -> None:
     assert console_tail(tmp_path / "absent.log") == "(no console log)"
+
+
+# -- your own images: started by their own bootloader, set up by cloud-init ----------------------
+CLOUD_INIT_LOG = LOGIN_NO_SSH_LOG.replace(
+    "\nDebian", "\n[   72.5] cloud-init[240]: Cloud-init v. 22.4.2 running 'init-local'\nDebian"
+)
+
+
+def test_your_image_with_nothing_on_the_console_points_at_the_disk_and_firmware() -> None:
+    diagnosis = diagnose_console("", "kvm", seeded=True)
+    assert "firmware found nothing to boot" in diagnosis and "firmware=" in diagnosis
+
+
+def test_your_image_that_never_ran_cloud_init_is_told_so() -> None:
+    diagnosis = diagnose_console(LOGIN_NO_SSH_LOG, "tcg", seeded=True)
+    assert diagnosis.startswith("cloud-init never showed on the console")
+    assert "docs/cloud-images.md" in diagnosis
+
+
+def test_your_image_that_ran_cloud_init_gets_the_usual_diagnosis() -> None:
+    assert diagnose_console(CLOUD_INIT_LOG, "kvm", seeded=True) == diagnose_console(LOGIN_NO_SSH_LOG, "kvm")
+    assert diagnose_console(PANIC_LOG, "kvm", seeded=True).startswith("kernel panic: ")
