@@ -1,14 +1,18 @@
-"""Your own cloud image, by URL: a UEFI Debian with cloud-init, served from 127.0.0.1.
+"""Your own cloud image, by URL: Debian with cloud-init, served from 127.0.0.1, for each boot path.
 
-The image (built once, cached by its recipe's digest; see cloudimage.py) has no
-key in it: everything the plugin needs reaches it through the NoCloud seed.
-The tests run in file order and share one guest config, so the first boots
-and saves the ready state and the others start from it.
+Two images (each built once, cached by its recipe's digest; see cloudimage.py):
+a UEFI one (GPT, systemd-boot) without a guest agent, whose guests are reached
+over SSH alone, and a BIOS one (MBR, GRUB) with qemu-guest-agent. Neither has
+a key in it: everything the plugin needs reaches it through the NoCloud seed.
+The tests run in file order, all of one image before the other, and share one
+guest config per image, so the first boots and saves the ready state and the
+others start from it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import threading
 from collections.abc import Iterator
@@ -16,7 +20,7 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
-from pytest_vmfixtures import ImageError
+from pytest_vmfixtures import CommandTimeout, ImageError
 from pytest_vmfixtures.channels.ssh import SSH, SSHError, parse_host_key
 from pytest_vmfixtures.fixtures import SESSION_KEY
 from pytest_vmfixtures.images.byo import DEFAULT_USER, hostname_for
@@ -29,15 +33,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(scope="module", params=sorted(cloudimage.VARIANTS))
+def variant(request: pytest.FixtureRequest) -> cloudimage.Variant:
+    return cloudimage.VARIANTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
-    """(URL, sha256) of the test cloud image, served over HTTP on the loopback."""
+def served(request: pytest.FixtureRequest, variant: cloudimage.Variant) -> Iterator[tuple[str, str]]:
+    """(URL, sha256) of the variant's test cloud image, served over HTTP on the loopback."""
     missing = cloudimage.missing_tools()
     if missing:
         pytest.skip(f"building the test cloud image needs: {', '.join(missing)}")
     session = request.config.stash[SESSION_KEY]
     session.cache.ensure_writable()
-    disk = cloudimage.ensure(session.cache, session.progress)
+    disk = cloudimage.ensure(session.cache, session.progress, variant.name)
     sha256 = str(session.cache.read_manifest(disk.parent)["files"][disk.name])  # type: ignore[index]
     handler = functools.partial(_QuietHandler, directory=str(disk.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -56,13 +65,15 @@ def cloud_vm(vm_factory, served):  # type: ignore[no-untyped-def]
     return vm_factory(image=url, sha256=sha256, memory_mb=1024)
 
 
-def test_runs_as_root_through_the_seeded_user(cloud_vm, served) -> None:
+def test_runs_as_root_through_the_seeded_user(cloud_vm, served, variant) -> None:
     _, sha256 = served
-    assert cloud_vm.built_image.firmware == "uefi"  # detected: GPT, an ESP, no BIOS boot partition
+    # detected: a GPT with an ESP and no BIOS boot partition is UEFI; an MBR with a Linux partition, BIOS
+    assert cloud_vm.built_image.firmware == variant.firmware
     assert cloud_vm.ssh_user == DEFAULT_USER
-    result = cloud_vm.run("id -u; hostname; test -d /sys/firmware/efi && echo efi", check=True)
-    assert result.stdout.split() == ["0", hostname_for(sha256), "efi"]
+    result = cloud_vm.run("id -u; hostname; test -d /sys/firmware/efi && echo efi || echo bios", check=True)
+    assert result.stdout.split() == ["0", hostname_for(sha256), "efi" if variant.firmware == "uefi" else "bios"]
     assert cloud_vm.os.id == "debian" and cloud_vm.os.version == "12"
+    assert cloud_vm.os.init == "systemd"
     # no password logins: cloud-init turned them off
     assert cloud_vm.run("sshd -T 2>/dev/null | grep -i '^passwordauthentication'").stdout.split()[-1] == "no"
 
@@ -79,6 +90,30 @@ def test_ssh_uses_the_pinned_host_key(cloud_vm) -> None:
     )
     with pytest.raises(SSHError, match="host key mismatch"):
         other.connect(timeout=20)
+
+
+def test_the_handle_picks_the_channel(cloud_vm, variant) -> None:
+    """An image with the agent is driven through it; one without, over SSH alone; QMP works either way."""
+    assert cloud_vm.channel == ("agent" if variant.agent else "ssh")
+    running = cloud_vm.run("systemctl is-active qemu-guest-agent").stdout.strip() == "active"
+    assert running == variant.agent
+    assert cloud_vm.qmp.execute("query-status")["status"] == "running"
+
+
+def test_files_both_ways(cloud_vm, tmp_path) -> None:
+    payload = bytes(range(256)) * 100
+    (tmp_path / "up.bin").write_bytes(payload)
+    cloud_vm.put(tmp_path / "up.bin", "/tmp/up.bin")  # the login user's files: it is not root
+    assert cloud_vm.run("sha256sum /tmp/up.bin", check=True).stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    cloud_vm.get("/tmp/up.bin", tmp_path / "down.bin")
+    assert (tmp_path / "down.bin").read_bytes() == payload
+
+
+def test_a_command_past_its_timeout_is_killed(cloud_vm) -> None:
+    with pytest.raises(CommandTimeout):
+        cloud_vm.run("sleep 600 && touch /root/late", timeout=3)
+    assert not cloud_vm.run("pgrep -x sleep").ok  # killed with its children, whichever channel ran it
+    assert cloud_vm.run("echo still here", check=True).stdout == "still here\n"
 
 
 def test_destructive_change(cloud_vm) -> None:
