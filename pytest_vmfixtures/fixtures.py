@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .backends.base import MachineConfig
+from .backends.base import MachineConfig, capabilities_of
 from .errors import VMError
 from .evidence import artifact_dir, collect
 from .guest import VM
@@ -40,6 +40,16 @@ def marker_spec(item: pytest.Item | Any) -> MarkerSpec:
 
 def _session(request: pytest.FixtureRequest) -> VMSession:
     return request.config.stash[SESSION_KEY]
+
+
+def _require_capabilities(request: pytest.FixtureRequest, spec: MarkerSpec) -> None:
+    """Skip the test, saying why, if this run's hypervisor lacks what its marker's ``needs=`` names."""
+    if not spec.needs:
+        return
+    backend = _session(request).pool.backend
+    missing = sorted(spec.needs - capabilities_of(backend))
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}, which this run's hypervisor ({backend.name}: {backend.describe()}) does not offer")
 
 
 def _give_back(session: VMSession, vm: VM, node: pytest.Item) -> None:
@@ -73,6 +83,7 @@ def vm(request: pytest.FixtureRequest, _vm_image: str | None) -> Iterator[VM]:
     restored from a saved ready state after that.
     """
     spec = marker_spec(request.node)
+    _require_capabilities(request, spec)
     config = MachineConfig(
         image=spec.image or _vm_image or DEFAULT_IMAGE,
         memory_mb=spec.memory_mb,
@@ -149,6 +160,7 @@ def vm_factory(request: pytest.FixtureRequest, _vm_image: str | None) -> Iterato
     for later tests) or discarded when the test ends.
     """
     spec = marker_spec(request.node)
+    _require_capabilities(request, spec)
     factory = VMFactory(request, spec.image or _vm_image or DEFAULT_IMAGE)
     try:
         yield factory

@@ -20,11 +20,11 @@ from typing import Any
 
 import paramiko
 
-from .backends.base import Machine, MachineConfig
+from .backends.base import ALL_CAPABILITIES, Machine, MachineConfig
 from .channels.agent import AgentError
 from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
-from .errors import CommandTimeout, GuestError, SnapshotError
+from .errors import CommandTimeout, GuestError, QMPError, SnapshotError
 from .images.image import BuiltImage, GuestOS
 from .instance import Instance, console_tail, warm_up
 from .waiting import Deadline, wait_for
@@ -57,8 +57,10 @@ class VM:
         guest_os: Callable[[VM], GuestOS] | None = None,
         boot_timeout: float = 300.0,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        capabilities: frozenset[str] = ALL_CAPABILITIES,
     ) -> None:
         self.name = name
+        self.capabilities = capabilities  # what the hypervisor offers this guest (backends.base.CAPABILITIES)
         self._image = image
         self.config = config
         self.accel = accel
@@ -326,6 +328,9 @@ class QMPProxy:
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         instance = self._vm._usable()
+        if "qmp" not in self._vm.capabilities:
+            raise QMPError(command, "Unavailable", "this hypervisor has no QMP monitor; mark tests that need it "
+                           "@pytest.mark.vm(needs=[\"qmp\"]) so they are skipped where it is missing")
         try:
             return instance.machine.qmp.execute(command, arguments)
         except GuestError as exc:

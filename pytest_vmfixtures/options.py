@@ -13,13 +13,13 @@ from typing import Any
 
 from .accel import ACCELS
 from .arch import ARCHES, by_name
-from .backends.base import NETWORKS
+from .backends.base import CAPABILITIES, NETWORKS
 from .images.byo import check_spec
 
 DEFAULT_IMAGE = "debian-12"
 DEFAULT_MEMORY_MB = 512
 DEFAULT_CPUS = 1
-MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network", "sha256", "user", "firmware")
+MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network", "sha256", "user", "firmware", "needs")
 BACKENDS = ("qemu", "libvirt")
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 DEFAULT_LIBVIRT_POOL = "vmfixtures"  # on remote libvirt hosts, for the copied images and states
@@ -73,6 +73,17 @@ class MarkerSpec:
     sha256: str | None = None
     user: str | None = None
     firmware: str | None = None
+    # What the test needs of the hypervisor (backends.base.CAPABILITIES); skipped where it is missing.
+    needs: frozenset[str] = field(default_factory=frozenset)
+
+
+def _needs(where: str, value: Any) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise OptionError(f'{where}: needs must be a list of capabilities, like needs=["qmp"]; got {value!r}')
+    unknown = sorted(str(v) for v in value if v not in CAPABILITIES)
+    if unknown:
+        raise OptionError(f"{where}: needs={unknown[0]!r} is not a capability; known: {', '.join(CAPABILITIES)}")
+    return frozenset(value)
 
 
 def _int_in(where: str, key: str, value: Any, low: int, high: int) -> int:
@@ -130,6 +141,7 @@ def parse_marker(where: str, marks: Iterable[tuple[tuple[Any, ...], Mapping[str,
         sha256=byo["sha256"].lower() if isinstance(byo["sha256"], str) else None,
         user=byo["user"],
         firmware=byo["firmware"],
+        needs=_needs(where, merged.get("needs", ())),
     )
 
 

@@ -21,7 +21,16 @@ from pathlib import Path
 
 from .accel import AccelChoice, guest_accel
 from .arch import by_name, is_native
-from .backends.base import STATE_CONSOLE, Backend, Machine, MachineConfig, SavedState, config_inputs, digest_of
+from .backends.base import (
+    STATE_CONSOLE,
+    Backend,
+    Machine,
+    MachineConfig,
+    SavedState,
+    capabilities_of,
+    config_inputs,
+    digest_of,
+)
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, read_guest_os
@@ -303,6 +312,7 @@ class Pool:
             guest_os=read_guest_os,
             boot_timeout=self.boot_timeout,
             command_timeout=self.command_timeout,
+            capabilities=capabilities_of(self.backend),
         )
 
     def acquire(self, config: MachineConfig) -> VM:

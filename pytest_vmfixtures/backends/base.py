@@ -142,8 +142,27 @@ class Machine(Protocol):
         ...
 
 
+# What a hypervisor can do for its guests, by name. A backend states its set once
+# (``Backend.capabilities``); a test that needs one asks with @pytest.mark.vm(needs=[...]).
+CAPABILITIES: dict[str, str] = {
+    "saved_state": "restoring a saved state of a running guest",
+    "qmp": "QEMU's monitor (vm.qmp)",
+    "agent": "the QEMU guest agent channel",
+    "console": "the guest's serial console log (vm.console_log)",
+    "port_forward": "SSH through a port forwarded on the host's loopback",
+}
+ALL_CAPABILITIES = frozenset(CAPABILITIES)
+
+
+def capabilities_of(backend: object) -> frozenset[str]:
+    """The backend's capabilities; a backend from a plugin that states none is taken to have them all."""
+    stated = getattr(backend, "capabilities", None)
+    return frozenset(stated) if stated is not None else ALL_CAPABILITIES
+
+
 class Backend(Protocol):
     name: str
+    capabilities: frozenset[str]  # the CAPABILITIES its guests have
 
     def describe(self) -> str: ...
 

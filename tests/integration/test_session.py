@@ -93,3 +93,51 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+NO_MONITOR_CONFTEST = '''
+import pytest
+from pytest_vmfixtures.backends.qemu import QemuBackend
+
+
+class WithoutMonitor(QemuBackend):
+    """The real QEMU backend, stating what a hypervisor without QMP (VirtualBox, VMware, Hyper-V) would."""
+    capabilities = frozenset({"saved_state", "agent", "console", "port_forward"})
+
+
+@pytest.hookimpl
+def pytest_vm_make_backend(config, runtime, accel):
+    return WithoutMonitor(runtime, accel)
+'''
+
+NEEDS = '''
+import pytest
+from pytest_vmfixtures import QMPError
+
+pytestmark = pytest.mark.vm(image="tiny")
+
+
+@pytest.mark.vm(needs=["qmp"])
+def test_needs_the_monitor(vm):
+    vm.qmp.execute("query-status")
+
+
+def test_without_asking(vm):
+    with pytest.raises(QMPError, match="this hypervisor has no QMP monitor"):
+        vm.qmp.execute("query-status")
+    assert vm.run("echo still here", check=True).stdout == "still here\\n"
+
+
+@pytest.mark.vm(needs=["agent", "console"])
+def test_needs_what_it_has(vm_factory):
+    assert vm_factory().run("true").ok
+'''
+
+
+def test_a_test_needing_what_the_hypervisor_lacks_is_skipped_with_the_reason(pytester: pytest.Pytester, request: pytest.FixtureRequest):
+    pytester.makeconftest(NO_MONITOR_CONFTEST)
+    pytester.makepyfile(test_needs=NEEDS)
+    result = pytester.runpytest_subprocess(*_cache_args(request.config), "-rs")
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED * needs qmp, which this run's hypervisor (qemu: qemu *) does not offer"])
+    assert orphaned_qemu() == []

@@ -270,3 +270,22 @@ def test_parse_count_rejects(value: Any, pattern: str) -> None:
 
 def test_option_error_is_a_value_error() -> None:
     assert issubclass(OptionError, ValueError)
+
+
+# -- needs= ---------------------------------------------------------------------
+
+
+def test_needs_names_capabilities_and_the_closest_marker_wins() -> None:
+    assert parse().needs == frozenset()
+    assert parse(mark(needs=["qmp", "agent"])).needs == frozenset({"qmp", "agent"})
+    assert parse(mark(needs=("console",)), mark(needs=["qmp"])).needs == frozenset({"console"})
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (["qmp", "monitor"], "needs='monitor' is not a capability; known: saved_state, qmp, agent, console, port_forward"),
+    ("qmp", 'needs must be a list of capabilities, like needs=\\["qmp"\\]'),
+    (3, "needs must be a list of capabilities"),
+])
+def test_needs_with_an_unknown_capability_says_which_exist(value: Any, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        parse(mark(needs=value))

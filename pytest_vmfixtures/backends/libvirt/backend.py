@@ -18,7 +18,7 @@ from ...errors import BootError, GuestError, ImageError, SnapshotError
 from ...images.image import BuiltImage
 from ...options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ...runtime import Runtime
-from ..base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
+from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, find_ovmf, firmware_inputs, free_port, hotplug_lan
 from .calls import bounded, libvirt, require_libvirt
 from .connection import (
@@ -62,6 +62,7 @@ def hosts_for(image: BuiltImage, hosts: list[Host]) -> list[Host]:
 
 class LibvirtBackend:
     name = "libvirt"
+    capabilities = ALL_CAPABILITIES  # libvirt's QEMU driver: monitor and agent commands pass through it
 
     def __init__(
         self, runtime: Runtime, accel: AccelChoice, uris: list[str] | None = None, qemu_img: str = "qemu-img",
