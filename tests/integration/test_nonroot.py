@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 import pytest_vmfixtures
+from pytest_vmfixtures.fixtures import SESSION_KEY
 from pytest_vmfixtures.images import foreign
+
+from . import cloudimage
 
 USER = os.environ.get("VMFIX_TEST_USER", "")
 
@@ -106,6 +109,59 @@ def test_libvirt_backend_as_ordinary_user() -> None:
     left = _as_user(["virsh", "-q", "-c", "qemu:///session", "list", "--all", "--name"])
     assert left.returncode == 0 and left.stdout.strip() == "", left.stdout + left.stderr
 
+
+CLOUD_SUITE = '''
+import os
+
+import pytest
+
+DISK = os.path.expanduser("~/vmfixtures-test/debian-12-uefi-cloud.qcow2")
+
+
+@pytest.fixture
+def cloud(vm_factory):
+    return vm_factory(image=DISK, memory_mb=1024)
+
+
+def test_wreck(cloud):
+    assert cloud.built_image.firmware == "uefi"
+    assert cloud.run("id -u; test -d /sys/firmware/efi && echo efi", check=True).stdout.split() == ["0", "efi"]
+    cloud.run("touch /root/dirty", check=True)
+
+
+def test_clean_again(cloud):
+    assert cloud.run("test ! -e /root/dirty").ok
+'''
+
+
+@pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirt is not installed")
+def test_cloud_image_on_libvirt_as_ordinary_user(request: pytest.FixtureRequest) -> None:
+    """Your own UEFI cloud image through the user's own libvirtd: seed, NVRAM and saved state the user's."""
+    if cloudimage.missing_tools():
+        pytest.skip(f"building the test cloud image needs: {', '.join(cloudimage.missing_tools())}")
+    disk = cloudimage.ensure(request.config.stash[SESSION_KEY].cache)  # built once, here, as root
+    home, source, suite, venv = _user_setup(("libvirt-python", "pycdlib"))
+    entry = pwd.getpwnam(USER)
+    (suite / "test_as_user.py").write_text(CLOUD_SUITE)
+    copy = suite.parent / disk.name
+    shutil.copyfile(disk, copy)
+    for path in (copy, suite / "test_as_user.py"):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    cache = home / ".cache" / "pytest-vmfixtures"
+    result = _as_user(
+        [str(venv / "bin" / "python"), "-m", "pytest", "-p", "pytest_vmfixtures.plugin", "-p", "no:cacheprovider",
+         "-v", "--vm-cache", str(cache), "--vm-backend", "libvirt", "--vm-libvirt-uri", "qemu:///session", str(suite)],
+        env={"PYTHONPATH": str(source)},
+        cwd=suite,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout and "backend libvirt qemu:///session" in result.stdout
+    left = _as_user(["virsh", "-q", "-c", "qemu:///session", "list", "--all", "--name"])
+    assert left.returncode == 0 and left.stdout.strip() == "", left.stdout + left.stderr
+    nvrams = list((cache / "states").glob("debian-12-uefi-cloud*/nvram.qcow2"))
+    assert nvrams and all(p.stat().st_uid == entry.pw_uid and not p.stat().st_mode & 0o077 for p in nvrams)
+    assert not list((cache / "run").glob("*/*/nvram.qcow2"))  # no guest's NVRAM outlives the run
 
 FOREIGN_FIRST_STAGE = '''
 import sys
