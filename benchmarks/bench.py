@@ -10,6 +10,9 @@ Prints a table and writes benchmarks/results.json (per scenario: p50, p95, n, un
   suite_100            100 destructive tests end to end in one pytest run, wall time (one warm start included)
   libvirt_revert       libvirt snapshot-revert + a fresh SSH connection -> first command (needs libvirtd)
   qemu_peak_rss        peak RSS of each guest's QEMU process (MiB), with guest RAM for comparison
+  {state,warm_start,revert}_<MiB>_{builtin,cloud}
+                       a cloud image (firmware boot, cloud-init seed) beside the built-in image at the same
+                       memory size, in the same run (see cloud.py); --only-cloud runs just these
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cloud  # noqa: E402
 import libvirt_baseline  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -167,8 +171,13 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=100, help="destructive tests in the end-to-end run (>= 31)")
     parser.add_argument("--libvirt", type=int, default=10, help="libvirt snapshot-reverts (0 to skip)")
     parser.add_argument("--standby", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    parser.add_argument("--cloud-tests", type=int, default=20, help="destructive tests per guest in the cloud comparison (0 skips it)")
+    parser.add_argument("--cloud-memory-mb", type=int, default=1024, help="memory of both guests in the cloud comparison")
+    parser.add_argument("--only-cloud", action="store_true", help="run only the cloud comparison (written to cloud.json)")
+    parser.add_argument("--output", type=Path, default=None, help="default: results.json (cloud.json with --only-cloud)")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = HERE / ("cloud.json" if args.only_cloud else "results.json")
 
     accel = choose_accel(args.accel, probe_host())
     config = MachineConfig(args.image, memory_mb=args.memory_mb)
@@ -179,6 +188,15 @@ def main() -> None:
     pool = Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel, standby=0,
                 progress=lambda m: print(f"  {m}", flush=True))
     results: dict[str, dict[str, object]] = {}
+    if args.only_cloud:
+        try:
+            print(f"benchmark: cloud image beside {args.image}, {args.cloud_memory_mb} MiB, 1 vCPU, {backend.describe()}", flush=True)
+            results = cloud_scenarios(pool, args)
+        finally:
+            pool.close()
+            runtime.close()
+        finish(args, results, {}, accel, backend)
+        return
     try:
         print(f"benchmark: {args.image}, {args.memory_mb} MiB, 1 vCPU, {backend.describe()}", flush=True)
         ensure_image(cache, args.image, [BUILTIN_IMAGES_DIR], pool.progress)
@@ -189,6 +207,8 @@ def main() -> None:
         results["fresh_boot_per_test"] = summary(per_test)
         print("measuring warm starts ...", flush=True)
         results["warm_start"] = summary(warm_starts(pool, config, args.warm))
+        if args.cloud_tests:
+            results |= cloud_scenarios(pool, args)
     finally:
         pool.close()
         runtime.close()
@@ -211,11 +231,22 @@ def main() -> None:
     ratios["cold_boot / warm_start"] = float(results["cold_boot"]["p50"]) / float(results["warm_start"]["p50"])  # type: ignore[arg-type]
     if "libvirt_revert" in results:
         ratios["libvirt_revert / revert"] = float(results["libvirt_revert"]["p50"]) / revert  # type: ignore[arg-type]
+    finish(args, results, ratios, accel, backend)
+
+
+def cloud_scenarios(pool: Pool, args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    return cloud.measure(pool, args.cache, args.image, args.cloud_memory_mb, args.warm, args.cloud_tests, args.standby,
+                         warm_starts, summary)
+
+
+def finish(args: argparse.Namespace, results: dict[str, dict[str, object]], ratios: dict[str, float],
+           accel: Any, backend: QemuBackend) -> None:
     document = {
-        "targets": check_targets(results, ratios, args.memory_mb),
+        "targets": check_targets(results, ratios, args.memory_mb, args.cloud_memory_mb),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "accel": accel.accel,
                     "accel_reason": accel.reason, "qemu": backend.version, "image": args.image,
-                    "memory_mb": args.memory_mb, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+                    "memory_mb": args.memory_mb, "cloud_memory_mb": args.cloud_memory_mb,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "scenarios": results,
         "ratios": ratios,
     }
@@ -224,7 +255,9 @@ def main() -> None:
     print(f"\nwritten to {args.output}")
 
 
-def check_targets(results: dict[str, dict[str, object]], ratios: dict[str, float], memory_mb: int) -> dict[str, dict[str, object]]:
+def check_targets(
+    results: dict[str, dict[str, object]], ratios: dict[str, float], memory_mb: int, cloud_memory_mb: int
+) -> dict[str, dict[str, object]]:
     """The speed goals this benchmark exists for, each with the measured value and whether it is met."""
 
     def p(scenario: str, q: str = "p50") -> float | None:
@@ -238,7 +271,9 @@ def check_targets(results: dict[str, dict[str, object]], ratios: dict[str, float
         ("warm start p50 (s)", p("warm_start"), "<=", 2.5),
         ("cold boot / warm start (x)", ratios.get("cold_boot / warm_start"), ">=", 12),
         ("100 destructive tests, wall (s)", p("suite_100"), "<=", 90),
-        ("QEMU peak RSS p95 - guest RAM (MiB)", (p("qemu_peak_rss", "p95") or 0) - memory_mb, "<=", 150),
+        ("QEMU peak RSS p95 - guest RAM (MiB)", None if "qemu_peak_rss" not in results else
+         (p("qemu_peak_rss", "p95") or 0) - memory_mb, "<=", 150),
+        *cloud.targets(results, cloud_memory_mb),
     ]
     return {
         name: {"value": value, "goal": f"{op} {limit:g}",
@@ -250,10 +285,10 @@ def check_targets(results: dict[str, dict[str, object]], ratios: dict[str, float
 def print_table(document: dict[str, Any]) -> None:
     scenarios = document["scenarios"]
     assert isinstance(scenarios, dict)
-    print(f"\n{'scenario':<22} {'p50':>9} {'p95':>9} {'n':>4}")
+    print(f"\n{'scenario':<26} {'p50':>9} {'p95':>9} {'n':>4}")
     for name, row in scenarios.items():
         unit = row["unit"]
-        print(f"{name:<22} {row['p50']:>8.2f}{unit[0]} {row['p95']:>8.2f}{unit[0]} {row['n']:>4}")
+        print(f"{name:<26} {row['p50']:>8.2f}{unit[0]} {row['p95']:>8.2f}{unit[0]} {row['n']:>4}")
     print()
     for name, value in document["ratios"].items():
         print(f"{name:<32} {value:>7.1f}x")

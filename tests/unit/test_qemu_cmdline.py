@@ -276,3 +276,14 @@ def test_only_riscv_guests_get_a_gdbstub_and_only_on_their_private_socket(image:
     assert f"socket,id=gdb0,path={paths.socks / 'gdb'},server=on,wait=off" in option_values(argv, "-chardev")
     assert "tcp" not in " ".join(option_values(argv, "-chardev"))
     assert "-gdb" not in build(image, tmp_path, paths=paths_in(tmp_path, "x86"))
+
+
+def test_only_firmware_booted_guests_get_a_balloon_that_reports_free_pages(image: BuiltImage, tmp_path: Path) -> None:
+    """A cloud image's kernel command line is the vendor's (no init_on_free=1): the balloon zeroes what it frees."""
+    assert not [d for d in option_values(build(image, tmp_path), "-device") if "balloon" in d]
+    seed = tmp_path / "seed.iso"
+    seed.write_bytes(b"")
+    cloud = replace(image, kernel=None, initrd=None, cmdline="", firmware="bios", seed=seed, agent=False)
+    devices = option_values(build(cloud, tmp_path, paths=paths_in(tmp_path, "cloud")), "-device")
+    assert devices[-1] == "virtio-balloon-pci,id=balloon0,free-page-reporting=on"  # last: the other slots stay
+    assert "-append" not in build(cloud, tmp_path, paths=paths_in(tmp_path, "cloud-2"))

@@ -20,7 +20,8 @@ from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan
-from .command import MachinePaths, build_command_line, find_ovmf, guest_arch
+from .balloon import wait_for_reports
+from .command import BALLOON_DEVICE, MachinePaths, build_command_line, find_ovmf, guest_arch, reports_free_pages
 from .riscv import rearm_timers
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -196,6 +197,8 @@ class QemuBackend:
             inputs["firmware"] = image.firmware
             if image.firmware == "uefi":
                 inputs["ovmf"] = [hashlib.sha256(p.read_bytes()).hexdigest() for p in find_ovmf()]
+        if reports_free_pages(image):  # a device more: states made before it came would not load
+            inputs["balloon"] = "free-page-reporting"
         return inputs
 
     # -- starting ---------------------------------------------------------
@@ -283,6 +286,8 @@ class QemuBackend:
     def save(self, machine: Machine, directory: Path) -> None:
         if not isinstance(machine, QemuMachine):
             raise TypeError(f"the QEMU backend cannot save {machine!r}")
+        if BALLOON_DEVICE in machine.command_line:
+            wait_for_reports(machine.name, machine.process.pid)  # see balloon.py
         qmp = machine.qmp
         qmp.execute("stop")
         memory = directory / "memory"
