@@ -19,6 +19,7 @@ import pytest
 
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtMachine
+from pytest_vmfixtures.errors import ImageError
 from pytest_vmfixtures.images import qcow2
 from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.pool import Pool
@@ -112,3 +113,22 @@ def test_a_cloud_guest_that_fails_to_start_leaves_no_nvram_or_overlay(
     leftover = cloud_pool.runtime.run_dir / "cloud-broken-1"
     assert not leftover.exists() or not [p.name for p in leftover.iterdir() if p.suffix == ".qcow2"]
     assert set(os.listdir(cloud_pool.runtime.run_dir)) - before <= {"cloud-broken-1"}
+
+
+def test_remote_hosts_only_refuse_a_cloud_guest_in_one_line(
+    pool_factory: PoolFactory, cloud_config: MachineConfig, remote_uri: str,
+) -> None:
+    """Its seed and NVRAM are files here, not uploaded: refused before anything is started or copied there."""
+    pool, runtime = pool_factory([remote_uri])
+    try:
+        uploads = pool.backend.hosts[0].storage.uploads  # type: ignore[attr-defined]
+        with pytest.raises(ImageError) as caught:
+            pool.acquire(cloud_config)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert f"not on {remote_uri}: add such a --vm-libvirt-uri, or use --vm-backend qemu" in message
+        assert pool.backend.hosts[0].storage.uploads == uploads  # type: ignore[attr-defined]
+        assert not [n for n in domains(remote_uri) if n.startswith(f"vmfx-{runtime.session_id}-")]
+    finally:
+        pool.close()
+        runtime.close()
