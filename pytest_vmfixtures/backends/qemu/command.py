@@ -10,24 +10,10 @@ from ...arch import ARCHES, Arch, by_name
 from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
-from ..common import KERNEL_ARGS, TB_SIZE_MB, mac_for
+from ..common import KERNEL_ARGS, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, mac_for
 from .riscv import gdb_arguments
 
-# UEFI firmware for images that boot through it (Debian/Ubuntu: package ovmf; Fedora: edk2-ovmf).
-# The code is read-only; each guest gets a qcow2 overlay of the variable store as its NVRAM.
-OVMF_CANDIDATES = (
-    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
-    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
-)
-
-
-def find_ovmf() -> tuple[Path, Path]:
-    """The OVMF code and variable-store template, or a GuestError saying what to install."""
-    for code, variables in OVMF_CANDIDATES:
-        if Path(code).is_file() and Path(variables).is_file():
-            return Path(code), Path(variables)
-    raise GuestError("this image boots with UEFI, and no OVMF firmware was found: install it (Debian: apt install ovmf)")
+__all__ = ["OVMF_CANDIDATES", "MachinePaths", "build_command_line", "find_ovmf", "guest_arch", "opt"]
 
 
 @dataclass(frozen=True)
