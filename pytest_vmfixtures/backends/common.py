@@ -44,6 +44,11 @@ def firmware_inputs(firmware: str) -> dict[str, object]:
     return inputs
 
 
+def opt(path: object) -> str:
+    """A path as a value in QEMU's ``key=value,...`` option syntax, where a comma is written twice."""
+    return str(path).replace(",", ",,")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

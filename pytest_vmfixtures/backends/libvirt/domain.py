@@ -13,7 +13,7 @@ from ...accel import AccelChoice
 from ...errors import GuestError, ImageError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
-from ..common import KERNEL_ARGS, TB_SIZE_MB, mac_for
+from ..common import KERNEL_ARGS, TB_SIZE_MB, mac_for, opt
 from .connection import Host, is_session
 
 TEMPLATE = Path(__file__).with_name("domain.xml")
@@ -42,11 +42,6 @@ def attr(value: object) -> str:
     return escape(str(value), {"'": "&apos;", '"': "&quot;"})
 
 
-def qemu_opt(path: object) -> str:
-    """A path as a value in QEMU's ``key=value,...`` option syntax, where a comma is written twice."""
-    return str(path).replace(",", ",,")
-
-
 # Placeholders that take whole XML elements, built (and escaped) here.
 RAW = frozenset({"tcg_features", "cpu", "incoming", "seclabel", "serial", "boot", "disk_boot", "seed", "agent",
                  "firmware"})
@@ -71,8 +66,8 @@ def boot_elements(image: BuiltImage, paths: dict[str, object]) -> dict[str, str]
                          f"delete {image.directory} so it is prepared again")
     firmware = ""
     if image.firmware == "uefi":
-        drives = (f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_opt(paths['ovmf_code'])}",
-                  f"if=pflash,format=qcow2,unit=1,file={qemu_opt(paths['nvram'])}")
+        drives = (f"if=pflash,format=raw,unit=0,readonly=on,file={opt(paths['ovmf_code'])}",
+                  f"if=pflash,format=qcow2,unit=1,file={opt(paths['nvram'])}")
         firmware = "".join(f"<qemu:arg value='-drive'/><qemu:arg value='{attr(d)}'/>" for d in drives)
     return {"boot": "", "disk_boot": "<boot order='1'/>", "firmware": firmware}
 

@@ -10,7 +10,7 @@ from ...arch import ARCHES, Arch, by_name
 from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
-from ..common import KERNEL_ARGS, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, mac_for
+from ..common import KERNEL_ARGS, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, mac_for, opt
 from .riscv import gdb_arguments
 
 __all__ = ["OVMF_CANDIDATES", "MachinePaths", "build_command_line", "find_ovmf", "guest_arch", "opt"]
@@ -77,11 +77,6 @@ def guest_arch(image: BuiltImage) -> Arch:
     except KeyError:
         raise GuestError(f"image {image.name!r} is for architecture {image.arch!r}, which this plugin cannot run; "
                          f"use one of {', '.join(ARCHES)}") from None
-
-
-def opt(path: object) -> str:
-    """A path as a value in QEMU's ``key=value,...`` option syntax, where a comma is written twice."""
-    return str(path).replace(",", ",,")
 
 
 def build_command_line(
