@@ -18,8 +18,8 @@ from ...errors import BootError, GuestError, SnapshotError, VMError
 from ...images.image import BuiltImage
 from ...runtime import Runtime
 from ...waiting import wait_for
-from ..base import LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, free_port, hotplug_lan
+from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
+from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, firmware_inputs, free_port, hotplug_lan
 from .balloon import wait_for_reports
 from .command import BALLOON_DEVICE, MachinePaths, build_command_line, find_ovmf, guest_arch, reports_free_pages
 from .riscv import rearm_timers
@@ -149,6 +149,7 @@ class QemuMachine:
 
 class QemuBackend:
     name = "qemu"
+    capabilities = ALL_CAPABILITIES
 
     def __init__(
         self, runtime: Runtime, accel: AccelChoice, binary: str = DEFAULT_BINARY, qemu_img: str = "qemu-img",
@@ -194,9 +195,7 @@ class QemuBackend:
         if accel.accel == "kvm":
             inputs["cpu"] = host_cpu_id()
         if image.kernel is None:  # firmware boot: the firmware is part of the machine
-            inputs["firmware"] = image.firmware
-            if image.firmware == "uefi":
-                inputs["ovmf"] = [hashlib.sha256(p.read_bytes()).hexdigest() for p in find_ovmf()]
+            inputs.update(firmware_inputs(image.firmware))
         if reports_free_pages(image):  # a device more: states made before it came would not load
             inputs["balloon"] = "free-page-reporting"
         return inputs
