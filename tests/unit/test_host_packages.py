@@ -7,6 +7,7 @@ to run. A new recipe or backend that needs a new package fails here until the bo
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -55,3 +56,17 @@ def test_doctor_names_a_missing_build_tool_the_recipe_and_the_package(
     [check, *_] = doctor.check_image_tools(tmp_path, versions=False)
     assert check.status == doctor.FAIL
     assert "arch-test (for debian-12-i386)" in check.message and "apt install arch-test" in check.message
+
+
+# What the project's own tests run on the host besides the product's needs: the tools that build the
+# test cloud images (tests/integration/cloudimage.py) and libvirt's schema check of the domain XML.
+TEST_TOOLS = {"virt-xml-validate": "libvirt-clients", "xmllint": "libxml2-utils"}
+
+
+def test_the_test_trees_tools_come_from_bootstrapped_packages() -> None:
+    source = ast.parse((ROOT / "tests" / "integration" / "cloudimage.py").read_text())
+    [tools] = [ast.literal_eval(node.value) for node in source.body
+               if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["TOOLS"]]
+    needed = {**tools, **TEST_TOOLS}
+    missing = {tool: package for tool, package in needed.items() if package not in bootstrap_packages()}
+    assert not missing, f"tools the tests run, from packages scripts/bootstrap does not install: {missing}"
