@@ -207,7 +207,7 @@ class VM:
                 instance.agent = None
         if result is None:
             try:
-                result = instance.ssh.exec(command, tag, timeout)
+                result = instance.shell.exec(command, tag, timeout)
             except SSHError as exc:
                 raise self._died(exc) from exc
         return result.check() if check else result
@@ -262,9 +262,7 @@ class VM:
         if name not in instance.snapshots:
             known = ", ".join(sorted(instance.snapshots)) or "none"
             raise SnapshotError(f"no snapshot {name!r} on {self.name} (taken in this test: {known})")
-        instance.ssh.close()
-        if instance.agent is not None:
-            instance.agent.close()
+        instance.close_channels()
         self._hmp(instance, f"loadvm {name}")
         instance.machine.after_load()
         warm_up(instance, self._image)
@@ -298,9 +296,7 @@ class VM:
         instance = self._usable()
         before = self.run("cat /proc/sys/kernel/random/boot_id", check=True).stdout.strip()
         self.run("(sleep 0.5; reboot) >/dev/null 2>&1 &", check=True)
-        instance.ssh.close()
-        if instance.agent is not None:
-            instance.agent.close()
+        instance.close_channels()
         deadline = Deadline(timeout or self.boot_timeout)
 
         def rebooted() -> bool | None:

@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,7 +39,15 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import AGENT_PROBE_SECONDS, Instance, agent_answers, bind_channels, wait_ssh_ready, warm_up
+from .instance import (
+    AGENT_PROBE_SECONDS,
+    Instance,
+    agent_answers,
+    bind_channels,
+    root_login_works,
+    wait_ssh_ready,
+    warm_up,
+)
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -48,14 +56,17 @@ STATE_FORMAT = 3  # 3: the boot's console log is kept with the state
 Progress = Callable[[str], None]
 
 
-def _bound(machine: Machine, image: BuiltImage, agent: bool = True) -> Instance:
+def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | None = None) -> Instance:
     """The machine with its channels; a machine whose channels cannot be made (a key gone, say) is stopped.
 
-    ``agent`` False: the guest has no agent answering (found when its state was made), so its
-    commands go over SSH from the start, with no time lost asking the agent first.
+    ``facts`` are what the first boot of the guest's state found: ``agent`` False, no agent answers,
+    so commands go over SSH from the start, with no time lost asking it first; ``root_login`` True,
+    root logs in with the key, so commands over SSH need no sudo.
     """
+    facts = facts or {}
+    agent = facts.get("agent") is not False
     try:
-        instance = bind_channels(machine, image)
+        instance = bind_channels(machine, image, root_login=facts.get("root_login") is True)
     except BaseException:
         machine.stop()
         raise
@@ -91,7 +102,7 @@ class Slot:
             log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
             self.remake_state(state)
             machine = self.pool.backend.restore(self.image, self.config, self.state, name)
-        instance = _bound(machine, self.image, agent=state.meta.get("agent") is not False)
+        instance = _bound(machine, self.image, state.meta)
         try:
             warm_up(instance, self.image)
         except BaseException:
@@ -265,14 +276,13 @@ class Pool:
                 wait_ssh_ready(instance, self.boot_timeout, accel)
                 # Your own image may or may not run a guest agent: ask once, remember the answer with the state.
                 facts["agent"] = agent_answers(instance, AGENT_PROBE_SECONDS)
-                self.progress(f"{config.label}: " + ("the guest agent answers; commands go through it" if facts["agent"]
-                                                     else "no guest agent answers; commands go over SSH"))
+                facts["root_login"] = root_login_works(instance, image, AGENT_PROBE_SECONDS)
+                channel = "the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")
+                self.progress(f"{config.label}: commands go through {channel}")
             self.provision(vm)
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
             vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
-            instance.ssh.close()
-            if instance.agent is not None:
-                instance.agent.close()
+            instance.close_channels()
             self.backend.save(machine, directory)
             # Restored guests' console logs start with this boot (see backends.base.start_restored_console).
             if machine.console_log.exists():

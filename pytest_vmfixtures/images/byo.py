@@ -424,8 +424,9 @@ def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qe
         directory=seeds,
         name=label_for(spec.source, sha256),
         # The seed holds the keys: a new seed is a new guest, so it is part of the identity.
-        # "agent": guests get the agent's channel (whether an agent answers is learned on first boot).
-        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}|agent".encode()).hexdigest(),
+        # Guests get the agent's channel; whether an agent answers, and whether root logs in with the
+        # key, is learned on the first boot and kept with the state (so states made before are not used).
+        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}|agent|root-login".encode()).hexdigest(),
         disk=disk,
         disk_sha256=sha256,
         kernel=None,

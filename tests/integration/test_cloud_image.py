@@ -95,6 +95,11 @@ def test_ssh_uses_the_pinned_host_key(cloud_vm) -> None:
 def test_the_handle_picks_the_channel(cloud_vm, variant) -> None:
     """An image with the agent is driven through it; one without, over SSH alone; QMP works either way."""
     assert cloud_vm.channel == ("agent" if variant.agent else "ssh")
+    # Over SSH, commands log in as root (the seed authorizes the key for root too): no sudo in between.
+    assert cloud_vm.run("id -u; echo \"sudo=${SUDO_USER:-}\"", check=True).stdout.split() == ["0", "sudo="]
+    # vm.ssh is the login user's own session.
+    _, out, _ = cloud_vm.ssh.exec_command("id -un")
+    assert out.read().decode().strip() == DEFAULT_USER
     running = cloud_vm.run("systemctl is-active qemu-guest-agent").stdout.strip() == "active"
     assert running == variant.agent
     assert cloud_vm.qmp.execute("query-status")["status"] == "running"
