@@ -67,7 +67,7 @@ def first_run(instance) -> None:  # type: ignore[no-untyped-def]
             instance.agent.connect(60)
         instance.agent.exec("true", new_tag(), 60).check()
     else:
-        instance.ssh.exec("true", new_tag(), 60).check()
+        instance.shell.exec("true", new_tag(), 60).check()  # as vm.run would
 
 
 def cold_boots(pool: Pool, config: MachineConfig, n: int) -> tuple[list[float], list[float]]:

@@ -31,7 +31,7 @@ from .backends.base import (
     config_inputs,
     digest_of,
 )
-from .command import DEFAULT_COMMAND_TIMEOUT
+from .command import DEFAULT_COMMAND_TIMEOUT, new_tag
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, read_guest_os
 from .images import qcow2
@@ -268,17 +268,7 @@ class Pool:
             vm = self._handle(image, config, instance, slot=None)
             vm.state = GuestState.DIRTY
             if image.seed is not None:
-                # Let cloud-init finish its first boot, so every guest starts from a settled system.
-                vm.run("cloud-init status --wait >/dev/null 2>&1 || true", timeout=self.boot_timeout)
-                # cloud-init may restart sshd as its last step, and a state saved in that moment has no
-                # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
-                instance.ssh.close()
-                wait_ssh_ready(instance, self.boot_timeout, accel)
-                # Your own image may or may not run a guest agent: ask once, remember the answer with the state.
-                facts["agent"] = agent_answers(instance, AGENT_PROBE_SECONDS)
-                facts["root_login"] = root_login_works(instance, image, AGENT_PROBE_SECONDS)
-                channel = "the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")
-                self.progress(f"{config.label}: commands go through {channel}")
+                facts.update(self._settle_first_boot(instance, image, config, accel))
             self.provision(vm)
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
             vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
@@ -291,6 +281,27 @@ class Pool:
         finally:
             instance.close()
         self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")
+        return facts
+
+    def _settle_first_boot(self, instance: Instance, image: BuiltImage, config: MachineConfig, accel: str) -> dict[str, object]:
+        """Your own image's first boot, to its end: cloud-init done, and which channels answer."""
+        # Over SSH: whether an agent answers is asked only once the boot is done.
+        wait = "cloud-init status --wait >/dev/null 2>&1 || true"
+        instance.ssh.exec(wait, new_tag(), self.boot_timeout)
+        # cloud-init may restart sshd as its last step, and a state saved in that moment has no
+        # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
+        instance.ssh.close()
+        wait_ssh_ready(instance, self.boot_timeout, accel)
+        # A login to a restored guest must not start a systemd user manager (seconds under emulation):
+        # keep root's and the login user's running in the saved state, as lingering users'.
+        users = " ".join(sorted({"root", image.user}))
+        instance.ssh.exec(f"command -v loginctl >/dev/null && loginctl enable-linger {users} || true", new_tag(), 120)
+        facts: dict[str, object] = {
+            "agent": agent_answers(instance, AGENT_PROBE_SECONDS),
+            "root_login": root_login_works(instance, image, AGENT_PROBE_SECONDS),
+        }
+        channel = "the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")
+        self.progress(f"{config.label}: commands go through {channel}")
         return facts
 
     # -- guests ----------------------------------------------------------------
