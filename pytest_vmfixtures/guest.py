@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shlex
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from .instance import Instance, console_tail, warm_up
 from .waiting import Deadline, wait_for
 
 log = logging.getLogger("pytest_vmfixtures")
+
+EXIT_GRACE_SECONDS = 1.0  # how long a broken channel waits to see whether the machine is ending
 
 CLEAN = "clean"
 
@@ -173,9 +176,21 @@ class VM:
         self.state = GuestState.DIRTY
         return self._instance
 
+    def _ended(self) -> bool:
+        """Whether the machine has ended, after a broken channel.
+
+        A channel breaks as QEMU's sockets close, which can be a moment before its process has ended:
+        a dying machine gets that moment, so the error says it died rather than what the channel saw.
+        """
+        machine = self._instance.machine
+        grace = Deadline(EXIT_GRACE_SECONDS)
+        while machine.alive() and not grace.expired():
+            time.sleep(0.05)
+        return not machine.alive()
+
     def _died(self, exc: Exception) -> GuestError:
         machine = self._instance.machine
-        if machine.alive():
+        if not self._ended():
             return exc if isinstance(exc, GuestError) else GuestError(str(exc))
         self.state = GuestState.DEAD
         return GuestError(
@@ -200,7 +215,7 @@ class VM:
                     instance.agent.connect(10.0)
                 result = instance.agent.exec(command, tag, timeout)
             except AgentError as exc:
-                if not instance.machine.alive():
+                if self._ended():
                     raise self._died(exc) from exc
                 log.warning("%s: guest agent failed (%s); falling back to SSH", self.name, exc)
                 instance.agent.close()
@@ -330,7 +345,7 @@ class QMPProxy:
         try:
             return instance.machine.qmp.execute(command, arguments)
         except GuestError as exc:
-            if not instance.machine.alive():
+            if self._vm._ended():
                 raise self._vm._died(exc) from exc
             raise
 
