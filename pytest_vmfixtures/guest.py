@@ -200,7 +200,7 @@ class VM:
 
     # -- commands ------------------------------------------------------------
     def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult:
-        """Run ``command`` with /bin/sh in the guest as root (through ``sudo -n`` if the login user is not root).
+        """Run ``command`` with /bin/sh in the guest as root (see ``channel``: the agent, else SSH as root, else ``sudo -n``).
 
         Past ``timeout`` seconds (None: ``command_timeout``, from --vm-command-timeout) it is killed with
         its children and :class:`CommandTimeout` is raised.

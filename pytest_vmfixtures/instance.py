@@ -104,18 +104,19 @@ def root_channel(machine: Machine, image: BuiltImage, key: paramiko.PKey) -> SSH
     return SSH(machine.ssh_host, machine.ssh_port, "root", key, image.host_key, machine.name, machine.ssh_proxy)
 
 
-def bind_channels(machine: Machine, image: BuiltImage, root_login: bool = False) -> Instance:
-    """The machine's channels; ``root_login``: root may log in with the image's key (commands then skip sudo)."""
+def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_login: bool = False) -> Instance:
+    """The machine's channels. ``agent`` False: no agent answers there, so none is bound (commands go
+    over SSH); ``root_login``: root may log in with the image's key (commands then skip sudo)."""
     key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
     ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name, machine.ssh_proxy)
     ssh.sudo = image.user != "root"
-    agent: Agent | None = None
-    if machine.agent_transport is not None:
-        agent = Agent.over(machine.agent_transport, machine.name)
-    elif machine.agent_socket is not None:
-        agent = Agent(machine.agent_socket, machine.name)
+    channel: Agent | None = None
+    if agent and machine.agent_transport is not None:
+        channel = Agent.over(machine.agent_transport, machine.name)
+    elif agent and machine.agent_socket is not None:
+        channel = Agent(machine.agent_socket, machine.name)
     root = root_channel(machine, image, key) if root_login and image.user != "root" else None
-    return Instance(machine, ssh, agent, seeded=image.seed is not None, root=root)
+    return Instance(machine, ssh, channel, seeded=image.seed is not None, root=root)
 
 
 AGENT_PROBE_SECONDS = 20.0  # for an image that may have no agent: its boot is done, an agent would be up
@@ -141,8 +142,7 @@ def root_login_works(instance: Instance, image: BuiltImage, timeout: float) -> b
     """
     if image.user == "root":
         return False
-    key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
-    root = root_channel(instance.machine, image, key)
+    root = root_channel(instance.machine, image, instance.ssh.key)
     try:
         root.connect(timeout=timeout)
         if root.exec("test \"$(id -u)\" = 0", new_tag(), timeout).ok:

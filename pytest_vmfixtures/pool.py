@@ -64,16 +64,11 @@ def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | No
     root logs in with the key, so commands over SSH need no sudo.
     """
     facts = facts or {}
-    agent = facts.get("agent") is not False
     try:
-        instance = bind_channels(machine, image, root_login=facts.get("root_login") is True)
+        return bind_channels(machine, image, agent=facts.get("agent") is not False, root_login=facts.get("root_login") is True)
     except BaseException:
         machine.stop()
         raise
-    if not agent and instance.agent is not None:
-        instance.agent.close()
-        instance.agent = None
-    return instance
 
 
 class Slot:

@@ -65,6 +65,18 @@ def create_overlay(qemu_img: str, backing: Path, overlay: Path, backing_format: 
         raise GuestError(f"cannot create overlay {overlay}: {result.stderr.strip()}")
 
 
+NVRAM_NAME = "nvram.qcow2"  # a UEFI guest's variable store, in its files and in a saved state's directory
+
+
+def create_nvram(qemu_img: str, nvram: Path, state_directory: Path | None) -> None:
+    """A UEFI guest's own NVRAM: a qcow2 overlay over OVMF's variable-store template at a cold boot,
+    over the variables frozen with the state at a restore (qcow2, so savevm snapshots it with the disk)."""
+    if state_directory is not None:
+        create_overlay(qemu_img, state_directory / NVRAM_NAME, nvram)
+    else:
+        create_overlay(qemu_img, find_ovmf()[1], nvram, "raw")
+
+
 def mac_for(name: str) -> str:
     digest = hashlib.sha256(name.encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])

@@ -134,15 +134,13 @@ def download(url: str, sha256: str, target: Path, progress: Progress, timeout: f
         with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
             kind = response.headers.get_content_type()
             if kind in HTML_TYPES:
-                raise ImageError(f"{url} serves a web page ({kind}), not a disk image: give the URL of the "
-                                 ".qcow2 or .img file itself (the download link, not the page listing it)")
+                raise _web_page(url, f" ({kind})")
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             progress(f"downloading {url}" + (f" ({total / 2**20:.0f} MiB)" if total else ""))
             while chunk := response.read(CHUNK):
                 if done == 0 and _looks_like_html(chunk):
-                    raise ImageError(f"{url} serves a web page, not a disk image: give the URL of the "
-                                     ".qcow2 or .img file itself (the download link, not the page listing it)")
+                    raise _web_page(url)
                 digest.update(chunk)
                 out.write(chunk)
                 done += len(chunk)
@@ -166,6 +164,11 @@ def download(url: str, sha256: str, target: Path, progress: Progress, timeout: f
         )
     rate = done / 2**20 / max(time.monotonic() - started, 1e-3)
     progress(f"downloaded {url}: {done / 2**20:.0f} MiB, checksum verified ({rate:.0f} MiB/s)")
+
+
+def _web_page(url: str, kind: str = "") -> ImageError:
+    return ImageError(f"{url} serves a web page{kind}, not a disk image: give the URL of the "
+                      ".qcow2 or .img file itself (the download link, not the page listing it)")
 
 
 def _looks_like_html(chunk: bytes) -> bool:

@@ -19,7 +19,17 @@ from ...images.image import BuiltImage
 from ...options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ...runtime import Runtime
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, find_ovmf, firmware_inputs, free_port, hotplug_lan
+from ..common import (
+    KERNEL_ARGS,
+    NVRAM_NAME,
+    TB_SIZE_MB,
+    create_nvram,
+    create_overlay,
+    find_ovmf,
+    firmware_inputs,
+    free_port,
+    hotplug_lan,
+)
 from .calls import bounded, libvirt, require_libvirt
 from .connection import (
     CLIENT,
@@ -35,7 +45,7 @@ from .connection import (
 )
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
-from .machine import NVRAM_NAME, LibvirtMachine
+from .machine import LibvirtMachine
 from .save import StateCopy, load_through_monitor, rewrap, save_domain, stream_offset
 from .storage import guest_files
 
@@ -165,13 +175,9 @@ class LibvirtBackend:
         paths: dict[str, object] = {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
                                     "console": files / "console.log", "seed": image.seed}
         if image.kernel is None and image.firmware == "uefi":
-            code, variables = find_ovmf()
             nvram = files / NVRAM_NAME
-            if state is not None:
-                create_overlay(self.qemu_img, state.directory / NVRAM_NAME, nvram)
-            else:
-                create_overlay(self.qemu_img, variables, nvram, "raw")
-            paths.update(ovmf_code=code, nvram=nvram)
+            create_nvram(self.qemu_img, nvram, state.directory if state is not None else None)
+            paths.update(ovmf_code=find_ovmf()[0], nvram=nvram)
         return paths
 
     def _start(

@@ -17,8 +17,6 @@ from .ssh_route import ssh_route
 if TYPE_CHECKING:
     from .backend import LibvirtBackend
 
-NVRAM_NAME = "nvram.qcow2"  # a UEFI guest's variable store, in its files and in a saved state's directory
-
 
 class LibvirtMachine:
     """A transient libvirt domain and the files it owns."""

@@ -19,9 +19,9 @@ from ...images.image import BuiltImage
 from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import KERNEL_ARGS, TB_SIZE_MB, create_overlay, firmware_inputs, free_port, hotplug_lan
+from ..common import KERNEL_ARGS, NVRAM_NAME, TB_SIZE_MB, create_nvram, create_overlay, firmware_inputs, free_port, hotplug_lan
 from .balloon import wait_for_reports
-from .command import BALLOON_DEVICE, MachinePaths, build_command_line, find_ovmf, guest_arch, reports_free_pages
+from .command import BALLOON_DEVICE, MachinePaths, build_command_line, guest_arch, reports_free_pages
 from .riscv import rearm_timers
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -217,10 +217,7 @@ class QemuBackend:
             if image.kernel is None and image.firmware == "uefi":
                 # The NVRAM is disk state too (boot entries, variables the guest wrote): a cold boot
                 # starts from OVMF's template, a restore from the variables frozen with the state.
-                if state is not None:
-                    self._overlay(state.directory / "nvram.qcow2", paths.nvram)
-                else:
-                    self._overlay(find_ovmf()[1], paths.nvram, "raw")
+                create_nvram(self.qemu_img, paths.nvram, state.directory if state is not None else None)
 
         overlays()
         if state is not None:
@@ -315,7 +312,7 @@ class QemuBackend:
         os.replace(machine.paths.overlay, directory / "disk.qcow2")
         if machine.paths.nvram.exists():
             # A UEFI guest's variable store is frozen with its disk; restore() overlays it per instance.
-            os.replace(machine.paths.nvram, directory / "nvram.qcow2")
+            os.replace(machine.paths.nvram, directory / NVRAM_NAME)
         machine.stop()
 
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:

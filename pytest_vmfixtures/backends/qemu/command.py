@@ -10,7 +10,7 @@ from ...arch import ARCHES, Arch, by_name
 from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
-from ..common import KERNEL_ARGS, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, mac_for, opt
+from ..common import KERNEL_ARGS, NVRAM_NAME, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, mac_for, opt
 from .riscv import gdb_arguments
 
 __all__ = ["OVMF_CANDIDATES", "MachinePaths", "build_command_line", "find_ovmf", "guest_arch", "opt"]
@@ -40,7 +40,7 @@ class MachinePaths:
     @property
     def nvram(self) -> Path:
         """A UEFI guest's variable store: an overlay, like the disk, and saved with it."""
-        return self.files / "nvram.qcow2"
+        return self.files / NVRAM_NAME
 
     @property
     def qmp(self) -> Path:
