@@ -21,6 +21,7 @@ DEFAULT_MEMORY_MB = 512
 DEFAULT_CPUS = 1
 MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network", "sha256", "user", "firmware", "needs")
 BACKENDS = ("qemu", "libvirt")
+RAM_STATES = ("auto", "mapped", "stream")  # how the QEMU backend's states keep guest RAM (backends/qemu/memory.py)
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 DEFAULT_LIBVIRT_POOL = "vmfixtures"  # on remote libvirt hosts, for the copied images and states
 
@@ -157,6 +158,10 @@ def parse_accel(value: str) -> str:
 
 def parse_backend(value: str) -> str:
     return parse_choice("--vm-backend", value, BACKENDS)
+
+
+def parse_ram_state(value: str) -> str:
+    return parse_choice("--vm-ram-state", value, RAM_STATES)
 
 
 def parse_positive(option: str, value: Any) -> float:

@@ -32,6 +32,7 @@ from .options import (
     parse_count,
     parse_positive,
     parse_qemu_binaries,
+    parse_ram_state,
 )
 from .runtime import Runtime
 from .session import Settings, VMSession, arch_problem, builtin_dirs, describe_settings, missing_tools
@@ -50,6 +51,9 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-backend", "vm_backend", "string", "qemu", "what runs guests: qemu (embedded) or libvirt"),
     ("--vm-libvirt-uri", "vm_libvirt_uris", "args", [], "libvirt URI the libvirt backend uses (repeatable: guests go to the least loaded)"),
     ("--vm-libvirt-pool", "vm_libvirt_pool", "string", DEFAULT_LIBVIRT_POOL, "storage pool that remote libvirt hosts keep copies in"),
+    ("--vm-ram-state", "vm_ram_state", "string", "auto",
+     "how the qemu backend's saved states keep guest RAM: mapped (a file guests map copy-on-write), "
+     "stream (read into each guest) or auto (mapped where QEMU can, stream for guests with a balloon)"),
     ("--vm-standby", "vm_standby", "string", "1", "1: a clean spare guest is restored in the background per config; 0: revert in line"),
     ("--vm-qemu-binary", "vm_qemu_binary", "args", [],
      "the QEMU system emulator for x86 guests, or ARCH=PATH for another architecture's (repeatable)"),
@@ -110,6 +114,7 @@ def _settings(config: pytest.Config) -> Settings:
             command_timeout=parse_positive("--vm-command-timeout", _value(config, "vm_command_timeout")),
             backend=parse_backend(str(_value(config, "vm_backend"))),
             standby=parse_count("--vm-standby", _value(config, "vm_standby")),
+            ram_state=parse_ram_state(str(_value(config, "vm_ram_state"))),
             qemu_binary=qemu_binary,
             qemu_binaries=qemu_binaries,
             provision_key=str(_value(config, "vm_provision_key") or ""),
@@ -154,7 +159,8 @@ def pytest_vm_make_backend(config: pytest.Config, runtime: Runtime, accel: Accel
                               progress=config.stash[SESSION_KEY].progress)
     from .backends.qemu import QemuBackend
 
-    return QemuBackend(runtime, accel, binary=settings.qemu_binary, binaries=settings.qemu_binaries)
+    return QemuBackend(runtime, accel, binary=settings.qemu_binary, binaries=settings.qemu_binaries,
+                       ram_state=settings.ram_state)
 
 
 def _uses_guests(fixturenames: Any) -> bool:

@@ -223,7 +223,7 @@ class Pool:
 
         def create(directory: Path) -> None:
             facts = self._make_state(image, config, directory)
-            files = ["disk.qcow2", "memory"] + [name for name in ("nvram.qcow2", STATE_CONSOLE) if (directory / name).exists()]
+            files = sorted(p.name for p in directory.iterdir() if p.is_file())  # the backend's, and the console
             self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config), **facts}, files)
 
         def verify(directory: Path) -> str | None:

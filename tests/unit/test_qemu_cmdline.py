@@ -12,6 +12,7 @@ from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.common import KERNEL_ARGS, TB_SIZE_MB, mac_for
 from pytest_vmfixtures.backends.qemu import MachinePaths, build_command_line
+from pytest_vmfixtures.backends.qemu.memory import RamFile
 from pytest_vmfixtures.errors import GuestError
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
 
@@ -287,3 +288,24 @@ def test_only_firmware_booted_guests_get_a_balloon_that_reports_free_pages(image
     devices = option_values(build(cloud, tmp_path, paths=paths_in(tmp_path, "cloud")), "-device")
     assert devices[-1] == "virtio-balloon-pci,id=balloon0,free-page-reporting=on"  # last: the other slots stay
     assert "-append" not in build(cloud, tmp_path, paths=paths_in(tmp_path, "cloud-2"))
+
+
+def test_mapped_ram_names_its_file_backend_on_the_machine(image: BuiltImage, tmp_path: Path) -> None:
+    """A mapped state's guest: the cold boot shares its RAM file, a restore maps the state's privately
+    (on QEMU 8.2+ read-only opened), and neither gets the balloon that would punch holes in it."""
+    paths = paths_in(tmp_path, "m-1")
+    boot = build(image, tmp_path, paths=paths, ram=RamFile(paths.ram, shared=True))
+    assert option_values(boot, "-machine") == ["pc,memory-backend=ram0"]
+    assert option_values(boot, "-object") == [f"memory-backend-file,id=ram0,size=512M,mem-path={paths.ram},share=on"]
+    state_ram = tmp_path / "states" / "s,x" / "ram"
+    restore = build(image, tmp_path, paths=paths_in(tmp_path, "m-2"), ram=RamFile(state_ram, shared=False, read_only=True), incoming=True,
+                    config=MachineConfig(image="debian-12", memory_mb=1024))
+    (backend,) = option_values(restore, "-object")
+    assert backend == f"memory-backend-file,id=ram0,size=1024M,mem-path={tmp_path}/states/s,,x/ram,share=off,readonly=on,rom=off"
+    assert option_values(restore, "-m") == ["1024"]
+    seed = tmp_path / "seed.iso"
+    seed.write_bytes(b"")
+    cloud = replace(image, kernel=None, initrd=None, cmdline="", firmware="bios", seed=seed, agent=False)
+    devices = option_values(build(cloud, tmp_path, paths=paths_in(tmp_path, "c"), ram=RamFile(paths.ram, shared=True)), "-device")
+    assert not [d for d in devices if "balloon" in d]
+    assert "-object" not in build(image, tmp_path, paths=paths_in(tmp_path, "stream"))

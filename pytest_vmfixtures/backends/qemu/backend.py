@@ -20,8 +20,10 @@ from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import KERNEL_ARGS, NVRAM_NAME, TB_SIZE_MB, create_nvram, create_overlay, firmware_inputs, free_port, hotplug_lan
+from . import memory
 from .balloon import wait_for_reports
 from .command import BALLOON_DEVICE, MachinePaths, build_command_line, guest_arch, reports_free_pages
+from .memory import RamFile
 from .riscv import rearm_timers
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -59,7 +61,7 @@ class QemuMachine:
 
     def __init__(
         self, name: str, process: subprocess.Popen[bytes], paths: MachinePaths, argv: list[str], ssh_port: int, has_agent: bool,
-        riscv_harts: int = 0,
+        riscv_harts: int = 0, ram: RamFile | None = None,
     ) -> None:
         self.name = name
         self.process = process
@@ -73,6 +75,7 @@ class QemuMachine:
         self.agent_transport: AgentTransport | None = None
         self.qmp = QMP(paths.qmp, name)
         self._riscv_harts = riscv_harts  # > 0: a RISC-V guest, whose timer a state load loses
+        self.ram = ram  # its RAM is this file (memory.py); None: QEMU's own anonymous memory
         self._stopped = False
 
     @property
@@ -138,7 +141,8 @@ class QemuMachine:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             pass
-        for path in (self.paths.overlay, self.paths.nvram, self.paths.qmp, self.paths.agent, self.paths.pidfile):
+        # paths.ram is a cold boot's RAM file (a restore maps the state's and never writes it).
+        for path in (self.paths.overlay, self.paths.nvram, self.paths.ram, self.paths.qmp, self.paths.agent, self.paths.pidfile):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -153,14 +157,16 @@ class QemuBackend:
 
     def __init__(
         self, runtime: Runtime, accel: AccelChoice, binary: str = DEFAULT_BINARY, qemu_img: str = "qemu-img",
-        binaries: dict[str, str] | None = None,
+        binaries: dict[str, str] | None = None, ram_state: str = "auto",
     ) -> None:
-        """``binary`` runs x86 guests; ``binaries`` maps other QEMU targets (``aarch64``) to their emulators."""
+        """``binary`` runs x86 guests; ``binaries`` maps other QEMU targets (``aarch64``) to their emulators;
+        ``ram_state`` is how states keep guest RAM (memory.RAM_STATES)."""
         self.runtime = runtime
         self.accel = accel
         self.binary = binary
         self.binaries = {**(binaries or {}), "x86_64": binary}
         self.qemu_img = qemu_img
+        self.ram_state = ram_state
         self.version = qemu_version(binary)
         self._versions = {binary: self.version}
 
@@ -174,6 +180,10 @@ class QemuBackend:
     def accel_for(self, image: BuiltImage) -> AccelChoice:
         arch = guest_arch(image)
         return guest_accel(self.accel, is_native(arch), arch.uname)
+
+    def ram_for(self, image: BuiltImage) -> str:
+        """``mapped`` or ``stream``: how the states of ``image``'s guests keep their RAM (memory.chosen)."""
+        return memory.chosen(self.ram_state, image, self._version_of(self.binary_for(image)))
 
     def _version_of(self, binary: str) -> str:
         if binary not in self._versions:
@@ -196,8 +206,11 @@ class QemuBackend:
             inputs["cpu"] = host_cpu_id()
         if image.kernel is None:  # firmware boot: the firmware is part of the machine
             inputs.update(firmware_inputs(image.firmware))
-        if reports_free_pages(image):  # a device more: states made before it came would not load
+        mapped = self.ram_for(image) == "mapped"
+        if reports_free_pages(image) and not mapped:  # a device more: states made before it came would not load
             inputs["balloon"] = "free-page-reporting"
+        if mapped:  # stream states keep the keys they had before mapped ones came
+            inputs["ram"] = "mapped"
         return inputs
 
     # -- starting ---------------------------------------------------------
@@ -219,6 +232,7 @@ class QemuBackend:
                 # starts from OVMF's template, a restore from the variables frozen with the state.
                 create_nvram(self.qemu_img, paths.nvram, state.directory if state is not None else None)
 
+        ram = self._ram(image, paths, state)  # first: a changed RAM file is refused before anything is made
         overlays()
         if state is not None:
             start_restored_console(state, paths.console)
@@ -226,11 +240,11 @@ class QemuBackend:
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = free_port()
             argv = build_command_line(self.binary_for(image), image, config, self.accel_for(image), paths, port,
-                                      incoming=incoming, name=name)
+                                      incoming=incoming, name=name, ram=ram)
             with open(paths.stderr, "wb") as stderr:
                 process = self.runtime.spawn(argv, stderr, paths.pidfile)
             harts = config.cpus if guest_arch(image).family == "riscv64" else 0
-            machine = QemuMachine(name, process, paths, argv, port, image.agent, riscv_harts=harts)
+            machine = QemuMachine(name, process, paths, argv, port, image.agent, riscv_harts=harts, ram=ram)
             try:
                 machine.connect_qmp(30.0)
                 return machine
@@ -245,6 +259,18 @@ class QemuBackend:
                 machine.stop()
                 raise
         raise BootError(f"QEMU for {name} did not start", console_tail=last_error, command_line=argv)
+
+    def _ram(self, image: BuiltImage, paths: MachinePaths, state: SavedState | None) -> RamFile | None:
+        """The file backing the guest's RAM: a cold boot of a mapped state's guest writes its own, a
+        restore maps its state's (checked unchanged first); None for stream states."""
+        version = self._version_of(self.binary_for(image))
+        if state is None:
+            return RamFile(paths.ram, shared=True) if self.ram_for(image) == "mapped" else None
+        if memory.ram_of(state) is None:
+            return None
+        ram = memory.check(state)
+        memory.make_openable(ram, version)
+        return RamFile(ram, shared=False, read_only=memory.opens_read_only(version))
 
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> QemuMachine:
         return self._launch(image, config, name, image.disk, incoming=False)
@@ -269,6 +295,8 @@ class QemuBackend:
             machine.qmp.send_fd(fd, "state")
         finally:
             os.close(fd)
+        if machine.ram is not None:
+            memory.enable_capability(machine.qmp)  # the RAM is mapped, not in the stream
         machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
 
         def loaded() -> bool | None:
@@ -286,8 +314,9 @@ class QemuBackend:
             wait_for_reports(machine.name, machine.process.pid)  # see balloon.py
         qmp = machine.qmp
         qmp.execute("stop")
-        memory = directory / "memory"
-        fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if machine.ram is not None:
+            memory.enable_capability(qmp)  # the RAM file is the state's RAM: the stream carries the devices
+        fd = os.open(directory / "memory", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             qmp.send_fd(fd, "save")
         finally:
@@ -310,6 +339,8 @@ class QemuBackend:
             pass  # quitting closes the monitor under our feet
         machine.process.wait(30)
         os.replace(machine.paths.overlay, directory / "disk.qcow2")
+        if machine.ram is not None:
+            memory.freeze(machine.ram.path, directory)
         if machine.paths.nvram.exists():
             # A UEFI guest's variable store is frozen with its disk; restore() overlays it per instance.
             os.replace(machine.paths.nvram, directory / NVRAM_NAME)

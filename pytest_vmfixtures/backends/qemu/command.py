@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...accel import AccelChoice
 from ...arch import ARCHES, Arch, by_name
@@ -12,6 +13,9 @@ from ...images.image import BuiltImage
 from ..base import MachineConfig
 from ..common import KERNEL_ARGS, NVRAM_NAME, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, mac_for, opt
 from .riscv import gdb_arguments
+
+if TYPE_CHECKING:
+    from .memory import RamFile
 
 __all__ = ["OVMF_CANDIDATES", "MachinePaths", "build_command_line", "find_ovmf", "guest_arch", "opt"]
 
@@ -41,6 +45,11 @@ class MachinePaths:
     def nvram(self) -> Path:
         """A UEFI guest's variable store: an overlay, like the disk, and saved with it."""
         return self.files / NVRAM_NAME
+
+    @property
+    def ram(self) -> Path:
+        """A cold boot's RAM, when its state is to be mapped (see memory.py)."""
+        return self.files / "ram"
 
     @property
     def qmp(self) -> Path:
@@ -89,16 +98,21 @@ def build_command_line(
     *,
     incoming: bool = False,
     name: str = "guest",
+    ram: RamFile | None = None,
 ) -> list[str]:
     """The QEMU argv. Pure: every input is a parameter, so it is unit-tested.
 
     Everything that is part of the migrated device state is identical between
     a cold boot and a restore (the MAC included); only file paths, the
-    forwarded port and ``-incoming`` differ.
+    forwarded port and ``-incoming`` differ. ``ram``: the guest's RAM is that file (a mapped state's;
+    see memory.py), and the balloon that would punch holes in it is left out.
     """
     arch = guest_arch(image)
     argv = [binary, "-name", f"guest={name},debug-threads=on", "-no-user-config", "-nodefaults"]
-    argv += ["-machine", arch.machine, "-display", "none", "-m", str(config.memory_mb), "-smp", str(config.cpus)]
+    machine = arch.machine if ram is None else f"{arch.machine},memory-backend=ram0"
+    argv += ["-machine", machine, "-display", "none", "-m", str(config.memory_mb), "-smp", str(config.cpus)]
+    if ram is not None:
+        argv += ram.arguments(config.memory_mb)
     if accel.accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -148,7 +162,7 @@ def build_command_line(
             "-chardev", f"socket,id=qga0,path={opt(paths.agent)},server=on,wait=off",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
-    if reports_free_pages(image):
+    if reports_free_pages(image) and ram is None:
         # Last, so the slots of the devices above stay where they were before it came.
         argv += ["-device", BALLOON_DEVICE]
     if arch.family == "riscv64":

@@ -1,0 +1,139 @@
+"""Guest RAM as a file that restored guests map instead of load ("mapped" states).
+
+A stream state holds the guest's RAM inside QEMU's migration stream, so every restore reads all of
+it into the new process's private memory: time and host memory in proportion to the RAM. A mapped
+state keeps the RAM as a file of its own (``ram``, sparse: pages the guest never touched or freed
+are holes) and the stream only the device state, a megabyte:
+
+- the cold boot backs the guest's RAM with a file QEMU shares (``share=on``), and the save leaves
+  that memory out of the stream (the ``x-ignore-shared`` migration capability); the file then *is*
+  the RAM image;
+- a restore maps the same file copy-on-write (``share=off``) with the same capability, so loading
+  reads only the device state, the guest faults in the pages it touches, its writes stay private,
+  and guests of one state share the unchanged pages through the host's page cache.
+
+The file must not change while a state uses it. QEMU before 8.2 opens it read-write even for a
+private mapping (8.2 brought ``readonly=on,rom=off``), so there it stays owner-writable; every
+restore first compares it with the size and modification time recorded at the save
+(:func:`check`), the cache compares its digest once per session, and a changed file is a
+SnapshotError, on which the pool makes the state again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import SnapshotError
+from ...images.image import BuiltImage
+from ..base import Monitor, SavedState
+from .command import reports_free_pages
+
+RAM_NAME = "ram"  # in a mapped state's directory: the guest's RAM
+RAM_FINGERPRINT = "ram.json"  # its size and modification time when it was saved
+CAPABILITY = "x-ignore-shared"
+
+
+def _version(text: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def maps_ram(qemu_version: str) -> bool:
+    """Whether this QEMU can back RAM by a named backend and leave shared RAM out of a migration (5.0+)."""
+    return _version(qemu_version) >= (5, 0)
+
+
+def opens_read_only(qemu_version: str) -> bool:
+    """Whether this QEMU can map a read-only file privately and writably (``readonly=on,rom=off``, 8.2+)."""
+    return _version(qemu_version) >= (8, 2)
+
+
+def chosen(setting: str, image: BuiltImage, qemu_version: str) -> str:
+    """``mapped`` or ``stream`` for guests of ``image``.
+
+    ``auto`` maps wherever QEMU can, except for guests with a free-page-reporting balloon (your
+    own cloud images): QEMU (7.2 seen) discards the pages a guest reports free by punching them out
+    of the backing file even when the mapping is private, which would change the state under every
+    other guest. ``mapped`` asked for such a guest drops the balloon instead (see command.py).
+    """
+    if setting == "stream" or not maps_ram(qemu_version):
+        return "stream"
+    if setting == "auto" and reports_free_pages(image):
+        return "stream"
+    return "mapped"
+
+
+@dataclass(frozen=True)
+class RamFile:
+    """How one QEMU process backs its RAM by a file."""
+
+    path: Path
+    shared: bool  # the cold boot writes its RAM into the file; a restore maps it privately
+    read_only: bool = False  # QEMU 8.2+: open the file O_RDONLY and still let the guest write its private copy
+
+    def arguments(self, memory_mb: int) -> list[str]:
+        """The ``-object`` for the backend (the machine names it with ``memory-backend=ram0``)."""
+        spec = f"memory-backend-file,id=ram0,size={memory_mb}M,mem-path={_opt(self.path)},share={'on' if self.shared else 'off'}"
+        if self.read_only:
+            spec += ",readonly=on,rom=off"
+        return ["-object", spec]
+
+
+def _opt(path: Path) -> str:
+    return str(path).replace(",", ",,")  # QEMU's option syntax doubles commas in values
+
+
+def enable_capability(qmp: Monitor) -> None:
+    """Leave the file-backed RAM out of the stream; both ends of a save and a restore must agree."""
+    qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": CAPABILITY, "state": True}]})
+
+
+def freeze(ram: Path, directory: Path) -> None:
+    """Move a saved guest's RAM file into the state ``directory``, holes punched where pages are zero
+    (pages the guest never touched or freed: its kernel zeroes freed pages), and record its fingerprint."""
+    subprocess.run(["fallocate", "--dig-holes", str(ram)], check=True, capture_output=True, timeout=300)
+    target = directory / RAM_NAME
+    os.replace(ram, target)
+    os.chmod(target, 0o600)  # the guest's memory (keys, whatever the provisioning left): its owner's only
+    info = target.stat()
+    (directory / RAM_FINGERPRINT).write_text(json.dumps({"size": info.st_size, "mtime_ns": info.st_mtime_ns}))
+
+
+def ram_of(state: SavedState) -> Path | None:
+    """The state's RAM file, or None for a stream state."""
+    fingerprint = state.directory / RAM_FINGERPRINT
+    return state.directory / RAM_NAME if fingerprint.exists() else None
+
+
+def check(state: SavedState) -> Path:
+    """The state's RAM file, after making sure it is the file the save wrote; a SnapshotError if not.
+
+    Cheap enough for every restore (one stat); the digest is compared once per session by the cache.
+    """
+    ram = state.directory / RAM_NAME
+    try:
+        expected = json.loads((state.directory / RAM_FINGERPRINT).read_text())
+        info = ram.stat()
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"saved state {state.key}: its RAM file {exc.filename} is gone") from None
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"saved state {state.key}: cannot read its RAM file's record: {exc}") from None
+    if info.st_size != expected.get("size") or info.st_mtime_ns != expected.get("mtime_ns"):
+        raise SnapshotError(
+            f"saved state {state.key}: its RAM file {ram} changed after it was saved "
+            f"(size {info.st_size}, was {expected.get('size')}); no guest may run from it"
+        )
+    return ram
+
+
+def make_openable(ram: Path, qemu_version: str) -> None:
+    """QEMU before 8.2 opens the RAM file read-write although it maps it privately: give the owner
+    back the write bit the cache took (an ordinary user cannot open a 0400 file read-write)."""
+    if opens_read_only(qemu_version) or os.access(ram, os.W_OK):
+        return
+    os.chmod(ram, 0o600)
