@@ -65,7 +65,7 @@ def image_path(pool: Pool, variant: str = "uefi") -> Path | None:
     return cloudimage.ensure(pool.cache, pool.progress, variant)
 
 
-def reverts(cache: Path, accel: str, standby: int, image: str, memory_mb: int, count: int) -> list[float]:
+def reverts(cache: Path, accel: str, standby: int | str, image: str, memory_mb: int, count: int) -> list[float]:
     """Revert times between ``count`` destructive tests on ``image`` in one pytest run."""
     with tempfile.TemporaryDirectory(prefix="vmfx-bench-") as tmp:
         test_file = Path(tmp) / "test_destructive.py"
@@ -83,7 +83,7 @@ def reverts(cache: Path, accel: str, standby: int, image: str, memory_mb: int, c
 
 
 def measure(
-    pool: Pool, cache: Path, builtin: str, memory_mb: int, warm: int, tests: int, standby: int,
+    pool: Pool, cache: Path, builtin: str, memory_mb: int, warm: int, tests: int, standby: int | str,
     warm_starts: Callable[[Pool, MachineConfig, int], list[float]], summary: Summary,
 ) -> dict[str, dict[str, object]]:
     """The scenarios of each guest, keyed ``<scenario>_<memory>_<builtin|cloud|cloud_agent>``; empty when skipped."""

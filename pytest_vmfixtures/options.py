@@ -174,11 +174,16 @@ def parse_positive(option: str, value: Any) -> float:
     return number
 
 
-def parse_count(option: str, value: Any) -> int:
+def parse_standby(value: Any) -> int:
+    """``--vm-standby``: ``auto`` (-1: pool.STANDBY_AUTO) or a count of spares per machine config."""
+    return -1 if str(value).strip() == "auto" else parse_count("--vm-standby", value, "or auto")
+
+
+def parse_count(option: str, value: Any, alternative: str = "") -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise OptionError(f"{option} must be a whole number, got {value!r}") from None
+        raise OptionError(f"{option} must be a whole number{' ' + alternative if alternative else ''}, got {value!r}") from None
     if number < 0:
         raise OptionError(f"{option} must be 0 or more, got {value!r}")
     return number

@@ -29,10 +29,10 @@ from .options import (
     image_matrix,
     parse_accel,
     parse_backend,
-    parse_count,
     parse_positive,
     parse_qemu_binaries,
     parse_ram_state,
+    parse_standby,
 )
 from .runtime import Runtime
 from .session import Settings, VMSession, arch_problem, builtin_dirs, describe_settings, missing_tools
@@ -54,7 +54,8 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-ram-state", "vm_ram_state", "string", "auto",
      "how the qemu backend's saved states keep guest RAM: mapped (a file guests map copy-on-write), "
      "stream (read into each guest) or auto (mapped where QEMU can, stream for guests with a balloon)"),
-    ("--vm-standby", "vm_standby", "string", "1", "1: a clean spare guest is restored in the background per config; 0: revert in line"),
+    ("--vm-standby", "vm_standby", "string", "auto",
+     "clean spare guests restored in the background per config: auto (one, two once a config is reverted often), N, or 0 (revert in line)"),
     ("--vm-qemu-binary", "vm_qemu_binary", "args", [],
      "the QEMU system emulator for x86 guests, or ARCH=PATH for another architecture's (repeatable)"),
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
@@ -113,7 +114,7 @@ def _settings(config: pytest.Config) -> Settings:
             boot_timeout=parse_positive("--vm-boot-timeout", _value(config, "vm_boot_timeout")),
             command_timeout=parse_positive("--vm-command-timeout", _value(config, "vm_command_timeout")),
             backend=parse_backend(str(_value(config, "vm_backend"))),
-            standby=parse_count("--vm-standby", _value(config, "vm_standby")),
+            standby=parse_standby(_value(config, "vm_standby")),
             ram_state=parse_ram_state(str(_value(config, "vm_ram_state"))),
             qemu_binary=qemu_binary,
             qemu_binaries=qemu_binaries,

@@ -124,9 +124,7 @@ def test_revert_swaps_in_a_clean_guest(two_hosts: tuple[Pool, Runtime]) -> None:
         vm.run("rm -rf /etc /root; echo dirty > /tmp/dirty", timeout=60)
         assert not vm.run("test -e /etc/passwd").ok
         before = vm.machine
-        spare = pool._slot(CONFIG)._spare
-        if spare is not None:
-            spare.result(300)  # as after a real test's run time: the spare is ready
+        pool._slot(CONFIG).wait_for_spares()  # as after a real test's run time: the spare is ready
         started = time.monotonic()
         vm.reset()
         result = vm.run("test -e /etc/passwd && ! test -e /tmp/dirty")

@@ -19,7 +19,9 @@ from pytest_vmfixtures.options import (
     parse_count,
     parse_marker,
     parse_positive,
+    parse_standby,
 )
+from pytest_vmfixtures.pool import STANDBY_AUTO
 
 WHERE = "tests/test_x.py::test_y"
 
@@ -266,6 +268,12 @@ def test_parse_count_accepts_whole_numbers(value: Any, expected: int) -> None:
 def test_parse_count_rejects(value: Any, pattern: str) -> None:
     with pytest.raises(OptionError, match=pattern):
         parse_count("--vm-standby", value)
+
+
+def test_standby_is_auto_or_a_count() -> None:
+    assert parse_standby("auto") == STANDBY_AUTO and parse_standby("2") == 2 and parse_standby("0") == 0
+    with pytest.raises(OptionError, match=r"^--vm-standby must be a whole number or auto, got 'some'$"):
+        parse_standby("some")
 
 
 def test_option_error_is_a_value_error() -> None:
