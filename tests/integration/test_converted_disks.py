@@ -76,18 +76,22 @@ def boot_and_read(backend: QemuBackend, accel: AccelChoice, image: BuiltImage) -
         instance.close()
 
 
+@pytest.fixture(scope="module")
+def original_digest(tiny: BuiltImage, backend: tuple[QemuBackend, AccelChoice]) -> str:
+    """What the unconverted image's guest reads."""
+    return boot_and_read(*backend, tiny)
+
+
 @pytest.mark.parametrize("disk_format", ["vmdk", "vdi", "vhdx"])
 def test_a_converted_disk_boots_under_qemu(cache: Cache, tiny: BuiltImage, backend: tuple[QemuBackend, AccelChoice],
-                                           disk_format: str) -> None:
+                                           original_digest: str, disk_format: str) -> None:
     converted = converted_disk(cache, tiny, disk_format)
     same = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", disk_format, str(tiny.disk),
                            str(converted)], capture_output=True, text=True, timeout=300)
     assert same.returncode == 0, f"{same.stdout}{same.stderr}"
     image = replace(tiny, name=f"tiny-{disk_format}", disk=converted, disk_format=disk_format,
                     disk_sha256=sha256_file(converted))
-    qemu, accel = backend
-    original = boot_and_read(qemu, accel, tiny)
-    assert boot_and_read(qemu, accel, image) == original
+    assert boot_and_read(*backend, image) == original_digest
 
 
 def test_qemu_cannot_save_a_guest_on_a_converted_disk(cache: Cache, tiny: BuiltImage, tmp_path: Path,
