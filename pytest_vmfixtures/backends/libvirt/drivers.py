@@ -68,8 +68,9 @@ DRIVERS: tuple[Driver, ...] = (
     # The guest agent answers through libvirt (virDomainQemuAgentCommand); the console is a pty
     # libvirt streams. No QMP: the portable form keeps to libvirt's API. No port forward: the guest
     # is reached at its address on the libvirt network.
+    # BIOS only: libvirt 9.0 refuses internal snapshots of a guest with pflash (UEFI) firmware.
     Driver("qemu", _with_transports("qemu"), "qcow2", frozenset({"agent", "console"}), "qemu.xml",
-           "QEMU/KVM", provider="libvirt-daemon-driver-qemu"),
+           "QEMU/KVM", firmwares=("bios",), provider="libvirt-daemon-driver-qemu"),
     # ESX is a client-side driver (no +ssh/+tcp forms): it talks to ESXi or vCenter over HTTPS.
     # BIOS only: the VMX converter refuses <os firmware='efi'> (libvirt 9.0).
     Driver("esx", ("esx", "vpx", "gsx"), "vmdk", frozenset(), "vmware.xml",
@@ -156,8 +157,9 @@ def require_firmware_boot(image: BuiltImage, driver: Driver) -> None:
                          f"({driver.title}) boots a disk through firmware: use your own cloud image "
                          f"(image='...qcow2') or the libvirt backend's saved-state mode on a qemu:// URI")
     if image.firmware not in driver.firmwares:
-        raise ImageError(f"{image.name} boots through {image.firmware or 'no'} firmware, which the {driver.family} "
-                         f"template cannot boot (it boots {'/'.join(driver.firmwares)}): use an image made for that")
+        raise ImageError(f"{image.name} boots through {image.firmware or 'no'} firmware, which the portable path "
+                         f"does not run on {driver.title} (it runs {'/'.join(driver.firmwares)}): use an image "
+                         "made for that")
 
 
 _BLOCK = re.compile(r"[ \t]*<!-- if (\w+) -->\n(.*?)[ \t]*<!-- end \1 -->\n", re.DOTALL)

@@ -86,5 +86,20 @@ def remove(domain: Any) -> list[str]:
         snapshots = []
     for snapshot in snapshots:
         step(f"deleting snapshot {snapshot.getName()}", lambda s=snapshot: s.delete(0))
-    step("undefining the domain", domain.undefine)
+    try:
+        _call(name, "undefining the domain", domain.undefine)
+    except GuestError as plain:
+        # Plain undefine is what every driver takes (ESX refuses any flag); QEMU keeps a domain
+        # that has an NVRAM or leftover metadata unless told to drop them too.
+        try:
+            _call(name, "undefining the domain with its NVRAM and metadata", lambda: domain.undefineFlags(UNDEFINE_ALL))
+        except GuestError as flagged:
+            log.warning("%s; %s", plain, flagged)
+            problems.append(f"{plain}; {flagged}")
     return problems
+
+
+UNDEFINE_ALL = 0
+if libvirt is not None:
+    UNDEFINE_ALL = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
