@@ -225,15 +225,17 @@ class QemuBackend:
         # A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
         disk_format = "qcow2" if state is not None else image.disk_format
 
-        def overlays() -> None:
+        def guest_files() -> RamFile | None:
+            """The guest's own files (remade for a retry: a stopped machine's are removed)."""
+            ram = self._ram(image, config, paths, state)  # first: a changed RAM file is refused before anything is made
             self._overlay(backing, paths.overlay, disk_format)
             if image.kernel is None and image.firmware == "uefi":
                 # The NVRAM is disk state too (boot entries, variables the guest wrote): a cold boot
                 # starts from OVMF's template, a restore from the variables frozen with the state.
                 create_nvram(self.qemu_img, paths.nvram, state.directory if state is not None else None)
+            return ram
 
-        ram = self._ram(image, paths, state)  # first: a changed RAM file is refused before anything is made
-        overlays()
+        ram = guest_files()
         if state is not None:
             start_restored_console(state, paths.console)
         last_error = ""
@@ -252,7 +254,7 @@ class QemuBackend:
                 last_error = machine.stderr_tail()
                 machine.stop()
                 if attempt < PORT_ATTEMPTS and ("hostfwd" in last_error or "host forwarding" in last_error):
-                    overlays()
+                    ram = guest_files()
                     continue  # the port was taken between our probe and QEMU's bind
                 break
             except BaseException:  # interrupted: the process and its overlay must not outlive this call
@@ -260,12 +262,15 @@ class QemuBackend:
                 raise
         raise BootError(f"QEMU for {name} did not start", console_tail=last_error, command_line=argv)
 
-    def _ram(self, image: BuiltImage, paths: MachinePaths, state: SavedState | None) -> RamFile | None:
+    def _ram(self, image: BuiltImage, config: MachineConfig, paths: MachinePaths, state: SavedState | None) -> RamFile | None:
         """The file backing the guest's RAM: a cold boot of a mapped state's guest writes its own, a
         restore maps its state's (checked unchanged first); None for stream states."""
         version = self._version_of(self.binary_for(image))
         if state is None:
-            return RamFile(paths.ram, shared=True) if self.ram_for(image) == "mapped" else None
+            if self.ram_for(image) != "mapped":
+                return None
+            memory.allocate(paths.ram, config.memory_mb)
+            return RamFile(paths.ram, shared=True)
         if memory.ram_of(state) is None:
             return None
         ram = memory.check(state)

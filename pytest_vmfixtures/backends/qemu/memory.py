@@ -28,7 +28,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import SnapshotError
+from ...errors import GuestError, SnapshotError
 from ...images.image import BuiltImage
 from ..base import Monitor, SavedState
 from .command import reports_free_pages
@@ -86,6 +86,23 @@ class RamFile:
 
 def _opt(path: Path) -> str:
     return str(path).replace(",", ",,")  # QEMU's option syntax doubles commas in values
+
+
+def allocate(path: Path, memory_mb: int) -> None:
+    """Make a cold boot's RAM file with all its blocks reserved. QEMU would only size it, and a guest
+    writing a page the full filesystem has no block for kills QEMU with SIGBUS; reserved, a full disk
+    is one clear error before the boot. The save punches the zero pages out again (:func:`freeze`)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, memory_mb << 20)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise GuestError(
+            f"cannot reserve {memory_mb} MiB for the guest's RAM file {path}: {exc.strerror}; free space there "
+            f"(it is returned when the state is saved) or use --vm-ram-state=stream"
+        ) from None
+    os.close(fd)
 
 
 def enable_capability(qmp: Monitor) -> None:
