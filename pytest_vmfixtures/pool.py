@@ -5,6 +5,11 @@ Per (image, machine config) the pool keeps a *slot*: the saved ready state
 guests, and one *spare* instance restored in the background while a test
 runs. Reverting a guest to clean is then a swap: the used instance is killed,
 the spare takes its place, and a new spare starts restoring.
+
+A backend without saved states (no "saved_state" capability: the libvirt
+backend's snapshot mode) gets a slot without a state and without a spare:
+each guest boots and is provisioned itself, the backend snapshots it
+(``take_clean``), and reverting reuses the guest in place (``revert_clean``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .backends.base import (
     Machine,
     MachineConfig,
     SavedState,
+    SnapshotReverting,
     capabilities_of,
     config_inputs,
     digest_of,
@@ -72,9 +78,12 @@ def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | No
 
 
 class Slot:
-    """Guests of one (image, config), their saved state and their spare."""
+    """Guests of one (image, config), their saved state and their spare.
 
-    def __init__(self, pool: Pool, image: BuiltImage, config: MachineConfig, state: SavedState) -> None:
+    ``state`` None: the backend has no saved states; each instance is a guest booted with its own snapshot.
+    """
+
+    def __init__(self, pool: Pool, image: BuiltImage, config: MachineConfig, state: SavedState | None) -> None:
         self.pool = pool
         self.image = image
         self.config = config
@@ -87,6 +96,8 @@ class Slot:
         self._closed = False
 
     def new_instance(self) -> Instance:
+        if self.state is None:
+            return self.pool.snapshotted_instance(self.image, self.config)
         name = self.pool.runtime.new_name(self.config.label)
         state = self.state
         try:
@@ -96,6 +107,7 @@ class Slot:
             # capture): never hang or fail on it; boot, save a new one, and use that.
             log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
             self.remake_state(state)
+            assert self.state is not None
             machine = self.pool.backend.restore(self.image, self.config, self.state, name)
         instance = _bound(machine, self.image, state.meta)
         try:
@@ -122,13 +134,14 @@ class Slot:
 
     def remake_state(self, broken: SavedState) -> None:
         with self._remake_lock:
+            assert self.state is not None
             if self.state is not broken:
                 return  # another thread already made a new one
             self.pool.cache.discard(broken.directory)
             self.state = self.pool.saved_state(self.image, self.config)
 
     def refill(self) -> None:
-        if self.pool.standby <= 0:
+        if self.pool.standby <= 0 or self.state is None:  # no saved state: no spare (each guest is its own)
             return
         with self._lock:
             if self._closed or self._spare is not None:
@@ -250,11 +263,28 @@ class Pool:
 
     def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> dict[str, object]:
         """Cold boot, provision, and freeze: done once per state key, ever. Returns what was learned."""
-        facts: dict[str, object] = {}
         started = time.monotonic()
+        self.progress(f"booting {config.describe()} with accel {self.accel_for(image)} (first use; warm starts afterwards)")
+        instance, facts = self._boot_provisioned(image, config, self.runtime.new_name(f"{config.label}-boot"), started)
+        machine = instance.machine
+        try:
+            self.backend.save(machine, directory)
+            # Restored guests' console logs start with this boot (see backends.base.start_restored_console).
+            if machine.console_log.exists():
+                shutil.copyfile(machine.console_log, directory / STATE_CONSOLE)
+                os.chmod(directory / STATE_CONSOLE, 0o600)
+        finally:
+            instance.close()
+        self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")
+        return facts
+
+    def _boot_provisioned(
+        self, image: BuiltImage, config: MachineConfig, name: str, started: float,
+    ) -> tuple[Instance, dict[str, object]]:
+        """A cold-booted, provisioned guest with its page cache dropped and its channels closed, and what
+        its first boot found; a guest that fails on the way is stopped."""
+        facts: dict[str, object] = {}
         accel = self.accel_for(image)
-        self.progress(f"booting {config.describe()} with accel {accel} (first use; warm starts afterwards)")
-        name = self.runtime.new_name(f"{config.label}-boot")
         machine = self.backend.boot(image, config, name)
         instance = _bound(machine, image)
         try:
@@ -268,15 +298,35 @@ class Pool:
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
             vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
             instance.close_channels()
-            self.backend.save(machine, directory)
-            # Restored guests' console logs start with this boot (see backends.base.start_restored_console).
-            if machine.console_log.exists():
-                shutil.copyfile(machine.console_log, directory / STATE_CONSOLE)
-                os.chmod(directory / STATE_CONSOLE, 0o600)
-        finally:
+        except BaseException:
             instance.close()
-        self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")
-        return facts
+            raise
+        return instance, facts
+
+    def snapshotted_instance(self, image: BuiltImage, config: MachineConfig) -> Instance:
+        """A backend without saved states: a guest of its own, booted, provisioned and snapshotted as clean."""
+        started = time.monotonic()
+        self.progress(f"booting {config.describe()} with accel {self.accel_for(image)} "
+                      "(no saved states here: each guest boots once and keeps a snapshot)")
+        instance, _facts = self._boot_provisioned(image, config, self.runtime.new_name(config.label), started)
+        try:
+            self._snapshots().take_clean(instance.machine)
+        except BaseException:
+            instance.close()
+            raise
+        self.progress(f"{config.label}: clean snapshot taken ({time.monotonic() - started:.0f} s in all)")
+        return instance
+
+    def _snapshots(self) -> SnapshotReverting:
+        if not isinstance(self.backend, SnapshotReverting):
+            raise GuestError(f"backend {self.backend.name} has no saved states and no snapshots to revert guests with")
+        return self.backend
+
+    def revert_in_place(self, instance: Instance, image: BuiltImage) -> None:
+        """Put a guest back into its clean snapshot (backends without saved states), channels fresh."""
+        instance.close_channels()
+        self._snapshots().revert_clean(instance.machine)
+        warm_up(instance, image)
 
     def _settle_first_boot(self, instance: Instance, image: BuiltImage, config: MachineConfig, accel: str) -> dict[str, object]:
         """Your own image's first boot, to its end: cloud-init done, and which channels answer."""
@@ -306,7 +356,7 @@ class Pool:
         if slot is not None:
             return slot
         image = self.image(config.image, config)
-        state = self.saved_state(image, config)
+        state = self.saved_state(image, config) if "saved_state" in capabilities_of(self.backend) else None
         with self._lock:
             slot = self._slots.setdefault(config, Slot(self, image, config, state))
         return slot
@@ -317,6 +367,10 @@ class Pool:
                 raise SnapshotError("a guest being provisioned cannot be reverted to clean: it has no clean state yet")
             return slot.take_instance()
 
+        def reuse(instance: Instance) -> None:
+            self.revert_in_place(instance, image)
+
+        in_place = slot is not None and slot.state is None
         return VM(
             name=instance.machine.name,
             image=image,
@@ -329,6 +383,7 @@ class Pool:
             boot_timeout=self.boot_timeout,
             command_timeout=self.command_timeout,
             capabilities=capabilities_of(self.backend),
+            revert_in_place=reuse if in_place else None,
         )
 
     def acquire(self, config: MachineConfig) -> VM:

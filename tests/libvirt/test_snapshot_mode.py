@@ -1,0 +1,142 @@
+"""The libvirt backend's snapshot mode on libvirt's QEMU driver, with real guests on a libvirt NAT network.
+
+What is particular to the mode: a guest's clean state is a libvirt snapshot of its own persistent
+domain, a revert happens in place, each concurrent guest has its own domain and snapshot, a revert
+the hypervisor refuses drops the guest, and nothing (domain, snapshot, overlay) outlives the pool.
+The tests run in file order and share one pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_vmfixtures.accel import AccelChoice
+from pytest_vmfixtures.backends.base import MachineConfig
+from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine
+from pytest_vmfixtures.backends.libvirt.snapshot import CLEAN_SNAPSHOT
+from pytest_vmfixtures.errors import GuestError, SnapshotError
+from pytest_vmfixtures.guest import VM
+from pytest_vmfixtures.pool import Pool
+from pytest_vmfixtures.runtime import Runtime
+
+CONFIG = MachineConfig("debian-12")
+
+
+@pytest.fixture(scope="module")
+def snap_pool(pool_factory: Callable[..., tuple[Pool, Runtime]], primary_uri: str,
+              nat_network: str) -> Iterator[tuple[Pool, Runtime]]:
+    pool, runtime = pool_factory([primary_uri], network=nat_network)
+    try:
+        yield pool, runtime
+    finally:
+        pool.close()
+        runtime.close()
+
+
+def machine_of(vm: VM) -> LibvirtMachine:
+    machine = vm._instance.machine
+    assert isinstance(machine, LibvirtMachine)
+    return machine
+
+
+def ours(pool: Pool, runtime: Runtime) -> list[str]:
+    """This pool's domains still defined or running on the host."""
+    backend = pool.backend
+    assert isinstance(backend, LibvirtBackend)
+    conn = backend.hosts[0].conn
+    return sorted(str(d.name()) for d in conn.listAllDomains(0) if f"-{runtime.session_id}-" in str(d.name()))
+
+
+def test_the_backend_states_what_snapshot_mode_lacks(snap_pool: tuple[Pool, Runtime]) -> None:
+    pool, _ = snap_pool
+    assert pool.backend.capabilities == {"agent", "console"}
+
+
+def test_revert_restores_a_destroyed_file_in_the_same_domain(snap_pool: tuple[Pool, Runtime]) -> None:
+    pool, _ = snap_pool
+    vm = pool.acquire(CONFIG)
+    try:
+        machine = machine_of(vm)
+        assert machine.persistent and machine.ssh_port == 22 and machine.ssh_host.startswith("192.168.")
+        assert [str(s.getName()) for s in machine.domain.listAllSnapshots(0)] == [CLEAN_SNAPSHOT]
+        before = vm.run("sha256sum /etc/os-release", check=True).stdout
+        vm.run("rm -f /etc/os-release /usr/bin/apt && echo dirty > /root/marker", check=True)
+        assert not vm.run("test -e /etc/os-release").ok
+        started = time.monotonic()
+        vm.reset()
+        print(f"revert in snapshot mode: {time.monotonic() - started:.2f} s")
+        assert machine_of(vm) is machine  # reverted in place, not swapped
+        assert vm.run("sha256sum /etc/os-release", check=True).stdout == before
+        assert vm.run("test -x /usr/bin/apt && ! test -e /root/marker").ok
+        assert "reverted to snapshot" in vm.console_log.read_text(errors="replace")
+    finally:
+        pool.release(vm)
+
+
+def test_concurrent_guests_each_have_their_own_domain_and_snapshot(snap_pool: tuple[Pool, Runtime]) -> None:
+    pool, _ = snap_pool
+    a = pool.acquire(CONFIG)  # the idle guest of the test before
+    b = pool.acquire(CONFIG)  # none idle: a second domain, with its own first boot
+    try:
+        ma, mb = machine_of(a), machine_of(b)
+        assert ma.domain_name != mb.domain_name and ma.ssh_host != mb.ssh_host
+        a.run("echo a > /root/who", check=True)
+        assert not b.run("test -e /root/who").ok
+        for machine in (ma, mb):
+            assert [str(s.getName()) for s in machine.domain.listAllSnapshots(0)] == [CLEAN_SNAPSHOT]
+    finally:
+        pool.release(a)
+        pool.release(b)
+
+
+def test_a_refused_revert_drops_the_domain_and_the_next_test_gets_a_new_one(snap_pool: tuple[Pool, Runtime]) -> None:
+    pool, runtime = snap_pool
+    vm = pool.acquire(CONFIG)
+    machine = machine_of(vm)
+    # Delete the snapshot behind the plugin's back (its data in the overlay too): libvirt then refuses the revert.
+    machine.domain.snapshotLookupByName(CLEAN_SNAPSHOT, 0).delete(0)
+    vm.run("true", check=True)  # used: the release reverts
+    with pytest.raises(SnapshotError, match="refused to revert"):
+        pool.release(vm)
+    deadline = time.monotonic() + 60  # the dropped guest is stopped off the test's path
+    while machine.domain_name in ours(pool, runtime) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert machine.domain_name not in ours(pool, runtime)
+    assert not Path(machine.overlay).exists()
+    # The other guest is still idle, so ask for two: one of them is new.
+    a, b = pool.acquire(CONFIG), pool.acquire(CONFIG)
+    try:
+        assert machine.domain_name not in {machine_of(a).domain_name, machine_of(b).domain_name}
+        assert a.run("echo fine", check=True).stdout == "fine\n"
+    finally:
+        pool.release(a)
+        pool.release(b)
+
+
+def test_nothing_is_left_behind(snap_pool: tuple[Pool, Runtime]) -> None:
+    pool, runtime = snap_pool
+    assert ours(pool, runtime)  # the guests of the tests above are idle
+    backend = pool.backend
+    assert isinstance(backend, LibvirtBackend)
+    conn = backend.hosts[0].conn
+    overlays = [Path(m.overlay) for m in list(backend._machines.values())]
+    pool.close()
+    left = sorted(str(d.name()) for d in conn.listAllDomains(0) if f"-{runtime.session_id}-" in str(d.name()))
+    assert left == []
+    assert overlays and not any(p.exists() for p in overlays)
+
+
+def test_a_missing_network_is_a_one_line_error_naming_the_option(
+        cache: object, accel: AccelChoice, primary_uri: str, tmp_path: Path) -> None:
+    runtime = Runtime(tmp_path, "libvirt-tests")
+    try:
+        with pytest.raises(GuestError) as info:
+            LibvirtBackend(runtime, accel, [primary_uri], mode="snapshot", network="vmfx-no-such-network")
+    finally:
+        runtime.close()
+    message = str(info.value)
+    assert "\n" not in message and "--vm-libvirt-network vmfx-no-such-network" in message
