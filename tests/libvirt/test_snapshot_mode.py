@@ -8,6 +8,8 @@ The tests run in file order and share one pool.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,3 +148,34 @@ def test_a_missing_network_is_a_one_line_error_naming_the_option(
         runtime.close()
     message = str(info.value)
     assert "\n" not in message and "--vm-libvirt-network vmfx-no-such-network" in message
+
+
+def test_a_later_sessions_reaper_undefines_a_killed_runs_domains_and_snapshots(primary_uri: str, tmp_path: Path) -> None:
+    """A run killed before its cleanup leaves persistent domains with snapshots; the next run's reaper removes them.
+
+    The leftover is made by hand, as a killed run would leave it but without the minute a boot takes: a
+    domain under a dead pid's name, never started, with an internal snapshot of its (tiny) qcow2 disk.
+    """
+    from pytest_vmfixtures.backends.libvirt.connection import CLIENT, Host, reap
+
+    dead_pid = 4_000_000  # above any pid_max: no such process
+    name = f"vmfx-{dead_pid}-0123abcd-{CLIENT}-leftover-1"
+    disk = tmp_path / "leftover.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True, timeout=60)
+    conn = libvirt.open(primary_uri)
+    try:
+        domain = conn.defineXML(
+            f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices><disk type='file' device='disk'>"
+            f"<driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
+            "</devices></domain>")
+        try:
+            domain.snapshotCreateXML(f"<domainsnapshot><name>{CLEAN_SNAPSHOT}</name></domainsnapshot>", 0)
+            assert domain.snapshotNum(0) == 1
+            reap(Host(primary_uri, conn, "", ""))
+            assert name not in [str(d.name()) for d in conn.listAllDomains(0)]
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    finally:
+        conn.close()
