@@ -146,6 +146,9 @@ class VM:
 
     def screendump(self, path: Path) -> None:
         """Save the guest's screen (its VGA console) as a PNG file."""
+        if "qmp" not in self.capabilities:
+            raise GuestError(f"{self.name}: screendumps are taken through QEMU's monitor, which this hypervisor "
+                             "does not offer")
         qmp = self._instance.machine.qmp
         path.parent.mkdir(parents=True, exist_ok=True)
         qmp.execute("screendump", {"filename": str(path), "format": "png"})

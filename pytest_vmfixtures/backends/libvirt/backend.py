@@ -150,7 +150,8 @@ class LibvirtBackend:
     def describe(self) -> str:
         host = self.hosts[0]
         where = ", ".join(h.uri for h in self.hosts)
-        return f"libvirt {host.libvirt_version} ({where}), qemu {host.qemu_version}, accel {self.accel.accel}"
+        mode = f", snapshot mode on network {self.network}" if self.snapshot_mode else ""
+        return f"libvirt {host.libvirt_version} ({where}), qemu {host.qemu_version}, accel {self.accel.accel}{mode}"
 
     def state_inputs(self, image: BuiltImage, config: MachineConfig) -> dict[str, object]:
         host = self.hosts[0]
