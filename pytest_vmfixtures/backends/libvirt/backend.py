@@ -373,8 +373,8 @@ class LibvirtBackend:
                 paths = self._host_files(host, image, image.disk, "overlay.qcow2", files, None)
                 xml = self.domain_xml(image, config, domain_name, host, paths, 22, incoming=False,
                                       network=self.network, mac=mac)
-            else:
-                paths = {"overlay": image.disk}
+            else:  # the disk is the image as that driver reads it, shared: this guest owns no disk file
+                paths = {"overlay": ""}
                 xml = non_qemu_domain_xml(host.uri, image, config, str(image.disk), domain_name)
             domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0)
             nvram = paths.get("nvram")

@@ -123,7 +123,8 @@ class LibvirtMachine:
             with contextlib.suppress(libvirt.libvirtError):
                 self.host.storage.delete(Path(self.overlay).name)
             return
-        own = [Path(self.overlay)] + ([self.nvram] if self.nvram is not None else [])
+        # No overlay: another driver's domain, whose disk is the converted image shared by its guests.
+        own = ([Path(self.overlay)] if self.overlay else []) + ([self.nvram] if self.nvram is not None else [])
         for path in (*own, log_dir(self.host.uri) / f"{self.domain_name}.log"):
             with contextlib.suppress(OSError):  # absent, or libvirt's log is not ours to remove
                 path.unlink()
