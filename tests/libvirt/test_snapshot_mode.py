@@ -22,8 +22,10 @@ from pytest_vmfixtures.accel import AccelChoice  # noqa: E402
 from pytest_vmfixtures.backends.base import MachineConfig  # noqa: E402
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine  # noqa: E402
 from pytest_vmfixtures.backends.libvirt.snapshot import CLEAN_SNAPSHOT  # noqa: E402
-from pytest_vmfixtures.errors import GuestError, SnapshotError  # noqa: E402
+from pytest_vmfixtures.errors import BootError, GuestError, SnapshotError  # noqa: E402
 from pytest_vmfixtures.guest import VM  # noqa: E402
+from pytest_vmfixtures.images.cache import Cache  # noqa: E402
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR  # noqa: E402
 from pytest_vmfixtures.pool import Pool  # noqa: E402
 from pytest_vmfixtures.runtime import Runtime  # noqa: E402
 
@@ -138,7 +140,7 @@ def test_nothing_is_left_behind(snap_pool: tuple[Pool, Runtime]) -> None:
 
 
 def test_a_missing_network_is_a_one_line_error_naming_the_option(
-        cache: object, accel: AccelChoice, primary_uri: str, tmp_path: Path) -> None:
+        accel: AccelChoice, primary_uri: str, tmp_path: Path) -> None:
     runtime = Runtime(tmp_path, "libvirt-tests")
     try:
         with pytest.raises(GuestError) as info:
@@ -178,3 +180,22 @@ def test_a_later_sessions_reaper_undefines_a_killed_runs_domains_and_snapshots(p
                 domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     finally:
         conn.close()
+
+
+def test_a_failed_start_leaves_no_domain(cache: Cache, accel: AccelChoice, primary_uri: str, nat_network: str) -> None:
+    """A guest that shows no address in time (a deadline of one second here) is dropped: domain, overlay."""
+    runtime = Runtime(cache.root, "libvirt-tests")
+    try:
+        backend = LibvirtBackend(runtime, accel, [primary_uri], mode="snapshot", network=nat_network, boot_timeout=1.0)
+        pool = Pool(backend, cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel)
+        try:
+            with pytest.raises(BootError, match=f"no address on network '{nat_network}'"):
+                backend.boot(pool.image("tiny"), CONFIG, runtime.new_name("tiny"))
+            assert backend._machines == {}
+            conn = backend.hosts[0].conn
+            assert [d.name() for d in conn.listAllDomains(0) if f"-{runtime.session_id}-" in str(d.name())] == []
+            assert not list(runtime.run_dir.glob("*/overlay.qcow2"))
+        finally:
+            pool.close()
+    finally:
+        runtime.close()
