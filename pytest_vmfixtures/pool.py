@@ -6,10 +6,8 @@ guests, and one *spare* instance restored in the background while a test
 runs. Reverting a guest to clean is then a swap: the used instance is killed,
 the spare takes its place, and a new spare starts restoring.
 
-A backend without saved states (no "saved_state" capability: the libvirt
-backend's snapshot mode) gets a slot without a state and without a spare:
-each guest boots and is provisioned itself, the backend snapshots it
-(``take_clean``), and reverting reuses the guest in place (``revert_clean``).
+A backend without "saved_state" (libvirt's snapshot mode) gets slots with no state and no spare: each
+guest boots, is provisioned and snapshotted itself (``take_clean``), and is reverted in place (``revert_clean``).
 """
 
 from __future__ import annotations
@@ -134,7 +132,6 @@ class Slot:
 
     def remake_state(self, broken: SavedState) -> None:
         with self._remake_lock:
-            assert self.state is not None
             if self.state is not broken:
                 return  # another thread already made a new one
             self.pool.cache.discard(broken.directory)
@@ -367,10 +364,7 @@ class Pool:
                 raise SnapshotError("a guest being provisioned cannot be reverted to clean: it has no clean state yet")
             return slot.take_instance()
 
-        def reuse(instance: Instance) -> None:
-            self.revert_in_place(instance, image)
-
-        in_place = slot is not None and slot.state is None
+        in_place = slot is not None and slot.state is None  # no saved state: the guest's own snapshot
         return VM(
             name=instance.machine.name,
             image=image,
@@ -383,7 +377,7 @@ class Pool:
             boot_timeout=self.boot_timeout,
             command_timeout=self.command_timeout,
             capabilities=capabilities_of(self.backend),
-            revert_in_place=reuse if in_place else None,
+            revert_in_place=(lambda instance: self.revert_in_place(instance, image)) if in_place else None,
         )
 
     def acquire(self, config: MachineConfig) -> VM:

@@ -16,10 +16,8 @@ from typing import Any
 from ...accel import AccelChoice
 from ...errors import BootError, GuestError, ImageError, SnapshotError
 from ...images.image import BuiltImage
-from ...instance import console_tail
 from ...options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ...runtime import Runtime
-from ...waiting import wait_for
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import (
     KERNEL_ARGS,
@@ -31,7 +29,6 @@ from ..common import (
     firmware_inputs,
     free_port,
     hotplug_lan,
-    mac_for,
 )
 from .calls import bounded, libvirt, require_libvirt
 from .connection import (
@@ -41,8 +38,6 @@ from .connection import (
     HostUnreachable,
     connect,
     connection_lost,
-    drop_domain,
-    is_qemu_host,
     pick_host,
     reap,
     sweep,
@@ -51,9 +46,9 @@ from .connection import (
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
 from .machine import LibvirtMachine
-from .network import guest_address, network_problem
+from .persistent import boot_persistent, network_problems, snapshot_capabilities
 from .save import StateCopy, load_through_monitor, rewrap, save_domain, stream_offset
-from .snapshot import console_missing, non_qemu_domain_xml, revert_clean, take_clean
+from .snapshot import revert_clean, take_clean
 from .storage import guest_files
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -75,11 +70,6 @@ def hosts_for(image: BuiltImage, hosts: list[Host]) -> list[Host]:
             f"{', '.join(h.uri for h in hosts)}: add such a --vm-libvirt-uri, or use --vm-backend qemu"
         )
     return local
-
-
-# Snapshot mode: what a guest keeps per driver. The QEMU driver passes agent commands through and
-# writes the console to a file; no driver offers QEMU's saved state, its monitor or a forwarded port.
-SNAPSHOT_QEMU_CAPABILITIES = frozenset({"agent", "console"})
 
 
 class LibvirtBackend:
@@ -129,23 +119,13 @@ class LibvirtBackend:
             self.close()
             raise GuestError(differ)
         if self.snapshot_mode:
-            self._check_networks()
-            self.capabilities = frozenset.intersection(*(self._snapshot_capabilities(h) for h in self.hosts))
-        for host in self.hosts:
-            reap(host)
-
-    def _check_networks(self) -> None:
-        for host in self.hosts:
-            if not is_qemu_host(host):
-                continue  # another driver's networking is its host's (see docs/libvirt.md)
-            problem = network_problem(host.conn, host.uri, self.network)
+            problem = network_problems(self.hosts, self.network)
             if problem:
                 self.close()
                 raise GuestError(problem)
-
-    @staticmethod
-    def _snapshot_capabilities(host: Host) -> frozenset[str]:
-        return SNAPSHOT_QEMU_CAPABILITIES if is_qemu_host(host) else frozenset()
+            self.capabilities = snapshot_capabilities(self.hosts)
+        for host in self.hosts:
+            reap(host)
 
     def describe(self) -> str:
         host = self.hosts[0]
@@ -356,75 +336,10 @@ class LibvirtBackend:
 
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
         if self.snapshot_mode:
-            return self._boot_persistent(image, config, name)
+            return boot_persistent(self, image, config, name)
         return self._start(image, config, name, image.disk, None)
 
-    # -- snapshot mode -----------------------------------------------------------
-    def _boot_persistent(self, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
-        """Define and start a persistent domain on the network; returns once the guest has an address there."""
-        domain_name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{name}"
-        host = self._pick_host(domain_name, image)
-        files, _socks = self.runtime.machine_dirs(name)
-        mac = mac_for(domain_name)  # one per domain: the network's DHCP tells guests apart by it
-        machine: LibvirtMachine | None = None
-        domain: Any = None
-        try:
-            if is_qemu_host(host):
-                paths = self._host_files(host, image, image.disk, "overlay.qcow2", files, None)
-                xml = self.domain_xml(image, config, domain_name, host, paths, 22, incoming=False,
-                                      network=self.network, mac=mac)
-            else:  # the disk is the image as that driver reads it, shared: this guest owns no disk file
-                paths = {"overlay": ""}
-                xml = non_qemu_domain_xml(host.uri, image, config, str(image.disk), domain_name)
-            domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0)
-            nvram = paths.get("nvram")
-            machine = LibvirtMachine(self, host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
-                                     image.disk, str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
-            machine.persistent = True
-            machine.ssh_proxy = None
-            with self._lock:
-                self._machines[domain_name] = machine
-            if not is_qemu_host(host):
-                console_missing(machine, str(host.conn.getType()))
-            bounded(f"{name}: starting on {host.uri}", domain.create, 120.0)
-            machine.ssh_host = self._wait_address(machine, mac)
-            return machine
-        except libvirt.libvirtError as exc:
-            self._drop_failed_boot(host, domain_name, files, machine, domain)
-            raise BootError(f"libvirt did not start {domain_name} on {host.uri}", console_tail=exc.get_error_message(),
-                            command_line=["libvirt", host.uri, domain_name]) from exc
-        except BaseException:
-            self._drop_failed_boot(host, domain_name, files, machine, domain)
-            raise
-
-    def _drop_failed_boot(self, host: Host, domain_name: str, files: Path, machine: LibvirtMachine | None,
-                          domain: Any) -> None:
-        if machine is not None:
-            machine.stop()
-            return
-        if domain is not None:
-            drop_domain(domain)
-        self._release_host(host, domain_name)
-        self._drop_overlay(host, "overlay.qcow2", files)
-
-    def _wait_address(self, machine: LibvirtMachine, mac: str) -> str:
-        """The guest's address on the network, once its DHCP client has one (the boot is then well on its way)."""
-        tried: dict[str, str] = {}
-
-        def attempt() -> str | None:
-            if not machine.alive():
-                raise BootError(f"{machine.name}: the domain ended during boot: {machine.exit_description()}",
-                                console_tail=console_tail(machine.console_log), command_line=machine.command_line)
-            return guest_address(machine.domain, mac, tried)
-
-        def error(message: str) -> BootError:
-            sources = "; ".join(f"{k}: {v}" for k, v in tried.items()) or "none asked"
-            return BootError(f"{machine.name}: no address on network {self.network!r} ({message}; {sources})",
-                             console_tail=console_tail(machine.console_log), command_line=machine.command_line)
-
-        return wait_for(f"{machine.name}'s address on {self.network}", attempt, self.boot_timeout,
-                        interval=0.5, max_interval=2.0, error=error)
-
+    # -- snapshot mode (persistent.py, snapshot.py) ----------------------------------
     def take_clean(self, machine: Machine) -> None:
         take_clean(self._own(machine))
 
