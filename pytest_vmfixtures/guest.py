@@ -121,7 +121,8 @@ class VM:
 
     @property
     def ssh_port(self) -> int:
-        """The forwarded SSH port on the host's loopback; asking for it counts as use."""
+        """The forwarded SSH port on the host's loopback (22 on the guest's own address where there is no port
+        forward: libvirt's snapshot mode); asking for it counts as use."""
         return self._usable().machine.ssh_port
 
     @property

@@ -199,3 +199,12 @@ def test_a_failed_start_leaves_no_domain(cache: Cache, accel: AccelChoice, prima
             pool.close()
     finally:
         runtime.close()
+
+
+def test_doctor_checks_the_network_snapshot_mode_needs(primary_uri: str, nat_network: str) -> None:
+    from pytest_vmfixtures.doctor import FAIL, OK, check_libvirt_network
+
+    [*_, good] = check_libvirt_network([primary_uri], nat_network)
+    assert good.status == OK and nat_network in good.message
+    [*_, bad] = check_libvirt_network([primary_uri], "vmfx-no-such-network")
+    assert bad.status == FAIL and "--vm-libvirt-network vmfx-no-such-network" in bad.message
