@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="also check this libvirt connection (repeatable)")
     doctor.add_argument("--libvirt-pool", default=DEFAULT_LIBVIRT_POOL, metavar="NAME",
                         help="the storage pool remote libvirt hosts need (default: vmfixtures)")
+    doctor.add_argument("--libvirt-network", default=None, metavar="NAME",
+                        help="also check the libvirt network snapshot mode's guests are reached on (and dnsmasq)")
     doctor.set_defaults(run=_doctor)
     return parser
 
@@ -193,7 +195,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, run_checks, summary
 
     checks = run_checks((args.cache or default_cache_dir()).expanduser(), args.accel, args.qemu_binary, args.libvirt_uri,
-                        libvirt_pool=args.libvirt_pool, local_libvirt=True)
+                        libvirt_pool=args.libvirt_pool, local_libvirt=True, libvirt_network=args.libvirt_network)
     for check in checks:
         print(check.line())
     print(summary(checks))

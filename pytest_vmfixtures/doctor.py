@@ -286,6 +286,33 @@ def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_LIBVIRT_POOL) -> list
     return checks
 
 
+def check_libvirt_network(uris: Sequence[str], network: str) -> list[Check]:
+    """Snapshot mode: each host has ``network``, active; this machine's libvirt has dnsmasq to serve its DHCP."""
+    if not uris:
+        return []
+    try:
+        import libvirt
+    except ImportError:
+        return []  # check_libvirt says so
+    from .backends.libvirt.network import network_problem
+
+    checks = []
+    if any(is_local_system(uri) for uri in uris) and shutil.which("dnsmasq") is None:
+        checks.append(Check(FAIL, "libvirt network", "libvirt's NAT networks need dnsmasq for DHCP: apt install dnsmasq-base"))
+    for uri in uris:
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError:
+            continue  # check_libvirt says so
+        try:
+            problem = network_problem(conn, uri, network)
+        finally:
+            conn.close()
+        checks.append(Check(FAIL, "libvirt network", problem) if problem else
+                      Check(OK, "libvirt network", f"{uri}: network {network!r} is active (snapshot mode)"))
+    return checks
+
+
 def _check_pool(conn: object, uri: str, pool: str) -> Check:
     import libvirt
 
@@ -303,9 +330,10 @@ def _check_pool(conn: object, uri: str, pool: str) -> Check:
 
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
                libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL,
-               local_libvirt: bool = False) -> list[Check]:
+               local_libvirt: bool = False, libvirt_network: str | None = None) -> list[Check]:
     """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check).
 
+    ``libvirt_network``: the libvirt backend's snapshot mode, whose guests are reached on that network.
     ``local_libvirt`` checks this machine's libvirt QEMU user against /dev/kvm even when no URI is given
     (the doctor command does; the header only when a URI is this machine's system libvirtd).
     """
@@ -319,6 +347,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
         check_cache(cache_dir),
         check_stale(cache_dir),
         *check_libvirt(libvirt_uris, libvirt_pool),
+        *(check_libvirt_network(libvirt_uris, libvirt_network) if libvirt_network is not None else []),
         *([kvm] if kvm else []),
     ]
 

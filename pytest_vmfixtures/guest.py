@@ -61,7 +61,10 @@ class VM:
         boot_timeout: float = 300.0,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         capabilities: frozenset[str] = ALL_CAPABILITIES,
+        revert_in_place: Callable[[Instance], None] | None = None,
     ) -> None:
+        """``revert_in_place``: where the hypervisor has no saved state to restore ("saved_state" not in
+        ``capabilities``), reset puts this very instance back into its clean snapshot instead of swapping."""
         self.name = name
         self.capabilities = capabilities  # what the hypervisor offers this guest (backends.base.CAPABILITIES)
         self._image = image
@@ -70,6 +73,7 @@ class VM:
         self._instance = instance
         self._fresh_instance = fresh_instance
         self._discard = discard
+        self._revert_in_place = revert_in_place
         self._guest_os = guest_os
         self._os: GuestOS | None = None
         self.boot_timeout = boot_timeout
@@ -117,7 +121,8 @@ class VM:
 
     @property
     def ssh_port(self) -> int:
-        """The forwarded SSH port on the host's loopback; asking for it counts as use."""
+        """The forwarded SSH port on the host's loopback (22 on the guest's own address where there is no port
+        forward: libvirt's snapshot mode); asking for it counts as use."""
         return self._usable().machine.ssh_port
 
     @property
@@ -142,6 +147,9 @@ class VM:
 
     def screendump(self, path: Path) -> None:
         """Save the guest's screen (its VGA console) as a PNG file."""
+        if "qmp" not in self.capabilities:
+            raise GuestError(f"{self.name}: screendumps are taken through QEMU's monitor, which this hypervisor "
+                             "does not offer")
         qmp = self._instance.machine.qmp
         path.parent.mkdir(parents=True, exist_ok=True)
         qmp.execute("screendump", {"filename": str(path), "format": "png"})
@@ -264,6 +272,9 @@ class VM:
         """Save the running guest under ``name`` (lives until the test ends)."""
         if name == CLEAN:
             raise SnapshotError("'clean' is the snapshot every test starts from; pick another name")
+        if "qmp" not in self.capabilities:
+            raise SnapshotError(f"{self.name}: named snapshots are taken through QEMU's monitor, which this "
+                                "hypervisor does not offer; mark such tests @pytest.mark.vm(needs=[\"qmp\"])")
         instance = self._usable()
         self._hmp(instance, f"savevm {name}")
         instance.snapshots.add(name)
@@ -296,6 +307,15 @@ class VM:
             return  # untouched since the last revert: nothing to undo
         self.state = GuestState.REVERTING
         old = self._instance
+        if self._revert_in_place is not None:
+            try:
+                self._revert_in_place(old)
+            except BaseException:
+                self.state = GuestState.DEAD  # a guest that did not revert is dropped; the next test gets a new one
+                self._discard(old)
+                raise
+            self.state = GuestState.READY
+            return
         try:
             self._instance = self._fresh_instance()
         except BaseException:

@@ -210,3 +210,22 @@ def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> Non
             instance.agent = None
     instance.shell.connect(timeout)
     instance.shell.exec(clock_command(), new_tag(), timeout).check()
+
+
+def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float, accel: str) -> dict[str, object]:
+    """Your own image's first boot, to its end: cloud-init done; returns which channels answer
+    (``agent``, ``root_login``), facts kept with the state."""
+    # Over SSH: whether an agent answers is asked only once the boot is done.
+    instance.ssh.exec("cloud-init status --wait >/dev/null 2>&1 || true", new_tag(), boot_timeout)
+    # cloud-init may restart sshd as its last step, and a state saved in that moment has no
+    # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
+    instance.ssh.close()
+    wait_ssh_ready(instance, boot_timeout, accel)
+    # A login to a restored guest must not start a systemd user manager (seconds under emulation):
+    # keep root's and the login user's running in the saved state, as lingering users'.
+    users = " ".join(sorted({"root", image.user}))
+    instance.ssh.exec(f"command -v loginctl >/dev/null && loginctl enable-linger {users} || true", new_tag(), 120)
+    return {
+        "agent": agent_answers(instance, AGENT_PROBE_SECONDS),
+        "root_login": root_login_works(instance, image, AGENT_PROBE_SECONDS),
+    }

@@ -24,6 +24,12 @@ BACKENDS = ("qemu", "libvirt")
 RAM_STATES = ("auto", "mapped", "stream")  # how the QEMU backend's states keep guest RAM (backends/qemu/memory.py)
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 DEFAULT_LIBVIRT_POOL = "vmfixtures"  # on remote libvirt hosts, for the copied images and states
+# How the libvirt backend keeps a clean guest: QEMU's saved state restored into new domains (QEMU
+# driver only), or a hypervisor snapshot of each guest's own domain (every driver).
+LIBVIRT_MODES = ("saved-state", "snapshot")
+DEFAULT_LIBVIRT_NETWORK = "default"  # snapshot mode: the libvirt network guests are reached on
+# libvirt drivers that are not QEMU: they have no QMP, no QEMU save format, no agent pass-through.
+NON_QEMU_SCHEMES = ("esx", "vpx", "hyperv", "vbox", "vmwarews", "vmwareplayer", "vmwarefusion", "test")
 
 
 class OptionError(ValueError):
@@ -162,6 +168,23 @@ def parse_backend(value: str) -> str:
 
 def parse_ram_state(value: str) -> str:
     return parse_choice("--vm-ram-state", value, RAM_STATES)
+
+
+def is_qemu_uri(uri: str) -> bool:
+    """Whether ``uri`` names libvirt's QEMU driver (``qemu:///system``, ``qemu+ssh://host/system``)."""
+    return uri.partition(":")[0].partition("+")[0].lower() not in NON_QEMU_SCHEMES
+
+
+def parse_libvirt_mode(value: str | None, uris: Iterable[str]) -> str:
+    """``--vm-libvirt-mode``: unset means saved-state on QEMU-driver URIs, snapshot when any is another driver's."""
+    others = [uri for uri in uris if not is_qemu_uri(uri)]
+    if not value:
+        return "snapshot" if others else "saved-state"
+    mode = parse_choice("--vm-libvirt-mode", value, LIBVIRT_MODES)
+    if mode == "saved-state" and others:
+        raise OptionError(f"--vm-libvirt-mode saved-state needs libvirt's QEMU driver, but {others[0]} is not one; "
+                          "use --vm-libvirt-mode snapshot (or leave it unset)")
+    return mode
 
 
 def parse_positive(option: str, value: Any) -> float:

@@ -23,12 +23,14 @@ from .images.catalog import available_recipes, load_recipe
 from .instance import console_tail
 from .options import (
     DEFAULT_IMAGE,
+    DEFAULT_LIBVIRT_NETWORK,
     DEFAULT_LIBVIRT_POOL,
     DEFAULT_LIBVIRT_URI,
     OptionError,
     image_matrix,
     parse_accel,
     parse_backend,
+    parse_libvirt_mode,
     parse_positive,
     parse_qemu_binaries,
     parse_ram_state,
@@ -56,6 +58,10 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
      "stream (read into each guest) or auto (mapped where QEMU can, stream for guests with a balloon)"),
     ("--vm-standby", "vm_standby", "string", "auto",
      "clean spare guests restored in the background per config: auto (one, two once a config is reverted often), N, or 0 (revert in line)"),
+    ("--vm-libvirt-mode", "vm_libvirt_mode", "string", "",
+     "libvirt: saved-state (QEMU's saved state, QEMU driver only) or snapshot (a hypervisor snapshot per guest)"),
+    ("--vm-libvirt-network", "vm_libvirt_network", "string", DEFAULT_LIBVIRT_NETWORK,
+     "libvirt snapshot mode: the libvirt network guests are reached on (it must exist and be active)"),
     ("--vm-qemu-binary", "vm_qemu_binary", "args", [],
      "the QEMU system emulator for x86 guests, or ARCH=PATH for another architecture's (repeatable)"),
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
@@ -70,6 +76,7 @@ _DEFAULT_TEXT = {
     "vm_artifacts": "vm-artifacts under pytest's basetemp",
     "vm_libvirt_uris": DEFAULT_LIBVIRT_URI,
     "vm_qemu_binary": "qemu-system-ARCH from PATH",
+    "vm_libvirt_mode": "saved-state on qemu:// URIs, snapshot on other drivers'",
 }
 
 
@@ -106,6 +113,7 @@ def _settings(config: pytest.Config) -> Settings:
         rootdir = config.rootpath
         dirs = [Path(p) if Path(p).is_absolute() else rootdir / p for p in config.getoption("vm_images_dir")]
         dirs += [Path(p) for p in config.getini("vm_images_dir")]
+        uris = [u for u in (config.getoption("vm_libvirt_uris") or config.getini("vm_libvirt_uris")) if u]
         return Settings(
             images=image_matrix(config.getoption("vm_images"), config.getini("vm_images")),
             image_dirs=builtin_dirs(dirs),
@@ -121,8 +129,10 @@ def _settings(config: pytest.Config) -> Settings:
             provision_key=str(_value(config, "vm_provision_key") or ""),
             artifacts=Path(str(_value(config, "vm_artifacts"))).expanduser() if _value(config, "vm_artifacts") else None,
             keep_on_failure=bool(_value(config, "vm_keep_on_failure")),
-            libvirt_uris=[u for u in (config.getoption("vm_libvirt_uris") or config.getini("vm_libvirt_uris")) if u],
+            libvirt_uris=uris,
             libvirt_pool=str(_value(config, "vm_libvirt_pool") or DEFAULT_LIBVIRT_POOL),
+            libvirt_mode=parse_libvirt_mode(str(_value(config, "vm_libvirt_mode") or ""), uris or [DEFAULT_LIBVIRT_URI]),
+            libvirt_network=str(_value(config, "vm_libvirt_network") or DEFAULT_LIBVIRT_NETWORK),
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -143,7 +153,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     # No version probes here: every pytest start shows this line, guest tests or not.
     checks = run_checks(settings.cache_dir, settings.accel, settings.qemu_binary,
                         settings.libvirt_uris if settings.backend == "libvirt" else (), versions=False,
-                        libvirt_pool=settings.libvirt_pool)
+                        libvirt_pool=settings.libvirt_pool,
+                        libvirt_network=settings.libvirt_network if settings.libvirt_mode == "snapshot" else None)
     lines = [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
     # A cost this large is said in full at the start, once, not only counted in the summary.
     lines += [f"vmfixtures: warning: {c.message}" for c in checks if c.name == LIBVIRT_KVM and c.status == WARN]
@@ -157,7 +168,8 @@ def pytest_vm_make_backend(config: pytest.Config, runtime: Runtime, accel: Accel
         from .backends.libvirt import LibvirtBackend
 
         return LibvirtBackend(runtime, accel, settings.libvirt_uris or None, pool=settings.libvirt_pool,
-                              progress=config.stash[SESSION_KEY].progress)
+                              progress=config.stash[SESSION_KEY].progress, mode=settings.libvirt_mode,
+                              network=settings.libvirt_network, boot_timeout=settings.boot_timeout)
     from .backends.qemu import QemuBackend
 
     return QemuBackend(runtime, accel, binary=settings.qemu_binary, binaries=settings.qemu_binaries,

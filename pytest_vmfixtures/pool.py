@@ -5,6 +5,9 @@ Per (image, machine config) the pool keeps a *slot*: the saved ready state
 guests, and *spares* (``--vm-standby``, default one) restored in the background while a test
 runs. Reverting a guest to clean is then a swap: the used instance is killed,
 the spare takes its place, and a new spare starts restoring.
+
+A backend without "saved_state" (libvirt's snapshot mode) gets slots with no state and no spare: each
+guest boots, is provisioned and snapshotted itself (``take_clean``), and is reverted in place (``revert_clean``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from .backends.base import (
     Machine,
     MachineConfig,
     SavedState,
+    SnapshotReverting,
     capabilities_of,
     config_inputs,
     digest_of,
 )
-from .command import DEFAULT_COMMAND_TIMEOUT, new_tag
+from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, read_guest_os
 from .images import qcow2
@@ -39,15 +43,7 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import (
-    AGENT_PROBE_SECONDS,
-    Instance,
-    agent_answers,
-    bind_channels,
-    root_login_works,
-    wait_ssh_ready,
-    warm_up,
-)
+from .instance import Instance, bind_channels, settle_first_boot, wait_ssh_ready, warm_up
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -74,9 +70,12 @@ def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | No
 
 
 class Slot:
-    """Guests of one (image, config), their saved state and their spare."""
+    """Guests of one (image, config), their saved state and their spare.
 
-    def __init__(self, pool: Pool, image: BuiltImage, config: MachineConfig, state: SavedState) -> None:
+    ``state`` None: the backend has no saved states; each instance is a guest booted with its own snapshot.
+    """
+
+    def __init__(self, pool: Pool, image: BuiltImage, config: MachineConfig, state: SavedState | None) -> None:
         self.pool = pool
         self.image = image
         self.config = config
@@ -90,6 +89,8 @@ class Slot:
         self._closed = False
 
     def new_instance(self) -> Instance:
+        if self.state is None:
+            return self.pool.snapshotted_instance(self.image, self.config)
         name = self.pool.runtime.new_name(self.config.label)
         state = self.state
         try:
@@ -99,7 +100,9 @@ class Slot:
             # capture): never hang or fail on it; boot, save a new one, and use that.
             log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
             self.remake_state(state)
-            machine = self.pool.backend.restore(self.image, self.config, self.state, name)
+            assert self.state is not None
+            state = self.state
+            machine = self.pool.backend.restore(self.image, self.config, state, name)
         instance = _bound(machine, self.image, state.meta)
         try:
             warm_up(instance, self.image)
@@ -151,6 +154,8 @@ class Slot:
         return 2 if self._taken >= HOT_AFTER else 1
 
     def refill(self) -> None:
+        if self.state is None:  # no saved state (a hypervisor snapshot per guest): no spare, each guest is its own
+            return
         with self._lock:
             while not self._closed and len(self._spares) < self.spares_wanted():
                 self._spares.append(self.pool.executor.submit(self.new_instance))
@@ -270,24 +275,11 @@ class Pool:
 
     def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> dict[str, object]:
         """Cold boot, provision, and freeze: done once per state key, ever. Returns what was learned."""
-        facts: dict[str, object] = {}
         started = time.monotonic()
-        accel = self.accel_for(image)
-        self.progress(f"booting {config.describe()} with accel {accel} (first use; warm starts afterwards)")
-        name = self.runtime.new_name(f"{config.label}-boot")
-        machine = self.backend.boot(image, config, name)
-        instance = _bound(machine, image)
+        self.progress(f"booting {config.describe()} with accel {self.accel_for(image)} (first use; warm starts afterwards)")
+        instance, facts = self._boot_provisioned(image, config, self.runtime.new_name(f"{config.label}-boot"), started)
+        machine = instance.machine
         try:
-            wait_ssh_ready(instance, self.boot_timeout, accel)
-            self.progress(f"{config.label} booted in {time.monotonic() - started:.0f} s; provisioning")
-            vm = self._handle(image, config, instance, slot=None)
-            vm.state = GuestState.DIRTY
-            if image.seed is not None:
-                facts.update(self._settle_first_boot(instance, image, config, accel))
-            self.provision(vm)
-            # Fewer RAM pages to save and restore: drop the page cache, close sessions.
-            vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
-            instance.close_channels()
             self.backend.save(machine, directory)
             # Restored guests' console logs start with this boot (see backends.base.start_restored_console).
             if machine.console_log.exists():
@@ -298,26 +290,57 @@ class Pool:
         self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")
         return facts
 
-    def _settle_first_boot(self, instance: Instance, image: BuiltImage, config: MachineConfig, accel: str) -> dict[str, object]:
-        """Your own image's first boot, to its end: cloud-init done, and which channels answer."""
-        # Over SSH: whether an agent answers is asked only once the boot is done.
-        wait = "cloud-init status --wait >/dev/null 2>&1 || true"
-        instance.ssh.exec(wait, new_tag(), self.boot_timeout)
-        # cloud-init may restart sshd as its last step, and a state saved in that moment has no
-        # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
-        instance.ssh.close()
-        wait_ssh_ready(instance, self.boot_timeout, accel)
-        # A login to a restored guest must not start a systemd user manager (seconds under emulation):
-        # keep root's and the login user's running in the saved state, as lingering users'.
-        users = " ".join(sorted({"root", image.user}))
-        instance.ssh.exec(f"command -v loginctl >/dev/null && loginctl enable-linger {users} || true", new_tag(), 120)
-        facts: dict[str, object] = {
-            "agent": agent_answers(instance, AGENT_PROBE_SECONDS),
-            "root_login": root_login_works(instance, image, AGENT_PROBE_SECONDS),
-        }
-        channel = "the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")
-        self.progress(f"{config.label}: commands go through {channel}")
-        return facts
+    def _boot_provisioned(
+        self, image: BuiltImage, config: MachineConfig, name: str, started: float,
+    ) -> tuple[Instance, dict[str, object]]:
+        """A cold-booted, provisioned guest with its page cache dropped and its channels closed, and what
+        its first boot found; a guest that fails on the way is stopped."""
+        facts: dict[str, object] = {}
+        accel = self.accel_for(image)
+        machine = self.backend.boot(image, config, name)
+        instance = _bound(machine, image)
+        try:
+            wait_ssh_ready(instance, self.boot_timeout, accel)
+            self.progress(f"{config.label} booted in {time.monotonic() - started:.0f} s; provisioning")
+            vm = self._handle(image, config, instance, slot=None)
+            vm.state = GuestState.DIRTY
+            if image.seed is not None:
+                facts.update(settle_first_boot(instance, image, self.boot_timeout, accel))
+                channel = "the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")
+                self.progress(f"{config.label}: commands go through {channel}")
+            self.provision(vm)
+            # Fewer RAM pages to save and restore: drop the page cache, close sessions.
+            vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
+            instance.close_channels()
+        except BaseException:
+            instance.close()
+            raise
+        return instance, facts
+
+    def snapshotted_instance(self, image: BuiltImage, config: MachineConfig) -> Instance:
+        """A backend without saved states: a guest of its own, booted, provisioned and snapshotted as clean."""
+        started = time.monotonic()
+        self.progress(f"booting {config.describe()} with accel {self.accel_for(image)} "
+                      "(no saved states here: each guest boots once and keeps a snapshot)")
+        instance, _facts = self._boot_provisioned(image, config, self.runtime.new_name(config.label), started)
+        try:
+            self._snapshots().take_clean(instance.machine)
+        except BaseException:
+            instance.close()
+            raise
+        self.progress(f"{config.label}: clean snapshot taken ({time.monotonic() - started:.0f} s in all)")
+        return instance
+
+    def _snapshots(self) -> SnapshotReverting:
+        if not isinstance(self.backend, SnapshotReverting):
+            raise GuestError(f"backend {self.backend.name} has no saved states and no snapshots to revert guests with")
+        return self.backend
+
+    def revert_in_place(self, instance: Instance, image: BuiltImage) -> None:
+        """Put a guest back into its clean snapshot (backends without saved states), channels fresh."""
+        instance.close_channels()
+        self._snapshots().revert_clean(instance.machine)
+        warm_up(instance, image)
 
     # -- guests ----------------------------------------------------------------
     def _slot(self, config: MachineConfig) -> Slot:
@@ -326,7 +349,7 @@ class Pool:
         if slot is not None:
             return slot
         image = self.image(config.image, config)
-        state = self.saved_state(image, config)
+        state = self.saved_state(image, config) if "saved_state" in capabilities_of(self.backend) else None
         with self._lock:
             slot = self._slots.setdefault(config, Slot(self, image, config, state))
         return slot
@@ -337,6 +360,7 @@ class Pool:
                 raise SnapshotError("a guest being provisioned cannot be reverted to clean: it has no clean state yet")
             return slot.take_instance()
 
+        in_place = slot is not None and slot.state is None  # no saved state: the guest's own snapshot
         return VM(
             name=instance.machine.name,
             image=image,
@@ -349,6 +373,7 @@ class Pool:
             boot_timeout=self.boot_timeout,
             command_timeout=self.command_timeout,
             capabilities=capabilities_of(self.backend),
+            revert_in_place=(lambda instance: self.revert_in_place(instance, image)) if in_place else None,
         )
 
     def acquire(self, config: MachineConfig) -> VM:

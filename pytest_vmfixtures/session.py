@@ -27,7 +27,7 @@ from .backends.base import Backend
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .images.cache import Cache
 from .images.catalog import BUILTIN_IMAGES_DIR
-from .options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
+from .options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from .pool import Pool
 from .runtime import Runtime
 
@@ -49,6 +49,8 @@ class Settings:
     keep_on_failure: bool = False
     libvirt_uris: list[str] = field(default_factory=list)
     libvirt_pool: str = DEFAULT_LIBVIRT_POOL
+    libvirt_mode: str = "saved-state"  # or "snapshot" (options.LIBVIRT_MODES)
+    libvirt_network: str = DEFAULT_LIBVIRT_NETWORK  # snapshot mode's libvirt network
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT  # vm.run, put and get given no timeout
     qemu_binaries: dict[str, str] = field(default_factory=dict)  # QEMU target -> emulator, besides x86's
     ram_state: str = "auto"  # the QEMU backend's states: mapped or stream RAM (options.RAM_STATES)
@@ -196,6 +198,8 @@ def describe_settings(settings: Settings, accel: AccelChoice, **extra: Any) -> s
     backend = settings.backend
     if backend == "libvirt":
         backend += " " + ",".join(settings.libvirt_uris or [DEFAULT_LIBVIRT_URI])
+        if settings.libvirt_mode == "snapshot":
+            backend += f" (snapshot mode, network {settings.libvirt_network})"
     words = [f"accel {accel.accel} ({accel.reason})", f"backend {backend}", f"cache {settings.cache_dir}"]
     words += [f"{k} {v}" for k, v in extra.items()]
     return "vmfixtures: " + ", ".join(words)

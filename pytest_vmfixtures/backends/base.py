@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..channels.agent import AgentTransport
 from ..images.image import BuiltImage
@@ -191,6 +191,23 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SnapshotReverting(Protocol):
+    """A backend without "saved_state": each guest keeps its clean state as a snapshot of its own machine.
+
+    The pool then boots and provisions every guest itself, calls :meth:`take_clean`, and
+    reverts it in place with :meth:`revert_clean` (the libvirt backend's snapshot mode).
+    """
+
+    def take_clean(self, machine: Machine) -> None:
+        """Snapshot the running, provisioned ``machine`` as the state it is reverted to."""
+        ...
+
+    def revert_clean(self, machine: Machine) -> None:
+        """Put ``machine`` back into its clean snapshot, running; SnapshotError if the hypervisor refuses."""
+        ...
 
 
 def digest_of(inputs: dict[str, object]) -> str:

@@ -13,7 +13,8 @@ def _with_busybox(guest):
     return guest
 
 
-@pytest.mark.vm(image="debian-12")
+# The private segment's NIC is hot-plugged through QEMU's monitor.
+@pytest.mark.vm(image="debian-12", needs=["qmp"])
 def test_three_guests_on_one_segment(vm, vm_network):
     a = _with_busybox(vm_network.attach(vm, "alpha"))
     b = _with_busybox(vm_network.add("beta"))
@@ -23,7 +24,7 @@ def test_three_guests_on_one_segment(vm, vm_network):
         assert src.run(f"busybox ping -c 1 -W 5 {dst}", timeout=30).ok, f"{src.network_name} -> {dst}"
 
 
-@pytest.mark.vm(image="debian-12")
+@pytest.mark.vm(image="debian-12", needs=["qmp"])
 def test_two_networks_are_isolated(vm_factory, vm_network, request):
     from pytest_vmfixtures.fixtures import SESSION_KEY
     from pytest_vmfixtures.network import Network

@@ -69,10 +69,12 @@ def test_guest_clock_is_current(vm):
     assert abs(guest - time.time()) < 30
 
 
+@pytest.mark.vm(needs=["qmp"])
 def test_qmp_query_status(vm):
     assert vm.qmp.execute("query-status")["status"] == "running"
 
 
+@pytest.mark.vm(needs=["qmp"])
 def test_qmp_error_is_clear(vm):
     from pytest_vmfixtures import QMPError
 
@@ -90,6 +92,7 @@ def test_put_get_round_trip(vm, tmp_path):
     assert (tmp_path / "down.bin").read_bytes() == payload
 
 
+@pytest.mark.vm(needs=["qmp"])  # vm.snapshot and vm.revert(name) are QEMU's savevm and loadvm
 def test_named_snapshot_and_revert(vm):
     vm.run("echo one > /root/f", check=True)
     vm.snapshot("one")
@@ -119,6 +122,7 @@ def test_handle_facts(vm, request):
     assert vm.os.init == "systemd"
 
 
+@pytest.mark.vm(needs=["saved_state"])  # a guest restored from a saved state; snapshot mode reverts in place
 def test_restored_guests_console_log_starts_with_its_boot(vm):
     """Boot console kept with the state, a line marking the restore, then what the guest prints since."""
     vm.revert()  # certainly a guest restored from the clean state, on either backend
@@ -138,7 +142,7 @@ def test_factory_gives_distinct_guests(vm_factory):
     b = vm_factory(image="debian-12")
     a.run("echo a > /root/who", check=True)
     assert not b.run("test -e /root/who").ok
-    assert a.ssh_port != b.ssh_port
+    assert (a.ssh_host, a.ssh_port) != (b.ssh_host, b.ssh_port)  # a forwarded port each, or an address each
 
 
 @pytest.mark.vm(memory_mb=384)

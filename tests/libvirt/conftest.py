@@ -130,10 +130,43 @@ def _quiet_paramiko() -> None:
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # refused logins while a guest boots are expected
 
 
-def make_pool(cache: Cache, accel: AccelChoice, uris: list[str], standby: int = 1) -> tuple[Pool, Runtime]:
+@pytest.fixture(scope="session")
+def nat_network(primary_uri: str) -> Iterator[str]:
+    """Snapshot mode's libvirt network: VMFX_NAT_NETWORK if set, else the private one nat_network.sh makes
+    (root only: it needs dnsmasq and iptables), removed again at the end if this session made it."""
+    given = os.environ.get("VMFX_NAT_NETWORK")
+    if given:
+        yield given
+        return
+    if os.geteuid() != 0 or shutil.which("dnsmasq") is None:
+        pytest.skip("snapshot mode's NAT network needs root and dnsmasq (dnsmasq-base); or set VMFX_NAT_NETWORK")
+    script = str(HERE / "nat_network.sh")
+    name = "vmfx-nat"
+    conn = libvirt.open(primary_uri)
+    try:
+        there = name in conn.listNetworks()  # active already (scripts/test starts it): leave it to its owner
+    finally:
+        conn.close()
+    if there:
+        yield name
+        return
+    result = subprocess.run(["sh", script, "start"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, LIBVIRT_URI=primary_uri))
+    if result.returncode != 0:
+        pytest.fail(f"cannot start the NAT network: {result.stderr.strip()}")
+    try:
+        yield result.stdout.strip()
+    finally:
+        subprocess.run(["sh", script, "stop"], timeout=60, env=dict(os.environ, LIBVIRT_URI=primary_uri))
+
+
+def make_pool(cache: Cache, accel: AccelChoice, uris: list[str], standby: int = 1,
+              network: str | None = None) -> tuple[Pool, Runtime]:
+    """``network``: the backend in snapshot mode, its guests on that libvirt network."""
     runtime = Runtime(cache.root, "libvirt-tests")
     try:
-        backend = LibvirtBackend(runtime, accel, uris)
+        backend = (LibvirtBackend(runtime, accel, uris) if network is None
+                   else LibvirtBackend(runtime, accel, uris, mode="snapshot", network=network))
     except BaseException:
         runtime.close()
         raise
@@ -145,4 +178,4 @@ def make_pool(cache: Cache, accel: AccelChoice, uris: list[str], standby: int = 
 @pytest.fixture(scope="session")
 def pool_factory(cache: Cache, accel: AccelChoice) -> Callable[..., tuple[Pool, Runtime]]:
     """make_pool(uris, standby=1) -> (pool, runtime); the caller closes both."""
-    return lambda uris, standby=1: make_pool(cache, accel, uris, standby)
+    return lambda uris, standby=1, network=None: make_pool(cache, accel, uris, standby, network)

@@ -38,6 +38,7 @@ forwarded port on the host's loopback, through ``ssh -W`` for ``qemu+ssh://``
 hosts (ssh_route.py).
 
 The modules: backend.py (LibvirtBackend: placement, start, save, restore),
+snapshot.py and persistent.py (snapshot mode: see docs/libvirt.md), network.py (its libvirt network),
 machine.py (LibvirtMachine), connection.py (a libvirtd per URI, which host
 gets a guest, reaping), domain.py (the XML), save.py (the save image format,
 saving, loading a state), storage.py (a remote host's pool: uploads, checks,

@@ -16,7 +16,7 @@ from typing import Any
 from ...accel import AccelChoice
 from ...errors import BootError, GuestError, ImageError, SnapshotError
 from ...images.image import BuiltImage
-from ...options import DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
+from ...options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ...runtime import Runtime
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import (
@@ -46,7 +46,9 @@ from .connection import (
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
 from .machine import LibvirtMachine
+from .persistent import boot_persistent, network_problems, snapshot_capabilities
 from .save import StateCopy, load_through_monitor, rewrap, save_domain, stream_offset
+from .snapshot import revert_clean, take_clean
 from .storage import guest_files
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -77,8 +79,14 @@ class LibvirtBackend:
     def __init__(
         self, runtime: Runtime, accel: AccelChoice, uris: list[str] | None = None, qemu_img: str = "qemu-img",
         pool: str = DEFAULT_LIBVIRT_POOL, progress: Callable[[str], None] = lambda message: None,
+        mode: str = "saved-state", network: str = DEFAULT_LIBVIRT_NETWORK, boot_timeout: float = 600.0,
     ) -> None:
+        """``mode``: saved-state (QEMU's saved state restored into new domains) or snapshot (snapshot.py),
+        whose guests sit on the libvirt ``network`` and get ``boot_timeout`` to show an address there."""
         require_libvirt()
+        self.snapshot_mode = mode == "snapshot"
+        self.network = network
+        self.boot_timeout = boot_timeout
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
         self.runtime = runtime
         self.accel = accel
@@ -95,7 +103,7 @@ class LibvirtBackend:
         try:
             for uri in uris or [DEFAULT_LIBVIRT_URI]:
                 try:
-                    self.hosts.append(connect(uri, self.pool_name))
+                    self.hosts.append(connect(uri, self.pool_name, self.snapshot_mode))
                 except HostUnreachable as exc:
                     unreachable.append(str(exc))
             if not self.hosts:
@@ -106,17 +114,24 @@ class LibvirtBackend:
         for reason in unreachable:  # the other hosts take the guests
             log.warning("%s; placing guests on the other libvirt hosts", reason)
             self.progress(f"{reason}; placing guests on the other libvirt hosts")
-        differ = versions_differ(self.hosts)
+        differ = None if self.snapshot_mode else versions_differ(self.hosts)  # snapshots stay on their host
         if differ:
             self.close()
             raise GuestError(differ)
+        if self.snapshot_mode:
+            problem = network_problems(self.hosts, self.network)
+            if problem:
+                self.close()
+                raise GuestError(problem)
+            self.capabilities = snapshot_capabilities(self.hosts)
         for host in self.hosts:
             reap(host)
 
     def describe(self) -> str:
         host = self.hosts[0]
         where = ", ".join(h.uri for h in self.hosts)
-        return f"libvirt {host.libvirt_version} ({where}), qemu {host.qemu_version}, accel {self.accel.accel}"
+        mode = f", snapshot mode on network {self.network}" if self.snapshot_mode else ""
+        return f"libvirt {host.libvirt_version} ({where}), qemu {host.qemu_version}, accel {self.accel.accel}{mode}"
 
     def state_inputs(self, image: BuiltImage, config: MachineConfig) -> dict[str, object]:
         host = self.hosts[0]
@@ -156,9 +171,11 @@ class LibvirtBackend:
     # -- starting ------------------------------------------------------------
     def domain_xml(
         self, image: BuiltImage, config: MachineConfig, domain_name: str, host: Host, paths: dict[str, object],
-        ssh_port: int, incoming: bool, domain_uuid: str | None = None,
+        ssh_port: int, incoming: bool, domain_uuid: str | None = None, network: str | None = None,
+        mac: str | None = None,
     ) -> str:
-        return domain_xml(self.accel, image, config, domain_name, host, paths, ssh_port, incoming, domain_uuid)
+        return domain_xml(self.accel, image, config, domain_name, host, paths, ssh_port, incoming, domain_uuid,
+                          network, mac)
 
     def _host_files(self, host: Host, image: BuiltImage, backing: Path, overlay_name: str, files: Path,
                     state: SavedState | None) -> dict[str, object]:
@@ -318,9 +335,26 @@ class LibvirtBackend:
         return copy
 
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
+        if self.snapshot_mode:
+            return boot_persistent(self, image, config, name)
         return self._start(image, config, name, image.disk, None)
 
+    # -- snapshot mode (persistent.py, snapshot.py) ----------------------------------
+    def take_clean(self, machine: Machine) -> None:
+        take_clean(self._own(machine))
+
+    def revert_clean(self, machine: Machine) -> None:
+        revert_clean(self._own(machine))
+
+    @staticmethod
+    def _own(machine: Machine) -> LibvirtMachine:
+        if not isinstance(machine, LibvirtMachine):
+            raise TypeError(f"the libvirt backend cannot snapshot {machine!r}")
+        return machine
+
     def restore(self, image: BuiltImage, config: MachineConfig, state: SavedState, name: str) -> LibvirtMachine:
+        if self.snapshot_mode:
+            raise SnapshotError("the libvirt backend in snapshot mode has no saved states to restore")
         offset = stream_offset(state.memory)
         machine = self._start(image, config, name, state.disk, state)
         try:
@@ -339,6 +373,8 @@ class LibvirtBackend:
         return machine
 
     def save(self, machine: Machine, directory: Path) -> None:
+        if self.snapshot_mode:
+            raise SnapshotError("the libvirt backend in snapshot mode saves no states (its guests keep snapshots)")
         if not isinstance(machine, LibvirtMachine):
             raise TypeError(f"the libvirt backend cannot save {machine!r}")
         save_domain(machine, directory, self.qemu_img)
@@ -352,6 +388,9 @@ class LibvirtBackend:
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
         # libvirt cannot hot-plug an mcast interface, so the NIC goes in through the monitor;
         # the domain is transient and dropped at revert, so libvirt's view need not include it.
+        if self.snapshot_mode:  # a NIC libvirt does not know of would also break the revert to the snapshot
+            raise GuestError(f"{machine.name}: private networks (vm_network) plug a NIC in through QEMU's monitor, "
+                             "which snapshot mode does not use; mark such tests @pytest.mark.vm(needs=[\"qmp\"])")
         if isinstance(machine, LibvirtMachine):
             with self._lock:
                 first = self._segments.setdefault(segment, machine.host)

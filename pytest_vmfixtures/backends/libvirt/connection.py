@@ -89,8 +89,14 @@ def shares_files(uri: str) -> bool:
     return transport in ("", "unix") and not parts.hostname
 
 
-def connect(uri: str, pool_name: str) -> Host:
-    """Open ``uri`` and check it can run our guests; a remote host's storage pool is opened too."""
+def connect(uri: str, pool_name: str, snapshot_mode: bool = False) -> Host:
+    """Open ``uri`` and check it can run our guests; a remote host's storage pool is opened too.
+
+    ``snapshot_mode``: guests are reverted by the hypervisor's own snapshots, so any libvirt driver
+    will do (no QEMU monitor, no save format); its guests are reached on a libvirt network.
+    """
+    if snapshot_mode:
+        return _connect_for_snapshots(uri)
     if not shares_files(uri):
         ssh_route(uri, 22)  # refuse now a host whose guests' SSH this machine could not reach
     try:
@@ -111,6 +117,42 @@ def connect(uri: str, pool_name: str) -> Host:
     except BaseException:
         conn.close()
         raise
+
+
+def _connect_for_snapshots(uri: str) -> Host:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise HostUnreachable(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
+    try:
+        if conn.getType() == "QEMU" and not shares_files(uri):
+            raise GuestError(f"{uri}: snapshot mode on libvirt's QEMU driver runs on this machine's libvirtd "
+                             "(qemu:///system or qemu:///session); for a remote QEMU host use --vm-libvirt-mode saved-state")
+        try:
+            hypervisor = version_string(conn.getVersion())
+        except libvirt.libvirtError:
+            hypervisor = "unknown"
+        return Host(uri, conn, version_string(conn.getLibVersion()), hypervisor, machine=str(conn.getHostname()))
+    except BaseException:
+        conn.close()
+        raise
+
+
+def is_qemu_host(host: Host) -> bool:
+    """Whether ``host`` is libvirt's QEMU driver (else an ESXi, Hyper-V, VirtualBox, VMware or test driver)."""
+    try:
+        return str(host.conn.getType()) == "QEMU"
+    except libvirt.libvirtError:
+        return True  # the connection is gone; what follows reports that
+
+
+def drop_domain(domain: Any) -> None:
+    """Stop ``domain`` and, if persistent (snapshot mode), undefine it with its snapshots' metadata."""
+    with contextlib.suppress(libvirt.libvirtError):
+        domain.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        if domain.isPersistent():
+            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
 
 def versions_differ(hosts: list[Host]) -> str | None:
@@ -137,16 +179,18 @@ def pick_host(hosts: list[Host], name: str) -> Host:
 
 
 def reap(host: Host) -> None:
-    """Destroy our domains whose pytest process is gone (a killed run leaves them running)."""
+    """Destroy our domains whose pytest process is gone (a killed run leaves them running).
+
+    Snapshot mode's domains are persistent: they are undefined too, with their snapshots.
+    """
     try:
-        domains = host.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
+        domains = host.conn.listAllDomains(0)
     except libvirt.libvirtError:
         return
     for dom in domains:
         match = OWNED.match(dom.name())
         if match and match.group(2) == CLIENT and not pid_alive(int(match.group(1)), None):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
+            drop_domain(dom)
             with contextlib.suppress(OSError):
                 (log_dir(host.uri) / f"{dom.name()}.log").unlink()
     if host.storage is not None:
@@ -164,8 +208,7 @@ def sweep(host: Host, session_id: str, pool_name: str) -> None:
     try:
         for domain in conn.listAllDomains(0):
             if str(domain.name()).startswith(prefix):
-                with contextlib.suppress(libvirt.libvirtError):
-                    domain.destroy()
+                drop_domain(domain)
         if host.storage is not None:
             storage = HostStorage(conn, host.uri, pool_name)
             for name in storage.names():

@@ -15,6 +15,7 @@ from ...images.image import BuiltImage
 from ..base import MachineConfig
 from ..common import KERNEL_ARGS, TB_SIZE_MB, mac_for, opt
 from .connection import Host, is_session
+from .network import interface_xml
 
 TEMPLATE = Path(__file__).with_name("domain.xml")
 DEVICES_VERSION = 1  # bump when domain.xml's virtual hardware changes
@@ -44,7 +45,7 @@ def attr(value: object) -> str:
 
 # Placeholders that take whole XML elements, built (and escaped) here.
 RAW = frozenset({"tcg_features", "cpu", "incoming", "seclabel", "serial", "boot", "disk_boot", "seed", "agent",
-                 "firmware"})
+                 "firmware", "netdev", "interface"})
 
 
 def boot_elements(image: BuiltImage, paths: dict[str, object]) -> dict[str, str]:
@@ -88,12 +89,23 @@ AGENT_CHANNEL = ("<channel type='unix'><source mode='bind'/>"
 def domain_xml(
     accel: AccelChoice, image: BuiltImage, config: MachineConfig, domain_name: str, host: Host,
     paths: dict[str, object], ssh_port: int, incoming: bool, domain_uuid: str | None = None,
+    network: str | None = None, mac: str | None = None,
 ) -> str:
     """``paths``: kernel, initrd, overlay as the host sees them; console (local hosts only); for an image
-    booted through firmware, seed and, with UEFI, ovmf_code and nvram."""
+    booted through firmware, seed and, with UEFI, ovmf_code and nvram.
+
+    ``network``: snapshot mode, the guest's NIC (MAC ``mac``) on that libvirt network, and its console
+    appended to (a revert keeps the log); None: QEMU's user-mode network with SSH forwarded to ``ssh_port``.
+    """
     kvm = accel.accel == "kvm"
     local = host.storage is None
-    append = " append='on'" if incoming else ""
+    append = " append='on'" if incoming or network is not None else ""
+    # By the label, as the QEMU backend does: a URL's port may change between runs, its digest does not.
+    user_mac = mac_for(config.label)
+    netdev = ("<qemu:arg value='-netdev'/>"
+              f"<qemu:arg value='user,id=net0,restrict={'on' if config.network == 'restricted' else 'off'},"
+              f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22'/>"
+              f"<qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=net0,mac={user_mac},addr=0x10'/>")
     return render_domain({
         "domain_type": "kvm" if kvm else "qemu",
         "name": domain_name,
@@ -116,9 +128,7 @@ def domain_xml(
                    "<target port='0'/></serial>"
                    if local else "<serial type='pty'><target port='0'/></serial>"),
         "agent": AGENT_CHANNEL if image.agent else "",
-        "restrict": "on" if config.network == "restricted" else "off",
-        "ssh_port": ssh_port,
-        # By the label, as the QEMU backend does: a URL's port may change between runs, its digest does not.
-        "mac": mac_for(config.label),
+        "netdev": netdev if network is None else "",
+        "interface": interface_xml(network, mac or user_mac) if network is not None else "",
         "incoming": "<qemu:arg value='-incoming'/><qemu:arg value='defer'/>" if incoming else "",
     })

@@ -1,4 +1,4 @@
-"""One guest of the libvirt backend: a transient domain, and the files it owns."""
+"""One guest of the libvirt backend: a domain (transient; persistent in snapshot mode), and the files it owns."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .calls import libvirt
 from .channels import LibvirtAgentTransport, LibvirtQMP
-from .connection import Host, connection_lost, log_dir
+from .connection import Host, connection_lost, drop_domain, log_dir
 from .console import ConsolePump
 from .save import StateCopy
 from .ssh_route import ssh_route
@@ -45,6 +45,9 @@ class LibvirtMachine:
         self.nvram = nvram  # a UEFI guest's own NVRAM (a qcow2 overlay here), saved with its state
         self.console: ConsolePump | None = None
         self.state_copy: StateCopy | None = None
+        # Snapshot mode: the domain is persistent, with the clean snapshot it is reverted to (snapshot.py).
+        self.persistent = False
+        self.snapshot: Any = None
         self._stopped = False
         self._lock = threading.Lock()
 
@@ -108,8 +111,11 @@ class LibvirtMachine:
         self.qmp.close()
         if self.agent_transport is not None:
             self.agent_transport.close()
-        with contextlib.suppress(libvirt.libvirtError):  # already gone (saved, crashed, destroyed by someone)
-            self.domain.destroy()
+        if self.persistent:
+            drop_domain(self.domain)  # and its snapshots
+        else:
+            with contextlib.suppress(libvirt.libvirtError):  # already gone (saved, crashed, destroyed by someone)
+                self.domain.destroy()
         if self.console is not None:
             self.console.close()
         self.backend._forget(self)
@@ -117,7 +123,8 @@ class LibvirtMachine:
             with contextlib.suppress(libvirt.libvirtError):
                 self.host.storage.delete(Path(self.overlay).name)
             return
-        own = [Path(self.overlay)] + ([self.nvram] if self.nvram is not None else [])
+        # No overlay: another driver's domain, whose disk is the converted image shared by its guests.
+        own = ([Path(self.overlay)] if self.overlay else []) + ([self.nvram] if self.nvram is not None else [])
         for path in (*own, log_dir(self.host.uri) / f"{self.domain_name}.log"):
             with contextlib.suppress(OSError):  # absent, or libvirt's log is not ours to remove
                 path.unlink()

@@ -1,0 +1,117 @@
+"""Snapshot mode's guests: persistent domains on a libvirt network, reached at the address it reports.
+
+The backend's other half of snapshot mode (snapshot.py takes and reverts the snapshots): which
+capabilities its hosts give, whether the network is there, and starting a guest, which is dropped
+whole (domain, overlay) if it does not come up with an address in time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...errors import BootError
+from ...images.image import BuiltImage
+from ...instance import console_tail
+from ...waiting import wait_for
+from ..base import MachineConfig
+from ..common import mac_for
+from .calls import bounded, libvirt
+from .connection import CLIENT, DOMAIN_PREFIX, Host, drop_domain, is_qemu_host
+from .machine import LibvirtMachine
+from .network import guest_address, network_problem
+from .snapshot import console_missing, non_qemu_domain_xml
+
+if TYPE_CHECKING:
+    from .backend import LibvirtBackend
+
+# What a guest keeps per driver. The QEMU driver passes agent commands through and writes the
+# console to a file; no driver offers QEMU's saved state, its monitor or a forwarded port.
+SNAPSHOT_QEMU_CAPABILITIES = frozenset({"agent", "console"})
+
+
+def snapshot_capabilities(hosts: list[Host]) -> frozenset[str]:
+    """What every host's guests have (a test lands on any host)."""
+    return frozenset.intersection(*(SNAPSHOT_QEMU_CAPABILITIES if is_qemu_host(h) else frozenset() for h in hosts))
+
+
+def network_problems(hosts: list[Host], network: str) -> str | None:
+    """Why a QEMU host's guests could not be reached on ``network`` (the first such host), or None.
+
+    Another driver's networking is its host's own (see docs/libvirt.md).
+    """
+    for host in hosts:
+        if is_qemu_host(host):
+            problem = network_problem(host.conn, host.uri, network)
+            if problem:
+                return problem
+    return None
+
+
+def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
+    """Define and start a persistent domain on the network; returns once the guest has an address there."""
+    domain_name = f"{DOMAIN_PREFIX}{backend.runtime.session_id}-{CLIENT}-{name}"
+    host = backend._pick_host(domain_name, image)
+    files, _socks = backend.runtime.machine_dirs(name)
+    mac = mac_for(domain_name)  # one per domain: the network's DHCP tells guests apart by it
+    machine: LibvirtMachine | None = None
+    domain: Any = None
+    try:
+        if is_qemu_host(host):
+            paths = backend._host_files(host, image, image.disk, "overlay.qcow2", files, None)
+            xml = backend.domain_xml(image, config, domain_name, host, paths, 22, incoming=False,
+                                     network=backend.network, mac=mac)
+        else:  # the disk is the image as that driver reads it, shared: this guest owns no disk file
+            paths = {"overlay": ""}
+            xml = non_qemu_domain_xml(host.uri, image, config, str(image.disk), domain_name)
+        domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0)
+        nvram = paths.get("nvram")
+        machine = LibvirtMachine(backend, host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
+                                 image.disk, str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
+        machine.persistent = True
+        machine.ssh_proxy = None
+        with backend._lock:
+            backend._machines[domain_name] = machine
+        if not is_qemu_host(host):
+            console_missing(machine, str(host.conn.getType()))
+        bounded(f"{name}: starting on {host.uri}", domain.create, 120.0)
+        machine.ssh_host = _wait_address(backend, machine, mac)
+        return machine
+    except libvirt.libvirtError as exc:
+        _drop_failed_boot(backend, host, domain_name, files, machine, domain)
+        raise BootError(f"libvirt did not start {domain_name} on {host.uri}", console_tail=exc.get_error_message(),
+                        command_line=["libvirt", host.uri, domain_name]) from exc
+    except BaseException:
+        _drop_failed_boot(backend, host, domain_name, files, machine, domain)
+        raise
+
+
+def _drop_failed_boot(backend: LibvirtBackend, host: Host, domain_name: str, files: Path,
+                      machine: LibvirtMachine | None, domain: Any) -> None:
+    if machine is not None:
+        machine.stop()
+        return
+    if domain is not None:
+        drop_domain(domain)
+    backend._release_host(host, domain_name)
+    backend._drop_overlay(host, "overlay.qcow2", files)
+
+
+def _wait_address(backend: LibvirtBackend, machine: LibvirtMachine, mac: str) -> str:
+    """The guest's address on the network, once its DHCP client has one (the boot is then well on its way)."""
+    tried: dict[str, str] = {}
+
+    def attempt() -> str | None:
+        if not machine.alive():
+            raise BootError(f"{machine.name}: the domain ended during boot: {machine.exit_description()}",
+                            console_tail=console_tail(machine.console_log), command_line=machine.command_line)
+        return guest_address(machine.domain, mac, tried)
+
+    def error(message: str) -> BootError:
+        sources = "; ".join(f"{k}: {v}" for k, v in tried.items()) or "none asked"
+        return BootError(f"{machine.name}: no address on network {backend.network!r} ({message}; {sources})",
+                         console_tail=console_tail(machine.console_log), command_line=machine.command_line)
+
+    return wait_for(f"{machine.name}'s address on {backend.network}", attempt, backend.boot_timeout,
+                    interval=0.5, max_interval=2.0, error=error)
+
