@@ -61,6 +61,7 @@ class Runtime:
     def __init__(self, cache_dir: Path, worker: str = "main", die_with_parent: bool = True) -> None:
         self.die_with_parent = die_with_parent
         self.session_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.cache_dir = cache_dir
         self.run_root = cache_dir / "run"
         self.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.reap()

@@ -14,7 +14,7 @@ from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt.domain import domain_xml
 from pytest_vmfixtures.backends.libvirt.snapshot import non_qemu_domain_xml
-from pytest_vmfixtures.errors import GuestError
+from pytest_vmfixtures.errors import ImageError
 from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.options import NON_QEMU_SCHEMES, OptionError, is_qemu_uri, parse_libvirt_mode
 
@@ -103,6 +103,10 @@ def test_the_snapshot_mode_domain_xml_is_valid_for_libvirt(image: BuiltImage, tm
     assert result.returncode == 0, result.stderr + result.stdout
 
 
-def test_other_drivers_go_through_one_seam_that_refuses_until_wired() -> None:
-    with pytest.raises(GuestError, match=r"^esx://esx1/: domain XML for this libvirt driver is not available"):
-        non_qemu_domain_xml("esx://esx1/", built_in_image(), MachineConfig("debian-12"), "/d.vmdk", "vmfx-x")
+def test_other_drivers_get_their_familys_template_and_refuse_a_kernel_booted_image() -> None:
+    with pytest.raises(ImageError, match=r"boots by direct kernel load, which only QEMU does"):
+        non_qemu_domain_xml("esx://esx1/", built_in_image(), MachineConfig("debian-12"), "/d.vmdk", "vmfx-x",
+                            mac="52:54:00:00:00:01", network="VM Network")
+    xml = non_qemu_domain_xml("esx://esx1/", cloud_image("bios"), MachineConfig("debian-12", memory_mb=768), "[ds1] d.vmdk",
+                              "vmfx-x", mac="52:54:00:00:00:01", network="VM Network")
+    assert "type='vmware'" in xml and "[ds1] d.vmdk" in xml and "52:54:00:00:00:01" in xml and "VM Network" in xml

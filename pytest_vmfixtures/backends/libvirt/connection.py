@@ -20,8 +20,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ...errors import GuestError
+from ...options import is_qemu_uri
 from ...runtime import pid_alive
 from .calls import bounded, libvirt, libvirt_qemu, version_string
+from .drivers import compiled_in, driver_for
 from .save import StateCopy
 from .ssh_route import ssh_route
 from .storage import HostStorage
@@ -120,6 +122,13 @@ def connect(uri: str, pool_name: str, snapshot_mode: bool = False) -> Host:
 
 
 def _connect_for_snapshots(uri: str) -> Host:
+    if not is_qemu_uri(uri):  # a driver this libvirt lacks, or one without snapshots: that host's tests fail alone
+        driver = driver_for(uri)
+        problem = compiled_in(uri) or (None if driver.snapshots else (
+            f"{uri}: libvirt's {driver.title} driver has no snapshot API, so its guests cannot be reverted "
+            "between tests; use another hypervisor host (see docs/libvirt.md)"))
+        if problem:
+            raise HostUnreachable(problem)
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:

@@ -7,10 +7,13 @@ whole (domain, overlay) if it does not come up with an address in time.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BootError
+from ...images.cache import Cache
 from ...images.image import BuiltImage
 from ...instance import console_tail
 from ...waiting import wait_for
@@ -18,6 +21,8 @@ from ..base import MachineConfig
 from ..common import mac_for
 from .calls import bounded, libvirt
 from .connection import CLIENT, DOMAIN_PREFIX, Host, drop_domain, is_qemu_host
+from .convert import converted_disk
+from .drivers import driver_for
 from .machine import LibvirtMachine
 from .network import guest_address, network_problem
 from .snapshot import console_missing, non_qemu_domain_xml
@@ -61,9 +66,10 @@ def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineC
             paths = backend._host_files(host, image, image.disk, "overlay.qcow2", files, None)
             xml = backend.domain_xml(image, config, domain_name, host, paths, 22, incoming=False,
                                      network=backend.network, mac=mac)
-        else:  # the disk is the image as that driver reads it, shared: this guest owns no disk file
-            paths = {"overlay": ""}
-            xml = non_qemu_domain_xml(host.uri, image, config, str(image.disk), domain_name)
+        else:  # the image's disk converted to the driver's format (once, cached), copied for this guest
+            disk = guest_disk(backend, image, host, files)
+            paths = {"overlay": disk}
+            xml = non_qemu_domain_xml(host.uri, image, config, str(disk), domain_name, mac=mac, network=backend.network)
         domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0)
         nvram = paths.get("nvram")
         machine = LibvirtMachine(backend, host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
@@ -84,6 +90,22 @@ def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineC
     except BaseException:
         _drop_failed_boot(backend, host, domain_name, files, machine, domain)
         raise
+
+
+def guest_disk(backend: LibvirtBackend, image: BuiltImage, host: Host, files: Path) -> Path:
+    """This guest's own copy of the image's disk in the format of ``host``'s driver (its snapshot lives in
+    it, so guests cannot share one); the conversion is made once per image and format and cached.
+
+    The path is this machine's: right for a hypervisor on this machine (VirtualBox, VMware Workstation);
+    a remote one (ESXi, Hyper-V) needs the disk on its own storage first (docs/libvirt.md).
+    """
+    driver = driver_for(host.uri)
+    converted = converted_disk(Cache(backend.runtime.cache_dir), image, driver.disk_format, backend.qemu_img, backend.progress)
+    target = files / f"disk.{driver.disk_format}"
+    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(converted), str(target)], check=True,
+                   capture_output=True, timeout=600)
+    os.chmod(target, 0o600)
+    return target
 
 
 def _drop_failed_boot(backend: LibvirtBackend, host: Host, domain_name: str, files: Path,

@@ -14,10 +14,11 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from ...errors import GuestError, SnapshotError
+from ...errors import SnapshotError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
 from .calls import bounded, libvirt
+from .drivers import driver_for, portable_domain_xml, require_firmware_boot
 
 if TYPE_CHECKING:
     from .machine import LibvirtMachine
@@ -28,14 +29,17 @@ REVERT_MARK = "[vmfixtures] ---- reverted to snapshot"
 NO_CONSOLE = "[vmfixtures] no serial console here:"
 
 
-def non_qemu_domain_xml(uri: str, image: BuiltImage, config: MachineConfig, disk: str, name: str) -> str:
-    """The domain XML of a guest on a libvirt driver other than QEMU's (ESXi, Hyper-V, VirtualBox, VMware).
-
-    The one seam for those drivers: it is to return the driver family's template filled in (with
-    ``disk`` already in the family's format). Until that is wired in, such hosts are refused here.
-    """
-    raise GuestError(f"{uri}: domain XML for this libvirt driver is not available in this version "
-                     f"(cannot start {name} from {image.name}); use a qemu:// URI")
+def non_qemu_domain_xml(
+    uri: str, image: BuiltImage, config: MachineConfig, disk: str, name: str, *, mac: str, network: str,
+) -> str:
+    """The domain XML of a guest on a libvirt driver other than QEMU's (ESXi, Hyper-V, VirtualBox, VMware,
+    libvirt's test driver): the driver family's template (drivers.py) filled in, ``disk`` already in the
+    family's format (convert.py). An image the family cannot boot is refused in one line."""
+    driver = driver_for(uri)
+    require_firmware_boot(image, driver)
+    return portable_domain_xml(driver, name=name, memory_mb=config.memory_mb, cpus=config.cpus, disk=disk, mac=mac,
+                               network=network, firmware=image.firmware or "bios",
+                               **({"seed": str(image.seed)} if image.seed is not None else {}))
 
 
 def console_missing(machine: LibvirtMachine, driver: str) -> None:
