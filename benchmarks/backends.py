@@ -22,12 +22,14 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends.base import Backend, MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
 from pytest_vmfixtures.backends.qemu import QemuBackend
+from pytest_vmfixtures.guest import VM
 from pytest_vmfixtures.images.cache import Cache, default_cache_dir
 from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.pool import Pool
@@ -52,21 +54,27 @@ def measure(backend: Backend, cache: Cache, runtime: Runtime, accel: str, n: int
             instance = slot.new_instance()  # restore, bind, agent sync + first command (the clock fix)
             restores.append(time.monotonic() - started)
             instance.close()
-        vm = pool.acquire(config)
-        reverts = []
-        for _ in range(n):
-            vm.run("rm -rf /etc/apt /usr/share/doc", timeout=60)
-            slot.wait_for_spares()  # a real test runs for a while: the spare is ready when it ends
-            time.sleep(0.5)
-            started = time.monotonic()
-            vm.reset()
-            result = vm.run("test -d /etc/apt")
-            reverts.append(time.monotonic() - started)
-            assert result.ok
-        pool.release(vm)
-        return {"revert": summary(reverts), "restore_to_first_command": summary(restores)}
+        # a real test runs for a while: the spare is ready when it ends
+        return {"revert": summary(timed_reverts(pool, pool.acquire(config), n, slot.wait_for_spares)),
+                "restore_to_first_command": summary(restores)}
     finally:
         pool.close()
+
+
+def timed_reverts(pool: Pool, vm: VM, n: int, between: Callable[[], None] = lambda: None) -> list[float]:
+    """``n`` reverts of ``vm`` after a destructive command, each to the first command that finds it clean."""
+    reverts = []
+    for _ in range(n):
+        vm.run("rm -rf /etc/apt /usr/share/doc", timeout=60)
+        between()
+        time.sleep(0.5)
+        started = time.monotonic()
+        vm.reset()
+        result = vm.run("test -d /etc/apt")
+        reverts.append(time.monotonic() - started)
+        assert result.ok
+    pool.release(vm)
+    return reverts
 
 
 def measure_snapshot_mode(backend: Backend, cache: Cache, runtime: Runtime, accel: str,
@@ -76,19 +84,9 @@ def measure_snapshot_mode(backend: Backend, cache: Cache, runtime: Runtime, acce
                 progress=lambda m: print(f"  {m}", flush=True))
     try:
         started = time.monotonic()
-        vm = pool.acquire(config)
+        vm = pool.acquire(config)  # its first boot, provisioning and clean snapshot
         first_boot = time.monotonic() - started
-        reverts = []
-        for _ in range(n):
-            vm.run("rm -rf /etc/apt /usr/share/doc", timeout=60)
-            time.sleep(0.5)
-            started = time.monotonic()
-            vm.reset()
-            result = vm.run("test -d /etc/apt")
-            reverts.append(time.monotonic() - started)
-            assert result.ok
-        pool.release(vm)
-        return {"revert": summary(reverts), "first_boot": summary([first_boot])}
+        return {"revert": summary(timed_reverts(pool, vm, n)), "first_boot": summary([first_boot])}
     finally:
         pool.close()
 

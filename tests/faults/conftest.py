@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -14,7 +15,27 @@ from pathlib import Path
 import pytest
 from integration.helpers import qemu_processes
 
+from pytest_vmfixtures.accel import choose_accel, probe_host
+from pytest_vmfixtures.backends.qemu import QemuBackend
 from pytest_vmfixtures.fixtures import SESSION_KEY
+from pytest_vmfixtures.images.cache import Cache
+from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.pool import Pool
+from pytest_vmfixtures.runtime import Runtime
+
+
+@contextlib.contextmanager
+def inline_pool(outer_cache: Path, worker: str, **backend_options: str) -> Iterator[Pool]:
+    """A QEMU pool over the run's cache (its saved states reused), guests restored in line (no spares)."""
+    runtime = Runtime(outer_cache, worker)
+    accel = choose_accel("auto", probe_host())
+    made = Pool(QemuBackend(runtime, accel, **backend_options), Cache(outer_cache), runtime, [BUILTIN_IMAGES_DIR],
+                accel=accel.accel, standby=0)
+    try:
+        yield made
+    finally:
+        made.close()
+        runtime.close()
 
 
 @pytest.fixture

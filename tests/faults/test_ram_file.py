@@ -15,29 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends import qemu
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.qemu import memory
-from pytest_vmfixtures.images.cache import Cache, sha256_file
-from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.cache import sha256_file
 from pytest_vmfixtures.pool import Pool
-from pytest_vmfixtures.runtime import Runtime
+
+from .conftest import inline_pool
 
 CONFIG = MachineConfig("tiny")
 
 
 @pytest.fixture
 def pool(outer_cache: Path) -> Iterator[Pool]:
-    runtime = Runtime(outer_cache, "ram-file-faults")
-    accel = choose_accel("auto", probe_host())
-    made = Pool(qemu.QemuBackend(runtime, accel, ram_state="mapped"), Cache(outer_cache), runtime, [BUILTIN_IMAGES_DIR],
-                accel=accel.accel, standby=0)
-    try:
+    with inline_pool(outer_cache, "ram-file-faults", ram_state="mapped") as made:
         yield made
-    finally:
-        made.close()
-        runtime.close()
 
 
 def modify(ram: Path) -> None:

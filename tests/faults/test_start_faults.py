@@ -32,6 +32,8 @@ from pytest_vmfixtures.instance import Instance
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
+from .conftest import inline_pool
+
 
 @contextlib.contextmanager
 def qemu_backend(outer_cache: Path, run_root: Path, worker: str) -> Iterator[tuple[qemu.QemuBackend, Runtime, BuiltImage]]:
@@ -141,15 +143,8 @@ def test_a_taken_ssh_port(backend: tuple[qemu.QemuBackend, Runtime, BuiltImage],
 @pytest.fixture
 def pool(outer_cache: Path) -> Iterator[Pool]:
     """A pool over the run's cache (so the saved debian-12 state is reused), guests restored in line."""
-    runtime = Runtime(outer_cache, "start-faults-pool")
-    accel = choose_accel("auto", probe_host())
-    made = Pool(qemu.QemuBackend(runtime, accel), Cache(outer_cache), runtime, [BUILTIN_IMAGES_DIR],
-                accel=accel.accel, standby=0)
-    try:
+    with inline_pool(outer_cache, "start-faults-pool") as made:
         yield made
-    finally:
-        made.close()
-        runtime.close()
 
 
 def recording_restore(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> list[Machine]:

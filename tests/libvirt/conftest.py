@@ -18,8 +18,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from pytest_vmfixtures.accel import AccelChoice, choose_accel, probe_host
+from pytest_vmfixtures.images.byo import ByoSpec, prepare
 from pytest_vmfixtures.images.cache import Cache, default_cache_dir
 from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
+from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
@@ -179,3 +181,16 @@ def make_pool(cache: Cache, accel: AccelChoice, uris: list[str], standby: int = 
 def pool_factory(cache: Cache, accel: AccelChoice) -> Callable[..., tuple[Pool, Runtime]]:
     """make_pool(uris, standby=1) -> (pool, runtime); the caller closes both."""
     return lambda uris, standby=1, network=None: make_pool(cache, accel, uris, standby, network)
+
+
+@pytest.fixture(scope="session")
+def bios_cloud_image(cache: Cache) -> BuiltImage:
+    """Your own cloud image as the portable path runs it: the BIOS stand-in (tests/integration/cloudimage.py)."""
+    from test_cloud_guest import _cloudimage
+
+    cloudimage = _cloudimage()
+    missing = cloudimage.missing_tools()
+    if missing:
+        pytest.skip(f"building the test cloud image needs: {', '.join(missing)}")
+    disk = cloudimage.ensure(cache, lambda message: print(f"  {message}", flush=True), variant="bios")
+    return prepare(cache, ByoSpec(str(disk)), print)

@@ -20,7 +20,6 @@ from typing import Any
 
 import paramiko
 import pytest
-from test_cloud_guest import _cloudimage
 
 from pytest_vmfixtures.backends.libvirt import portable
 from pytest_vmfixtures.backends.libvirt.convert import converted_disk
@@ -28,7 +27,6 @@ from pytest_vmfixtures.backends.libvirt.drivers import driver_for, portable_doma
 from pytest_vmfixtures.channels.ssh import SSH, SSHError
 from pytest_vmfixtures.command import new_tag
 from pytest_vmfixtures.errors import CommandTimeout, GuestError
-from pytest_vmfixtures.images.byo import ByoSpec, prepare
 from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.waiting import wait_for
@@ -77,13 +75,8 @@ def network(conn: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def cloud_image(cache: Cache) -> BuiltImage:
-    cloudimage = _cloudimage()
-    missing = cloudimage.missing_tools()
-    if missing:
-        pytest.skip(f"building the test cloud image needs: {', '.join(missing)}")
-    disk = cloudimage.ensure(cache, lambda message: print(f"  {message}", flush=True), variant="bios")
-    return prepare(cache, ByoSpec(str(disk)), print)
+def cloud_image(bios_cloud_image: BuiltImage) -> BuiltImage:
+    return bios_cloud_image
 
 
 @pytest.fixture

@@ -13,14 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cloud_guest import _cloudimage
 
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
 from pytest_vmfixtures.backends.libvirt.connection import DOMAIN_PREFIX
 from pytest_vmfixtures.backends.libvirt.snapshot import CLEAN_SNAPSHOT
 from pytest_vmfixtures.errors import GuestError
-from pytest_vmfixtures.images.byo import ByoSpec, prepare
 from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.runtime import Runtime
@@ -30,13 +28,8 @@ TEST_DRIVER = "test:///default"  # libvirt's own test driver
 
 
 @pytest.fixture(scope="module")
-def cloud_image(cache: Cache) -> BuiltImage:
-    cloudimage = _cloudimage()
-    missing = cloudimage.missing_tools()
-    if missing:
-        pytest.skip(f"building the test cloud image needs {', '.join(missing)}")
-    disk = cloudimage.ensure(cache, print, "bios")
-    return prepare(cache, ByoSpec(str(disk)), print)
+def cloud_image(bios_cloud_image: BuiltImage) -> BuiltImage:
+    return bios_cloud_image
 
 
 @pytest.fixture
