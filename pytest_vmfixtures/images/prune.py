@@ -129,9 +129,10 @@ def plan(
         else:
             continue
         gone.add(image)
-    # Cloud disks and seeds go when unused for the --older-than window (each use touches them), or with
-    # --all; never while a live session's guest reads them. States sitting on a disk that goes, go with it.
-    for kind in ("downloads", "seeds"):
+    # Cloud disks, seeds and disks converted for other hypervisors go when unused for the --older-than
+    # window (each use touches them), or with --all; never while a live session's guest reads them.
+    # States sitting on a disk that goes, go with it.
+    for kind in ("downloads", "seeds", "converted"):
         for entry in _entries(cache, kind, used):
             if everything:
                 add(entry, "--all")

@@ -216,6 +216,8 @@ def test_cloud_disks_and_seeds_are_listed_and_pruned_when_unused(
     recent = add_cloud(cache, "downloads", "a" * 64, {"kind": "download", "url": "https://example.org/x.qcow2"}, 1)
     stale = add_cloud(cache, "downloads", "b" * 64, {"kind": "copy", "source": "/srv/mine.img"}, 30)
     stale_seed = add_cloud(cache, "seeds", "c" * 32 + "-vmfix-1", {"kind": "seed", "user": "vmfix"}, 30)
+    stale_vmdk = add_cloud(cache, "converted", "f" * 64 + "-vmdk", {"kind": "converted", "format": "vmdk"}, 30)
+    recent_vdi = add_cloud(cache, "converted", "f" * 64 + "-vdi", {"kind": "converted", "format": "vdi"}, 1)
     on_stale = add_state(cache, "cloud-dddd", stale / "disk.img", age_days=1)
     in_use = add_cloud(cache, "downloads", "e" * 64, {"kind": "download", "url": "https://example.org/y.qcow2"}, 30)
     machine = cache / "run" / f"{os.getpid()}-cafecafe" / "cloud-1"
@@ -236,5 +238,6 @@ def test_cloud_disks_and_seeds_are_listed_and_pruned_when_unused(
     code, out, _ = run(capsys, "images", "prune", "--older-than", "7", *args)
     assert code == 0
     assert not stale.exists() and not stale_seed.exists() and not on_stale.exists(), out
+    assert not stale_vmdk.exists() and recent_vdi.exists(), out
     assert recent.exists() and in_use.exists(), out
     assert "not used for 7 days" in out and "its image is gone" in out

@@ -22,6 +22,7 @@ The formats, and why:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,4 +81,5 @@ def converted_disk(
     (cache.root / KIND).mkdir(parents=True, exist_ok=True)
     entry = cache.entry(KIND, conversion_key(image, disk_format), create, cache.check_manifest,
                         waiting=lambda: progress(f"waiting for another run converting {image.name} to {disk_format}"))
+    os.utime(entry)  # most recently used, for `images prune --older-than`
     return entry / name
