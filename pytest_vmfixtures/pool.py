@@ -2,8 +2,8 @@
 
 Per (image, machine config) the pool keeps a *slot*: the saved ready state
 (made once by booting and provisioning, then kept in the cache), the idle
-guests, and *spares* (``--vm-standby``, default one) restored in the background while a test
-runs. Reverting a guest to clean is then a swap: the used instance is killed,
+guests, and *spares* (``--vm-standby``; ``auto``: one, two once the slot is hot) restored in the
+background while a test runs. Reverting a guest to clean is then a swap: the used instance is killed,
 the spare takes its place, and a new spare starts restoring.
 
 A backend without "saved_state" (libvirt's snapshot mode) gets slots with no state and no spare: each
@@ -70,7 +70,7 @@ def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | No
 
 
 class Slot:
-    """Guests of one (image, config), their saved state and their spare.
+    """Guests of one (image, config), their saved state and their spares.
 
     ``state`` None: the backend has no saved states; each instance is a guest booted with its own snapshot.
     """
