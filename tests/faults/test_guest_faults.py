@@ -55,13 +55,16 @@ def test_kernel_panic_is_a_boot_error_with_diagnosis(tmp_path: Path, outer_cache
     assert session_qemu(inner.proc.pid) == []
 
 
+SMALL_IMAGE = "--vm-image=tiny"  # states made and made again here: tiny's boot takes seconds, debian-12's half a minute
+
+
 def _state_of_its_own(tmp_path: Path, outer_cache: Path, spawn_pytest, check: str) -> tuple[Path, str, Path]:
     """A one-test suite run once with a provision key of its own: its suite, that key, and the state it saved."""
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "test_s.py").write_text(f"def test_s(vm):\n    {check}\n")
     key = f"--vm-provision-key={uuid.uuid4().hex}"
-    first = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
+    first = spawn_pytest(suite, f"--vm-cache={outer_cache}", key, SMALL_IMAGE)
     assert first.proc.wait(600) == 0, first.output()[-3000:]
     return suite, key, max((outer_cache / "states").iterdir(), key=lambda p: p.stat().st_mtime)
 
@@ -75,14 +78,14 @@ def test_truncated_and_bit_flipped_states_are_rebuilt(tmp_path: Path, outer_cach
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 1]))
-    second = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
+    second = spawn_pytest(suite, f"--vm-cache={outer_cache}", key, SMALL_IMAGE)
     assert second.proc.wait(600) == 0, second.output()[-3000:]
     assert Cache.check_manifest(newest) is None  # rebuilt, intact again
     disk = newest / "disk.qcow2"
     disk.chmod(0o600)
     with open(disk, "r+b") as f:
         f.truncate(disk.stat().st_size // 2)
-    third = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
+    third = spawn_pytest(suite, f"--vm-cache={outer_cache}", key, SMALL_IMAGE)
     assert third.proc.wait(600) == 0, third.output()[-3000:]
     assert Cache.check_manifest(newest) is None
     shutil.rmtree(newest, ignore_errors=True)
@@ -184,7 +187,7 @@ def test_state_qemu_refuses_is_replaced_by_a_boot(tmp_path: Path, outer_cache: P
     cache = Cache(outer_cache)
     manifest = cache.read_manifest(state)
     cache.write_manifest(state, {k: v for k, v in manifest.items() if k not in ("files", "created")}, ["disk.qcow2", "memory"])
-    second = spawn_pytest(suite, f"--vm-cache={outer_cache}", key)
+    second = spawn_pytest(suite, f"--vm-cache={outer_cache}", key, SMALL_IMAGE)
     assert second.proc.wait(600) == 0, second.output()[-3000:]
     assert "does not load" in second.output() or Cache.check_manifest(state) is None
     ram = state / "ram"  # a mapped state's RAM is a file of its own; a stream state's is in memory
