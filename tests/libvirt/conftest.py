@@ -186,11 +186,6 @@ def pool_factory(cache: Cache, accel: AccelChoice) -> Callable[..., tuple[Pool, 
 @pytest.fixture(scope="session")
 def bios_cloud_image(cache: Cache) -> BuiltImage:
     """Your own cloud image as the portable path runs it: the BIOS stand-in (tests/integration/cloudimage.py)."""
-    from test_cloud_guest import _cloudimage
+    from test_cloud_guest import cloud_disk
 
-    cloudimage = _cloudimage()
-    missing = cloudimage.missing_tools()
-    if missing:
-        pytest.skip(f"building the test cloud image needs: {', '.join(missing)}")
-    disk = cloudimage.ensure(cache, lambda message: print(f"  {message}", flush=True), variant="bios")
-    return prepare(cache, ByoSpec(str(disk)), print)
+    return prepare(cache, ByoSpec(str(cloud_disk(cache, "bios"))), print)

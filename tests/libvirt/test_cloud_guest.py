@@ -45,13 +45,19 @@ def _cloudimage() -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
-def cloud_config(cache: Cache) -> MachineConfig:
+def cloud_disk(cache: Cache, variant: str = "uefi") -> Path:
+    """The test cloud image's disk, built once into ``cache``; the test is skipped where it cannot be built."""
     cloudimage = _cloudimage()
     missing = cloudimage.missing_tools()
     if missing:
         pytest.skip(f"building the test cloud image needs: {', '.join(missing)}")
-    disk = cloudimage.ensure(cache, lambda message: print(f"  {message}", flush=True))
+    disk: Path = cloudimage.ensure(cache, lambda message: print(f"  {message}", flush=True), variant=variant)
+    return disk
+
+
+@pytest.fixture(scope="module")
+def cloud_config(cache: Cache) -> MachineConfig:
+    disk = cloud_disk(cache)
     sha256 = str(cache.read_manifest(disk.parent)["files"][disk.name])  # type: ignore[index]
     return MachineConfig(str(disk), memory_mb=1024, sha256=sha256)
 
