@@ -67,7 +67,7 @@ def test_revert_restores_a_destroyed_file_in_the_same_domain(snap_pool: tuple[Po
     vm = pool.acquire(CONFIG)
     try:
         machine = machine_of(vm)
-        assert machine.persistent and machine.ssh_port == 22 and machine.ssh_host.startswith("192.168.")
+        assert machine.domain.isPersistent() and machine.ssh_port == 22 and machine.ssh_host.startswith("192.168.")
         assert [str(s.getName()) for s in machine.domain.listAllSnapshots(0)] == [CLEAN_SNAPSHOT]
         before = vm.run("sha256sum /etc/passwd", check=True).stdout
         vm.run("rm -f /etc/passwd /usr/sbin/dropbear && echo dirty > /root/marker", check=True)

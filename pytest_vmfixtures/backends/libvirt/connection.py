@@ -156,7 +156,8 @@ def is_qemu_host(host: Host) -> bool:
 
 
 def drop_domain(domain: Any) -> None:
-    """Stop ``domain`` and, if persistent (snapshot mode), undefine it with its snapshots' metadata."""
+    """Stop ``domain`` (already gone is fine: saved, crashed, destroyed by someone) and, if persistent
+    (snapshot mode), undefine it with its snapshots' metadata."""
     with contextlib.suppress(libvirt.libvirtError):
         domain.destroy()
     with contextlib.suppress(libvirt.libvirtError):

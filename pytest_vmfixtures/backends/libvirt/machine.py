@@ -46,7 +46,6 @@ class LibvirtMachine:
         self.console: ConsolePump | None = None
         self.state_copy: StateCopy | None = None
         # Snapshot mode: the domain is persistent, with the clean snapshot it is reverted to (snapshot.py).
-        self.persistent = False
         self.snapshot: Any = None
         self._stopped = False
         self._lock = threading.Lock()
@@ -111,11 +110,7 @@ class LibvirtMachine:
         self.qmp.close()
         if self.agent_transport is not None:
             self.agent_transport.close()
-        if self.persistent:
-            drop_domain(self.domain)  # and its snapshots
-        else:
-            with contextlib.suppress(libvirt.libvirtError):  # already gone (saved, crashed, destroyed by someone)
-                self.domain.destroy()
+        drop_domain(self.domain)  # a persistent one (snapshot mode) undefined too, with its snapshots
         if self.console is not None:
             self.console.close()
         self.backend._forget(self)
@@ -123,8 +118,7 @@ class LibvirtMachine:
             with contextlib.suppress(libvirt.libvirtError):
                 self.host.storage.delete(Path(self.overlay).name)
             return
-        # No overlay: another driver's domain, whose disk is the converted image shared by its guests.
-        own = ([Path(self.overlay)] if self.overlay else []) + ([self.nvram] if self.nvram is not None else [])
+        own = [Path(self.overlay)] + ([self.nvram] if self.nvram is not None else [])
         for path in (*own, log_dir(self.host.uri) / f"{self.domain_name}.log"):
             with contextlib.suppress(OSError):  # absent, or libvirt's log is not ours to remove
                 path.unlink()

@@ -74,7 +74,6 @@ def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineC
         nvram = paths.get("nvram")
         machine = LibvirtMachine(backend, host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
                                  image.disk, str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
-        machine.persistent = True
         machine.ssh_proxy = None
         with backend._lock:
             backend._machines[domain_name] = machine
