@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rig import import_libvirt
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
@@ -29,7 +30,7 @@ from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 from pytest_vmfixtures.waiting import wait_for
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 CONFIG = MachineConfig("debian-12")
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rig import import_libvirt
 
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
@@ -23,7 +24,7 @@ from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.runtime import Runtime
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 TEST_DRIVER = "test:///default"  # libvirt's own test driver
 
 
