@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ruff() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "pytest_vmfixtures", "tests", "benchmarks", "examples"],
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "pytest_vmfixtures", "tests", "benchmarks", "examples", "scripts/runs.py"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
