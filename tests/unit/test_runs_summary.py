@@ -26,11 +26,11 @@ runs = load_runs()
 
 
 def junit(path: Path, passed: int = 0, failed: int = 0, skipped: int = 0, errors: int = 0) -> None:
-    cases = ['<testcase classname="t" name="ok%d"/>' % i for i in range(passed)]
-    cases += ['<testcase classname="t" name="bad%d"><failure message="x"/></testcase>' % i for i in range(failed)]
-    cases += ['<testcase classname="t" name="skip%d"><skipped message="no rig"/></testcase>' % i for i in range(skipped)]
-    cases += ['<testcase classname="t" name="err%d"><error message="e"/></testcase>' % i for i in range(errors)]
-    path.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest">%s</testsuite></testsuites>' % "".join(cases))
+    kinds = [("ok", "", passed), ("bad", '<failure message="x"/>', failed),
+             ("skip", '<skipped message="no rig"/>', skipped), ("err", '<error message="e"/>', errors)]
+    cases = "".join(f'<testcase classname="t" name="{kind}{i}">{child}</testcase>'
+                    for kind, child, count in kinds for i in range(count))
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{cases}</testsuite></testsuites>')
 
 
 def summarize(tmp_path: Path, rows: list[str], ci: bool = True) -> tuple[int, str, list[object]]:
