@@ -24,6 +24,16 @@ from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cache-integrity check (test_zz_cache_intact.py) goes last in the session, after every test that
+    uses the cache; the order directories are collected in would put it before integration and libvirt."""
+    last = [item for item in items if item.path.name == "test_zz_cache_intact.py"]
+    for item in last:
+        items.remove(item)
+    items.extend(last)
+
+
 @contextlib.contextmanager
 def inline_pool(outer_cache: Path, worker: str, **backend_options: str) -> Iterator[Pool]:
     """A QEMU pool over the run's cache (its saved states reused), guests restored in line (no spares)."""
