@@ -153,7 +153,6 @@ def test_a_cloud_guest_is_reverted_to_its_clean_snapshot(conn: Any, network: str
             ssh.close()
             assert run(ssh, "sudo -n ls -A /root | grep -c dirty || true") == "0\n"
             print(f"  revert {reverted:.2f} s, to the first command after it {time.monotonic() - reverting:.2f} s")
-            assert reverted < 60
     finally:
         if ssh is not None:
             ssh.close()
