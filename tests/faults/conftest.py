@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration.helpers import qemu_processes
+from integration.helpers import default_signals, qemu_processes
 
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends.qemu import QemuBackend
@@ -75,6 +75,7 @@ def spawn_pytest(tmp_path: Path) -> Iterator[object]:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", *args, str(directory)],
                 cwd=directory, env=env, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=default_signals,  # some get a SIGINT: they must not inherit an ignored one
             )
         inner = Inner(proc, log)
         started.append(inner)
