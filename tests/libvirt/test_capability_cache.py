@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from rig import missing as rig_missing
 
 from pytest_vmfixtures.backends.base import MachineConfig
@@ -28,6 +29,8 @@ def test_capability_cache_is_not_rewritten_between_two_guest_starts(
         pool_factory: Callable[..., tuple[Pool, Runtime]], primary_uri: str) -> None:
     if os.geteuid() != 0 or primary_uri != "qemu:///system":
         rig_missing("reads the system libvirtd's capability cache: run as root against qemu:///system")
+    if not Path("/dev/kvm").exists():  # the re-probe this guards against comes from libvirt's QEMU user and /dev/kvm
+        pytest.skip("no /dev/kvm on this host: libvirt has no reason to re-probe, so this test would prove nothing")
     pool, runtime = pool_factory([primary_uri], standby=0)
     try:
         slot = pool._slot(MachineConfig("debian-12"))
