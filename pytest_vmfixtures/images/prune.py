@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime import pid_alive
+from ..runtime import pid_alive, session_lock_held
 from .cache import Cache, remove_tree
 from .qcow2 import backing_file
 
@@ -50,17 +50,25 @@ def entries_in_use(cache: Cache) -> set[Path]:
     used: set[Path] = set()
     run = cache.root / "run"
     for session in run.iterdir() if run.is_dir() else ():
-        try:
-            meta = json.loads((session / "session.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = {}
-        if session.name.startswith(".") or pid_alive(int(meta.get("pid", 0)), meta.get("start_time")):
+        if session.name.startswith(".") or _live(session):
             for machine in (p for p in session.iterdir() if p.is_dir()):
                 for path in _files_used(machine):
                     entry = _entry_of(cache, path)
                     if entry is not None:
                         used.add(entry)
     return used
+
+
+def _live(session: Path) -> bool:
+    """A session holding its lock (whatever pid namespace it runs in); one made before locks, by its pid."""
+    held = session_lock_held(session)
+    if held is not None:
+        return held
+    try:
+        meta = json.loads((session / "session.json").read_text(encoding="utf-8"))
+        return isinstance(meta, dict) and pid_alive(int(meta.get("pid", 0)), meta.get("start_time"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _files_used(machine: Path) -> Iterator[Path]:

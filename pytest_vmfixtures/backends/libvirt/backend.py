@@ -17,7 +17,7 @@ from ...accel import AccelChoice
 from ...errors import BootError, GuestError, ImageError, SnapshotError
 from ...images.image import BuiltImage
 from ...options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
-from ...runtime import Runtime
+from ...runtime import Runtime, session_alive
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import (
     KERNEL_ARGS,
@@ -125,7 +125,7 @@ class LibvirtBackend:
                 raise GuestError(problem)
             self.capabilities = snapshot_capabilities(self.hosts)
         for host in self.hosts:
-            reap(host)
+            reap(host, lambda session: session_alive(self.runtime.run_root, session))
 
     def describe(self) -> str:
         host = self.hosts[0]
