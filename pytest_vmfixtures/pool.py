@@ -69,6 +69,15 @@ def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | No
         raise
 
 
+class _StateRefused(Exception):
+    """A restore failed on the saved state itself; ``generation``: the one that failed (None: it was gone)."""
+
+    def __init__(self, error: SnapshotError, generation: str | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.generation = generation
+
+
 class Slot:
     """Guests of one (image, config), their saved state and their spares.
 
@@ -94,15 +103,19 @@ class Slot:
         name = self.pool.runtime.new_name(self.config.label)
         state = self.state
         try:
-            machine = self.pool.backend.restore(self.image, self.config, state, name)
-        except SnapshotError as exc:
-            # Digests match but QEMU refuses the state (made by something the key does not
-            # capture): never hang or fail on it; boot, save a new one, and use that.
-            log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
-            self.remake_state(state)
+            machine = self._restore(state, name)
+        except _StateRefused as refused:
+            # Digests match but QEMU refuses the state (made by something the key does not capture), or
+            # it is gone: never hang or fail on it; boot, save a new one (unless another worker already
+            # did), and use that.
+            log.warning("saved state %s does not load (%s); making it again", state.key, refused.error)
+            self.remake_state(state, refused.generation)
             assert self.state is not None
             state = self.state
-            machine = self.pool.backend.restore(self.image, self.config, state, name)
+            try:
+                machine = self._restore(state, name)
+            except _StateRefused as again:
+                raise again.error from None
         instance = _bound(machine, self.image, state.meta)
         try:
             warm_up(instance, self.image)
@@ -130,12 +143,29 @@ class Slot:
         self.refill()
         return instance
 
-    def remake_state(self, broken: SavedState) -> None:
+    def _restore(self, state: SavedState, name: str) -> Machine:
+        """Restore ``state`` holding its cache entry shared: no worker or prune removes it under us."""
+        with self.pool.cache.reading(state.directory) as generation:
+            if generation is None:
+                raise _StateRefused(SnapshotError(f"saved state {state.key} is gone from the cache"), None)
+            try:
+                return self.pool.backend.restore(self.image, self.config, state, name)
+            except SnapshotError as exc:
+                raise _StateRefused(exc, generation) from exc
+
+    def remake_state(self, broken: SavedState, generation: str | None) -> None:
+        """Replace a state that failed: discard it only if it is still the ``generation`` that failed (another
+        worker may have made it again already: then that one is used), and make it once more if making it
+        fails once."""
         with self._remake_lock:
             if self.state is not broken:
                 return  # another thread already made a new one
-            self.pool.cache.discard(broken.directory)
-            self.state = self.pool.saved_state(self.image, self.config)
+            self.pool.cache.discard(broken.directory, generation)
+            try:
+                self.state = self.pool.saved_state(self.image, self.config)
+            except VMError as exc:
+                log.warning("making saved state %s again failed (%s); trying once more", broken.key, exc)
+                self.state = self.pool.saved_state(self.image, self.config)
 
     def wait_for_spares(self, timeout: float = 300.0) -> None:
         """Wait until the spares being restored are ready (or failed): as after a test that ran a while."""
