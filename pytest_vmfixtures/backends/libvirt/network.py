@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 from .calls import libvirt
 
@@ -34,7 +35,7 @@ def network_problem(conn: Any, uri: str, network: str) -> str | None:
 
 def interface_xml(network: str, mac: str) -> str:
     """The guest's one NIC, on ``network``: virtio where the driver has it (the QEMU driver's XML)."""
-    return (f"<interface type='network'><source network='{network}'/><mac address='{mac}'/>"
+    return (f"<interface type='network'><source network={quoteattr(network)}/><mac address={quoteattr(mac)}/>"
             "<model type='virtio'/></interface>")
 
 
