@@ -181,9 +181,14 @@ def stage2_command(
     argv += ["-accel", "tcg,thread=multi", "-m", str(STAGE2_MEMORY_MB), "-smp", str(cpus)]
     argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
     for index, (path, cache) in enumerate(((root, "unsafe,discard=unmap"), (out, "none"))):
-        argv += ["-drive", f"file={path},format=raw,if=none,id=disk{index},cache={cache}",
+        argv += ["-drive", f"file={_opt(path)},format=raw,if=none,id=disk{index},cache={cache}",
                  "-device", f"virtio-blk-pci,drive=disk{index}"]
-    return [*argv, "-serial", f"file:{console}"]
+    return [*argv, "-serial", f"file:{console}"]  # the legacy file: form takes the rest as the path, commas and all
+
+
+def _opt(path: object) -> str:
+    """A path as a value in QEMU's ``key=value,...`` syntax, where a comma is written twice (as backends' opt())."""
+    return str(path).replace(",", ",,")
 
 
 def run_stage2(

@@ -111,3 +111,13 @@ def test_a_variant_a_foreign_build_cannot_make_is_refused_by_name(tmp_path: Path
     recipe = replace(load_recipe("debian-12-arm64"), variant="buildd")
     with pytest.raises(ImageError, match="variant 'buildd' cannot be built for another architecture"):
         foreign.extract_command(recipe, tmp_path / "s.tar", tmp_path / "r.ext2", tmp_path / "h")
+
+
+def test_stage2_drive_paths_with_commas_are_escaped(tmp_path: Path) -> None:
+    """A comma in a cache path is written twice in -drive, so QEMU cannot take the rest for options (finding L10)."""
+    root, out = tmp_path / "ci,cache" / "root.ext2", tmp_path / "ci,cache" / "out.img"
+    argv = foreign.stage2_command("qemu-system-aarch64", ARCHES["arm64"], tmp_path / "k", tmp_path / "i", root, out,
+                                  tmp_path / "console.log", 2)
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives[0].startswith(f"file={tmp_path}/ci,,cache/root.ext2,format=raw,")
+    assert drives[1].startswith(f"file={tmp_path}/ci,,cache/out.img,format=raw,")
