@@ -8,7 +8,7 @@ cloud image (Debian, Ubuntu, Fedora, ...) the way a cloud does:
   kept) and again on first use in every run. A local path is used in place,
   read-only (guests write only to their own overlays), after its digest is
   checked; ``sha256`` is required for URLs and optional for paths. A qcow2
-  with a backing file is refused: it could make QEMU read any host file.
+  with a backing file or an external data file is refused: it could make QEMU read any host file.
 * **A NoCloud seed** (an ISO 9660 volume labelled ``cidata``, written here with
   pycdlib) tells cloud-init the host name, creates the login user ``vmfix``
   with password-less sudo (or uses ``root`` when ``user="root"``), authorises a
@@ -251,7 +251,8 @@ def _disk_in(directory: Path) -> Path:
 
 
 def disk_info(disk: Path, qemu_img: str = "qemu-img") -> str:
-    """The disk's format ("qcow2" or "raw"); refuses a qcow2 with a backing file."""
+    """The disk's format ("qcow2" or "raw"); refuses a qcow2 with a backing file or an external data file
+    (either makes QEMU read a host file the image names)."""
     result = subprocess.run(
         [qemu_img, "info", "--output=json", str(disk)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -263,6 +264,11 @@ def disk_info(disk: Path, qemu_img: str = "qemu-img") -> str:
         raise ImageError(f"{disk} is a {fmt or 'unknown'} image; convert it to qcow2 (qemu-img convert -O qcow2)")
     if info.get("backing-filename"):
         raise ImageError(f"{disk} has a backing file ({info['backing-filename']}); flatten it: qemu-img convert -O qcow2")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and data.get("data-file"):  # its clusters live in a host file it names
+        raise ImageError(f"{disk} keeps its data in an external file ({data['data-file']}); make it self-contained: "
+                         "qemu-img convert -O qcow2")
     return fmt
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-
-pytest.importorskip("libvirt")
 
 
 def test_the_libvirt_network_name_is_escaped_in_the_domain_xml() -> None:
@@ -18,3 +17,19 @@ def test_the_libvirt_network_name_is_escaped_in_the_domain_xml() -> None:
     source = element.find("source")
     assert source is not None and source.get("network") == name
     assert element.find("filterref") is None and [child.tag for child in element] == ["source", "mac", "model"]
+
+
+def test_a_qcow2_with_an_external_data_file_is_refused(tmp_path: Path) -> None:
+    """L1: the image's clusters would be read from a host file it names (here one that looks like a disk)."""
+    import subprocess
+
+    from pytest_vmfixtures.errors import ImageError
+    from pytest_vmfixtures.images.byo import disk_info
+
+    data = tmp_path / "d.img"
+    data.write_bytes(b"\0" * 510 + b"\x55\xaa" + b"\0" * (1 << 20))  # an MBR signature: a host "disk"
+    image = tmp_path / "x.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data},data_file_raw=on",
+                    str(image), "64M"], check=True, timeout=60)
+    with pytest.raises(ImageError, match="external file"):
+        disk_info(image)
