@@ -258,6 +258,7 @@ class Pool:
             image = prepare_byo(self.cache, spec, self.progress)
         else:
             image = ensure_image(self.cache, name, self.image_dirs, self.progress)
+        self.runtime.record_use(*(p for p in (image.directory, image.disk, image.seed, image.client_key) if p is not None))
         self._images[key] = image
         return image
 
@@ -293,6 +294,7 @@ class Pool:
             "states", key, create, verify,
             waiting=lambda: self.progress(f"waiting for another run preparing {config.describe()}"),
         )
+        self.runtime.record_use(directory)
         return SavedState(directory, directory / "disk.qcow2", directory / "memory", key, self.cache.read_manifest(directory))
 
     def accel_for(self, image: BuiltImage) -> str:

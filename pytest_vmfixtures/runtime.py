@@ -48,6 +48,7 @@ SOCK_DIR_NAME = re.compile(r"vmfx-[A-Za-z0-9_]+")
 QEMU_EXE_NAME = re.compile(r"qemu-system-[A-Za-z0-9_.+-]+")
 MAX_RECORD_BYTES = 64 * 1024
 SESSION_LOCK = "lock"  # in run/<session>/: held (flock, exclusive) by the session for its whole life
+USES = "uses"  # in run/<session>/: cache files the session uses, one path a line (images prune keeps them)
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -95,6 +96,7 @@ class Runtime:
         staging.rename(self.run_dir)
         self._counter = 0
         self._lock = threading.Lock()
+        self._uses: set[str] = set()
         # Processes are started from one long-lived thread: the parent-death
         # signal fires when the *thread* that forked exits, not the process.
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmfixtures-launcher")
@@ -104,6 +106,17 @@ class Runtime:
         with self._lock:
             self._counter += 1
             return f"{label}-{self._counter}"
+
+    def record_use(self, *paths: Path) -> None:
+        """Note cache files this session uses (images, seeds, states): ``images prune`` keeps their entries
+        while the session lives, whether or not a guest of it is running at that moment."""
+        with self._lock:
+            new = [str(p) for p in paths if "\n" not in str(p) and str(p) not in self._uses]
+            if not new or self._closed:
+                return
+            self._uses.update(new)
+            with open(self.run_dir / USES, "a", encoding="utf-8") as f:
+                f.write("".join(f"{p}\n" for p in new))
 
     def machine_dirs(self, name: str) -> tuple[Path, Path]:
         """A private file dir and socket dir for one machine."""

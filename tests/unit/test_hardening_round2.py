@@ -33,3 +33,27 @@ def test_a_qcow2_with_an_external_data_file_is_refused(tmp_path: Path) -> None:
                     str(image), "64M"], check=True, timeout=60)
     with pytest.raises(ImageError, match="external file"):
         disk_info(image)
+
+
+def test_prune_keeps_what_a_live_session_uses_with_no_guest_running(tmp_path: Path) -> None:
+    """L2: a libvirt guest's seed, a remote host's state, an idle slot's state: no local overlay names them."""
+    from pytest_vmfixtures.images.cache import Cache
+    from pytest_vmfixtures.images.prune import plan
+    from pytest_vmfixtures.runtime import Runtime
+
+    cache = Cache(tmp_path / "cache")
+    cache.ensure_writable()
+    seed = cache.root / "seeds" / "0123456789abcdef0123456789abcdef-debian-1"
+    state = cache.root / "states" / "tiny-0123456789abcdef"
+    for entry in (seed, state):
+        entry.mkdir(parents=True)
+    (seed / "seed.iso").write_bytes(b"")
+    runtime = Runtime(cache.root)
+    try:
+        runtime.record_use(seed / "seed.iso", state)
+        candidates, _ = plan(cache, {}, everything=True)
+        assert not {c.path for c in candidates} & {seed, state}
+    finally:
+        runtime.close()
+    candidates, _ = plan(cache, {}, everything=True)
+    assert {seed, state} <= {c.path for c in candidates}  # the session is over: they may go
