@@ -57,3 +57,21 @@ def test_prune_keeps_what_a_live_session_uses_with_no_guest_running(tmp_path: Pa
         runtime.close()
     candidates, _ = plan(cache, {}, everything=True)
     assert {seed, state} <= {c.path for c in candidates}  # the session is over: they may go
+
+
+def test_a_ram_file_that_cannot_fit_is_refused_before_any_block_is_taken(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """L7: fallocate past the free space would fill the filesystem for everyone until the unlink.
+
+    The filesystem's free space is reported smaller than the guest's RAM (a FAKE statvfs: a real nearly
+    full filesystem needs a mount); nothing may be allocated or left."""
+    from types import SimpleNamespace
+
+    from pytest_vmfixtures.backends.qemu import memory
+    from pytest_vmfixtures.errors import GuestError
+
+    monkeypatch.setattr(memory.os, "statvfs", lambda path: SimpleNamespace(f_bavail=100, f_frsize=1 << 20))
+    monkeypatch.setattr(memory.os, "posix_fallocate", lambda *args: pytest.fail("allocated although it cannot fit"))
+    with pytest.raises(GuestError, match="only 100 MiB free"):
+        memory.allocate(tmp_path / "ram", 512)
+    assert not (tmp_path / "ram").exists()

@@ -91,7 +91,17 @@ def _opt(path: Path) -> str:
 def allocate(path: Path, memory_mb: int) -> None:
     """Make a cold boot's RAM file with all its blocks reserved. QEMU would only size it, and a guest
     writing a page the full filesystem has no block for kills QEMU with SIGBUS; reserved, a full disk
-    is one clear error before the boot. The save punches the zero pages out again (:func:`freeze`)."""
+    is one clear error before the boot. The save punches the zero pages out again (:func:`freeze`).
+
+    The free space is checked first: a fallocate that fails for want of space keeps what it got until the
+    file goes, so for that moment the filesystem would be full for everyone (other guests' overlays too)."""
+    vfs = os.statvfs(path.parent)
+    free_mb = vfs.f_bavail * vfs.f_frsize >> 20
+    if free_mb < memory_mb:
+        raise GuestError(
+            f"cannot reserve {memory_mb} MiB for the guest's RAM file {path}: only {free_mb} MiB free there; free "
+            f"space (it is returned when the state is saved) or use --vm-ram-state=stream"
+        )
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.posix_fallocate(fd, 0, memory_mb << 20)
