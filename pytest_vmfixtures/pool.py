@@ -43,7 +43,7 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, settle_first_boot, wait_ssh_ready, warm_up
+from .instance import Instance, bind_channels, retarget, settle_first_boot, wait_ssh_ready, warm_up
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -363,6 +363,12 @@ class Pool:
         self.progress(f"{config.label}: clean snapshot taken ({time.monotonic() - started:.0f} s in all)")
         return instance
 
+    def _named_snapshots(self) -> tuple[Callable[[Instance, str], None], Callable[[Instance, str], None]]:
+        """A test's own snapshots of a guest reverted in place: the hypervisor's snapshot API."""
+        snapshots = self._snapshots()
+        return (lambda instance, name: snapshots.take_named(instance.machine, name),
+                lambda instance, name: snapshots.revert_named(instance.machine, name))
+
     def _snapshots(self) -> SnapshotReverting:
         if not isinstance(self.backend, SnapshotReverting):
             raise GuestError(f"backend {self.backend.name} has no saved states and no snapshots to revert guests with")
@@ -372,6 +378,7 @@ class Pool:
         """Put a guest back into its clean snapshot (backends without saved states), channels fresh."""
         instance.close_channels()
         self._snapshots().revert_clean(instance.machine)
+        retarget(instance)
         warm_up(instance, image)
 
     # -- guests ----------------------------------------------------------------
@@ -406,6 +413,7 @@ class Pool:
             command_timeout=self.command_timeout,
             capabilities=capabilities_of(self.backend),
             revert_in_place=(lambda instance: self.revert_in_place(instance, image)) if in_place else None,
+            named_snapshots=self._named_snapshots() if in_place else None,
         )
 
     def acquire(self, config: MachineConfig) -> VM:

@@ -46,9 +46,9 @@ from .connection import (
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
 from .machine import LibvirtMachine
-from .persistent import boot_persistent, network_problems, snapshot_capabilities
+from .persistent import boot_persistent, network_problems, relearn_address, snapshot_capabilities
 from .save import StateCopy, load_through_monitor, rewrap, save_domain, stream_offset
-from .snapshot import revert_clean, take_clean
+from .snapshot import revert_clean, revert_named, take_clean, take_named
 from .storage import guest_files
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -345,6 +345,14 @@ class LibvirtBackend:
 
     def revert_clean(self, machine: Machine) -> None:
         revert_clean(self._own(machine))
+        relearn_address(self, self._own(machine))
+
+    def take_named(self, machine: Machine, name: str) -> None:
+        take_named(self._own(machine), name)
+
+    def revert_named(self, machine: Machine, name: str) -> None:
+        revert_named(self._own(machine), name)
+        relearn_address(self, self._own(machine))
 
     @staticmethod
     def _own(machine: Machine) -> LibvirtMachine:

@@ -83,6 +83,7 @@ def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineC
             console_missing(machine, str(host.conn.getType()))
         bounded(f"{name}: starting on {host.uri}", domain.create, 120.0)
         machine.ssh_host = _wait_address(backend, machine, mac)
+        machine.nic_mac = mac
         return machine
     except libvirt.libvirtError as exc:
         _drop_failed_boot(backend, host, domain_name, files, machine, domain)
@@ -102,6 +103,7 @@ def guest_disk(backend: LibvirtBackend, image: BuiltImage, host: Host, files: Pa
     """
     driver = driver_for(host.uri)
     converted = converted_disk(Cache(backend.runtime.cache_dir), image, driver.disk_format, backend.qemu_img, backend.progress)
+    backend.runtime.record_use(converted)  # images prune keeps it while this run lasts
     target = files / f"disk.{driver.disk_format}"
     try:
         subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(converted), str(target)], check=True,
@@ -127,6 +129,13 @@ def _drop_failed_boot(backend: LibvirtBackend, host: Host, domain_name: str, fil
     for copy in files.glob("disk.*"):  # a non-QEMU driver's disk copy (guest_disk)
         with contextlib.suppress(OSError):
             copy.unlink()
+
+
+def relearn_address(backend: LibvirtBackend, machine: LibvirtMachine) -> None:
+    """After a revert: the guest's address on the network as the hypervisor sees it now (a revert rewinds
+    the guest's DHCP client; the address it had may be another guest's by now, or it may take a new one)."""
+    if machine.nic_mac is not None:
+        machine.ssh_host = _wait_address(backend, machine, machine.nic_mac)
 
 
 def _wait_address(backend: LibvirtBackend, machine: LibvirtMachine, mac: str) -> str:
