@@ -38,7 +38,7 @@ from .image import INITRD_NAME, KERNEL_NAME
 from .minimal import system
 from .minimal.extract import kernel_modules
 from .mmdebstrap import GUEST_STAGE
-from .tools import kill_group, run_tool
+from .tools import dying_with_us, kill_group, run_tool
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -211,8 +211,10 @@ def run_stage2(
     progress(f"second stage: installing the packages under {binary} (emulated; several minutes)")
     started = time.monotonic()
     seen = 0
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          start_new_session=True) as process:
+    errors = work / "stage2-qemu.log"  # a file, not a pipe nobody reads while QEMU runs: it could fill and block QEMU
+    with errors.open("wb") as stderr_file, subprocess.Popen(
+            dying_with_us(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_file,
+            start_new_session=True) as process:
         try:
             while process.poll() is None:
                 if time.monotonic() - started > timeout:
@@ -225,7 +227,7 @@ def run_stage2(
         except BaseException:
             kill_group(process)  # type: ignore[arg-type]
             raise
-        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    stderr = errors.read_bytes()[-4000:].decode(errors="replace")
     _report(console, seen, progress)
     results = work / "results"
     results.mkdir()
