@@ -69,6 +69,13 @@ def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | No
         raise
 
 
+def _close_if_made(spare: Future[Instance]) -> None:
+    """Stop the instance a spare given up on made after all (nobody else holds it)."""
+    if not spare.cancelled() and spare.exception() is None:
+        with contextlib.suppress(Exception):
+            spare.result().close()
+
+
 class _StateRefused(Exception):
     """A restore failed on the saved state itself; ``generation``: the one that failed (None: it was gone)."""
 
@@ -138,6 +145,7 @@ class Slot:
                 instance = spare.result(timeout=300)
             except Exception as exc:
                 log.warning("spare %s guest failed (%s); restoring one now", self.config.image, exc)
+                spare.add_done_callback(_close_if_made)  # given up on: if it comes after all, it is stopped
         if instance is None:
             instance = self.new_instance()
         self.refill()
@@ -424,7 +432,11 @@ class Pool:
             vm = slot.idle.pop() if slot.idle else None
         if vm is None:
             vm = self._handle(slot.image, config, slot.take_instance(), slot)
-            self.ready(vm)
+            try:
+                self.ready(vm)
+            except BaseException:  # a pytest_vm_ready hook that raised: the guest is nobody's, stop it
+                vm.kill()
+                raise
             vm.state = GuestState.READY
         with self._lock:
             slot.busy.add(vm)

@@ -130,8 +130,11 @@ class Runtime:
     def _counter_for(name: str) -> str:
         return name.rsplit("-", 1)[-1]
 
-    def spawn(self, argv: Sequence[str], stderr: IO[bytes], pidfile: Path) -> subprocess.Popen[bytes]:
-        """Start a guest process that dies with us (parent-death signal, own process group)."""
+    def spawn(
+        self, argv: Sequence[str], stderr: IO[bytes], pidfile: Path, pass_fds: Sequence[int] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start a guest process that dies with us (parent-death signal, own process group); it inherits
+        ``pass_fds`` and no other descriptor of ours."""
         full = ["setpriv", "--pdeathsig", "KILL", "--", *argv] if self.die_with_parent else list(argv)
         # The pid file names the executables the process may be running (setpriv until it execs the
         # guest's binary), so that the reaper kills a recorded pid only if it still runs one of them
@@ -147,6 +150,7 @@ class Runtime:
                 stderr=stderr,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
             )
             pidfile.write_text(f"{proc.pid} {_proc_start_time(proc.pid) or ''}\n{record}")
             return proc
