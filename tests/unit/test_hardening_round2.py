@@ -75,3 +75,62 @@ def test_a_ram_file_that_cannot_fit_is_refused_before_any_block_is_taken(tmp_pat
     with pytest.raises(GuestError, match="only 100 MiB free"):
         memory.allocate(tmp_path / "ram", 512)
     assert not (tmp_path / "ram").exists()
+
+
+class _Endless:
+    """A local HTTP server that streams without end: ``length`` announced (None: no Content-Length),
+    ``pause`` seconds between its 4 KiB pieces."""
+
+    def __init__(self, length: int | None, pause: float) -> None:
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
+                self.end_headers()
+                try:
+                    while not outer.stopped.is_set():
+                        self.wfile.write(b"\1" * 4096)
+                        self.wfile.flush()
+                        outer.stopped.wait(pause)
+                except OSError:
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.stopped = threading.Event()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/disk.qcow2"
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize(("length", "pause", "limit", "deadline", "message"), [
+    (None, 0.0, 1 << 20, 600.0, "more than the limit"),  # says nothing, sends on and on
+    (None, 0.05, 1 << 30, 2.0, "did not finish within 2 s"),  # trickles
+])
+def test_a_download_that_never_ends_is_stopped(tmp_path: Path, length: int | None, pause: float, limit: int,
+                                               deadline: float, message: str) -> None:
+    """L11: the download holds the cache lock other workers wait on; it stops, and leaves no file."""
+    from pytest_vmfixtures.errors import ImageError
+    from pytest_vmfixtures.images.fetch import download
+
+    server = _Endless(length, pause)
+    try:
+        with pytest.raises(ImageError, match=message):
+            download(server.url, "0" * 64, tmp_path / "disk", lambda m: None, timeout=30, deadline=deadline, limit=limit)
+    finally:
+        server.close()
+    assert not (tmp_path / "disk").exists()
