@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
 
-from .backends.base import Machine
+from .backends.base import Machine, SnapshotReverting
 from .channels.agent import Agent
 from .channels.ssh import SSH, SSHError
 from .command import new_tag
@@ -111,6 +112,14 @@ def guest_mac(machine: Machine) -> str | None:
     snapshot mode): every SSH session checks it reached that NIC. None: a port of its own (QEMU's hostfwd)."""
     mac = getattr(machine, "nic_mac", None)
     return mac if isinstance(mac, str) else None
+
+
+def named_snapshot_calls(
+    snapshots: SnapshotReverting,
+) -> tuple[Callable[[Instance, str], None], Callable[[Instance, str], None]]:
+    """How a guest reverted in place takes and reverts to a test's own snapshots: the hypervisor's API."""
+    return (lambda instance, name: snapshots.take_named(instance.machine, name),
+            lambda instance, name: snapshots.revert_named(instance.machine, name))
 
 
 def retarget(instance: Instance) -> None:

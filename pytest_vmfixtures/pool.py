@@ -22,8 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .accel import AccelChoice, guest_accel
-from .arch import by_name, is_native
+from .accel import accel_of_guest
 from .backends.base import (
     STATE_CONSOLE,
     Backend,
@@ -43,7 +42,8 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, retarget, settle_first_boot, wait_ssh_ready, warm_up
+from .instance import Instance, bind_channels, named_snapshot_calls, retarget, settle_first_boot, wait_ssh_ready, warm_up
+from .restoring import StateRefused, close_if_made, restore_held
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -55,34 +55,14 @@ Progress = Callable[[str], None]
 
 
 def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | None = None) -> Instance:
-    """The machine with its channels; a machine whose channels cannot be made (a key gone, say) is stopped.
-
-    ``facts`` are what the first boot of the guest's state found: ``agent`` False, no agent answers,
-    so commands go over SSH from the start, with no time lost asking it first; ``root_login`` True,
-    root logs in with the key, so commands over SSH need no sudo.
-    """
+    """The machine with its channels (stopped if they cannot be made). ``facts``: what the state's first boot
+    found (``agent`` False: commands over SSH from the start; ``root_login`` True: SSH as root, no sudo)."""
     facts = facts or {}
     try:
         return bind_channels(machine, image, agent=facts.get("agent") is not False, root_login=facts.get("root_login") is True)
     except BaseException:
         machine.stop()
         raise
-
-
-def _close_if_made(spare: Future[Instance]) -> None:
-    """Stop the instance a spare given up on made after all (nobody else holds it)."""
-    if not spare.cancelled() and spare.exception() is None:
-        with contextlib.suppress(Exception):
-            spare.result().close()
-
-
-class _StateRefused(Exception):
-    """A restore failed on the saved state itself; ``generation``: the one that failed (None: it was gone)."""
-
-    def __init__(self, error: SnapshotError, generation: str | None) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.generation = generation
 
 
 class Slot:
@@ -110,19 +90,13 @@ class Slot:
         name = self.pool.runtime.new_name(self.config.label)
         state = self.state
         try:
-            machine = self._restore(state, name)
-        except _StateRefused as refused:
-            # Digests match but QEMU refuses the state (made by something the key does not capture), or
-            # it is gone: never hang or fail on it; boot, save a new one (unless another worker already
-            # did), and use that.
+            machine = restore_held(self.pool.cache, self.pool.backend, self.image, self.config, state, name)
+        except StateRefused as refused:  # QEMU refuses it (the key missed something), or it is gone: make it again
             log.warning("saved state %s does not load (%s); making it again", state.key, refused.error)
             self.remake_state(state, refused.generation)
             assert self.state is not None
             state = self.state
-            try:
-                machine = self._restore(state, name)
-            except _StateRefused as again:
-                raise again.error from None
+            machine = restore_held(self.pool.cache, self.pool.backend, self.image, self.config, state, name)  # refused again: raised
         instance = _bound(machine, self.image, state.meta)
         try:
             warm_up(instance, self.image)
@@ -145,26 +119,15 @@ class Slot:
                 instance = spare.result(timeout=300)
             except Exception as exc:
                 log.warning("spare %s guest failed (%s); restoring one now", self.config.image, exc)
-                spare.add_done_callback(_close_if_made)  # given up on: if it comes after all, it is stopped
+                spare.add_done_callback(close_if_made)  # given up on: if it comes after all, it is stopped
         if instance is None:
             instance = self.new_instance()
         self.refill()
         return instance
 
-    def _restore(self, state: SavedState, name: str) -> Machine:
-        """Restore ``state`` holding its cache entry shared: no worker or prune removes it under us."""
-        with self.pool.cache.reading(state.directory) as generation:
-            if generation is None:
-                raise _StateRefused(SnapshotError(f"saved state {state.key} is gone from the cache"), None)
-            try:
-                return self.pool.backend.restore(self.image, self.config, state, name)
-            except SnapshotError as exc:
-                raise _StateRefused(exc, generation) from exc
-
     def remake_state(self, broken: SavedState, generation: str | None) -> None:
-        """Replace a state that failed: discard it only if it is still the ``generation`` that failed (another
-        worker may have made it again already: then that one is used), and make it once more if making it
-        fails once."""
+        """Discard a state that failed if it is still the ``generation`` that failed (else another worker made
+        it again: use that one), and make it anew, once more if that fails once."""
         with self._remake_lock:
             if self.state is not broken:
                 return  # another thread already made a new one
@@ -306,12 +269,7 @@ class Pool:
         return SavedState(directory, directory / "disk.qcow2", directory / "memory", key, self.cache.read_manifest(directory))
 
     def accel_for(self, image: BuiltImage) -> str:
-        """The session's accelerator, except that a guest of another architecture than the host's is emulated."""
-        try:
-            native = is_native(by_name(image.arch))
-        except KeyError:
-            native = True  # the backend refuses an unknown architecture with its own message
-        return guest_accel(AccelChoice(self.accel, ""), native, image.arch).accel
+        return accel_of_guest(self.accel, image.arch)
 
     def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> dict[str, object]:
         """Cold boot, provision, and freeze: done once per state key, ever. Returns what was learned."""
@@ -371,12 +329,6 @@ class Pool:
         self.progress(f"{config.label}: clean snapshot taken ({time.monotonic() - started:.0f} s in all)")
         return instance
 
-    def _named_snapshots(self) -> tuple[Callable[[Instance, str], None], Callable[[Instance, str], None]]:
-        """A test's own snapshots of a guest reverted in place: the hypervisor's snapshot API."""
-        snapshots = self._snapshots()
-        return (lambda instance, name: snapshots.take_named(instance.machine, name),
-                lambda instance, name: snapshots.revert_named(instance.machine, name))
-
     def _snapshots(self) -> SnapshotReverting:
         if not isinstance(self.backend, SnapshotReverting):
             raise GuestError(f"backend {self.backend.name} has no saved states and no snapshots to revert guests with")
@@ -421,7 +373,7 @@ class Pool:
             command_timeout=self.command_timeout,
             capabilities=capabilities_of(self.backend),
             revert_in_place=(lambda instance: self.revert_in_place(instance, image)) if in_place else None,
-            named_snapshots=self._named_snapshots() if in_place else None,
+            named_snapshots=named_snapshot_calls(self._snapshots()) if in_place else None,
         )
 
     def acquire(self, config: MachineConfig) -> VM:
