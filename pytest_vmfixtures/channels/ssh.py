@@ -75,6 +75,7 @@ class ProxyProcess:
 
 
 IDENTITY_SECONDS = 30.0
+MAX_OUTPUT_BYTES = 64 << 20  # of a command's stdout, and of its stderr, kept on the host (the tail)
 MAX_IDENTITY_BYTES = 4096
 
 
@@ -207,6 +208,9 @@ class SSH:
                     out += chan.recv(65536)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
+                for captured in (out, err):  # a command that prints without end keeps its tail, not all of it
+                    if len(captured) > MAX_OUTPUT_BYTES:
+                        del captured[: len(captured) - MAX_OUTPUT_BYTES]
                 if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if not transport.is_active():
