@@ -134,3 +134,28 @@ def test_a_download_that_never_ends_is_stopped(tmp_path: Path, length: int | Non
     finally:
         server.close()
     assert not (tmp_path / "disk").exists()
+
+
+def test_a_libvirt_call_that_completes_after_its_deadline_is_undone() -> None:
+    """L5: a createXML answering after the deadline returns a running domain nobody holds; it is destroyed.
+
+    The call is a FAKE (a function that waits, then returns a stand-in domain): a libvirtd that answers
+    late cannot be made on demand."""
+    import threading
+
+    from pytest_vmfixtures.backends.libvirt.calls import bounded
+    from pytest_vmfixtures.errors import GuestError
+
+    release, undone = threading.Event(), threading.Event()
+    created: list[str] = []
+
+    def late_create() -> str:
+        release.wait(60)
+        created.append("vmfx-late-1")
+        return "vmfx-late-1"
+
+    with pytest.raises(GuestError, match="did not answer within 0.2 s"):
+        bounded("starting vmfx-late-1", late_create, 0.2, undo=lambda domain: (created.remove(domain), undone.set()))
+    release.set()
+    assert undone.wait(60)
+    assert created == []

@@ -38,6 +38,7 @@ from .connection import (
     HostUnreachable,
     connect,
     connection_lost,
+    drop_domain,
     pick_host,
     reap,
     sweep,
@@ -247,7 +248,7 @@ class LibvirtBackend:
                         xml = self.domain_xml(image, config, domain_name, host, paths, port, incoming=state is not None)
                         paused = state is not None or host.storage is not None
                         create = functools.partial(host.conn.createXML, xml, libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
-                        domain = bounded(f"{name}: starting on {host.uri}", create, 120.0)
+                        domain = bounded(f"{name}: starting on {host.uri}", create, 120.0, undo=drop_domain)
                 except libvirt.libvirtError as exc:
                     last_error = str(exc.get_error_message())
                     if "host forwarding" in last_error or "hostfwd" in last_error:

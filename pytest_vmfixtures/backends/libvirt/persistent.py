@@ -72,7 +72,7 @@ def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineC
             disk = guest_disk(backend, image, host, files)
             paths = {"overlay": disk}
             xml = non_qemu_domain_xml(host.uri, image, config, str(disk), domain_name, mac=mac, network=backend.network)
-        domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0)
+        domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0, undo=drop_domain)
         nvram = paths.get("nvram")
         machine = LibvirtMachine(backend, host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
                                  image.disk, str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
