@@ -7,11 +7,14 @@ their address there, which the hypervisor reports through ``interfaceAddresses``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from .calls import libvirt
+from .calls import bounded, libvirt
+
+ADDRESS_CALL_SECONDS = 30.0
 
 NETWORK_OPTION = "--vm-libvirt-network"
 
@@ -54,8 +57,9 @@ def guest_address(domain: Any, mac: str, tried: dict[str, str] | None = None) ->
     ``tried`` collects what each source said, for the error when no address ever comes.
     """
     for source, flag in address_sources():
-        try:
-            interfaces = domain.interfaceAddresses(flag, 0) or {}
+        try:  # bounded: a hung libvirtd (or agent) is an error here, not a wait without end inside wait_for
+            interfaces = bounded(f"asking libvirt for the guest's address ({source})",
+                                 functools.partial(domain.interfaceAddresses, flag, 0), ADDRESS_CALL_SECONDS) or {}
         except libvirt.libvirtError as exc:
             if tried is not None:
                 tried[source] = str(exc.get_error_message())
