@@ -54,7 +54,10 @@ def make_read_only(path: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a cache entry, read-only files and all."""
+    """Remove a cache entry, read-only files and all; a symlink in its place is removed, never followed."""
+    if path.is_symlink():
+        path.unlink()
+        return
     if not path.exists():
         return
     for p in [path, *path.rglob("*")]:

@@ -159,3 +159,19 @@ def test_a_libvirt_call_that_completes_after_its_deadline_is_undone() -> None:
     release.set()
     assert undone.wait(60)
     assert created == []
+
+
+def test_removing_a_symlinked_cache_entry_leaves_its_target_alone(tmp_path: Path) -> None:
+    """Minor note of the review: the walk followed the link and made the target's files writable."""
+    from pytest_vmfixtures.images.cache import remove_tree
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("mine")
+    (target / "keep").chmod(0o400)
+    entry = tmp_path / "states" / "tiny-0123456789abcdef"
+    entry.parent.mkdir()
+    entry.symlink_to(target)
+    remove_tree(entry)
+    assert not entry.is_symlink() and not entry.exists()
+    assert (target / "keep").read_text() == "mine" and (target / "keep").stat().st_mode & 0o777 == 0o400
