@@ -371,7 +371,11 @@ class QemuBackend:
             qmp.execute("quit")
         except GuestError:
             pass  # quitting closes the monitor under our feet
-        machine.process.wait(30)
+        try:
+            machine.process.wait(30)
+        except subprocess.TimeoutExpired:
+            machine.stop()
+            raise SnapshotError(f"{machine.name}: QEMU did not exit within 30 s after saving its state") from None
         os.replace(machine.paths.overlay, directory / "disk.qcow2")
         if machine.ram is not None:
             memory.freeze(machine.ram.path, directory)
