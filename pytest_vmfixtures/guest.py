@@ -185,6 +185,8 @@ class VM:
     def _usable(self) -> Instance:
         if self.state in (GuestState.DEAD, GuestState.REVERTING, GuestState.BOOTING):
             raise GuestError(f"{self.name} is {self.state.value}; it cannot be used now")
+        if not self._instance.machine.alive():  # never reconnect: its port or address may be another guest's now
+            raise self._died(GuestError(f"{self.name}: its machine has ended"))
         self.state = GuestState.DIRTY
         return self._instance
 
