@@ -145,7 +145,7 @@ def test_state_made_on_a_remote_host_comes_home_and_loads_on_the_local_one(
         assert vm.state is GuestState.DIRTY
     finally:
         close(local)
-        cache.discard(state.directory)
+        cache.discard(state.directory, cache.generation(state.directory))
 
 
 def test_a_remote_guest_console_is_streamed_here(remote_pool: Pool) -> None:
