@@ -78,6 +78,7 @@ def _network_problem(settings: Settings) -> str | None:
     from .backends.libvirt.network import network_problem
     from .options import DEFAULT_LIBVIRT_URI
 
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
     for uri in [u for u in settings.libvirt_uris or [DEFAULT_LIBVIRT_URI] if is_qemu_uri(u)]:
         try:
             conn = libvirt.open(uri)
