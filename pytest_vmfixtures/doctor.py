@@ -324,6 +324,7 @@ def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_LIBVIRT_POOL) -> list
         import libvirt  # type: ignore[import-untyped]
     except ImportError:
         return [Check(FAIL, "libvirt", "libvirt-python not installed: pip install 'pytest-vmfixtures[libvirt]'")]
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, told in one line
     checks = []
     for uri in uris:
         try:
@@ -346,6 +347,7 @@ def check_libvirt_network(uris: Sequence[str], network: str) -> list[Check]:
         import libvirt
     except ImportError:
         return []  # check_libvirt says so
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, told in one line
     from .backends.libvirt.network import network_problem
 
     checks = []
