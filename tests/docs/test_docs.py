@@ -165,3 +165,26 @@ def test_a_docs_conftest_runs_against_a_real_guest(page: Path, line: int, code: 
         assert "restored " in result.stdout.str(), "the example backend did not run"
     if "def pytest_vm_ready" in code:
         assert "ssh: ssh " in result.stdout.str(), "the example hook did not print"
+
+
+# -- links between the pages ------------------------------------------------------------------------------
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S), re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return found
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "README.md"] + [ROOT / "CHANGELOG.md"], ids=lambda p: p.name)
+def test_relative_links_and_their_anchors_resolve(page: Path) -> None:
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.relative_to(ROOT)} links to {link}: no such file"
+        if anchor and target.suffix == ".md":
+            assert anchor in anchors(target), f"{page.relative_to(ROOT)} links to {link}: {target.name} has no such heading"
