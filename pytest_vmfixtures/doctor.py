@@ -206,7 +206,7 @@ def _check_rootless() -> list[Check]:
 def check_cache(cache_dir: Path) -> Check:
     probe = cache_dir if cache_dir.exists() else next((p for p in cache_dir.parents if p.exists()), Path("/"))
     if not probe.is_dir() or not os.access(probe, os.W_OK):
-        return Check(FAIL, "cache", f"{cache_dir} is not writable: pass --vm-cache DIR or fix its permissions")
+        return Check(FAIL, "cache", f"{cache_dir} is not writable: pass --vm-cache=DIR or fix its permissions")
     free = shutil.disk_usage(probe).free / 2**30
     if free < MIN_FREE_GIB:
         return Check(WARN, "cache", f"{cache_dir}: only {free:.1f} GiB free; an image and its states take about 1 GiB")
