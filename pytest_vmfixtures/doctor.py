@@ -87,16 +87,18 @@ def check_kvm() -> Check:
     return Check(WARN, "kvm", f"not used: {problem}; guests run under TCG (software emulation)")
 
 
-def check_arches(requested: str = "auto", needed: Sequence[str] | None = None) -> list[Check]:
+def check_arches(requested: str = "auto", needed: Sequence[str] | None = None,
+                 binaries: dict[str, str] | None = None) -> list[Check]:
     """Which guest architectures this host can run (emulator and firmware installed), and how.
 
     ``needed``: the Debian architectures of this run's images (None: all); one of them missing is a
-    failure, any other missing is information.
+    failure, any other missing is information. ``binaries``: QEMU target -> the emulator to use (--vm-qemu-binary).
     """
     choice = choose_accel(requested, probe_host())
     runs, missing = [], []
     for arch in ARCHES.values():
-        lacking = [arch.qemu_package] if shutil.which(arch.qemu_binary) is None else []
+        binary = (binaries or {}).get(arch.family, arch.qemu_binary) if not arch.x86 else arch.qemu_binary
+        lacking = [arch.qemu_package] if shutil.which(binary) is None else []
         lacking += [arch.firmware_package] if missing_firmware(arch) else []
         if lacking:
             missing.append((arch.debian, lacking))
@@ -400,7 +402,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
                libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL,
                local_libvirt: bool = False, libvirt_network: str | None = None,
                images: Sequence[str] = (DEFAULT_IMAGE,), image_dirs: Sequence[Path] = (BUILTIN_IMAGES_DIR,),
-               backend: str = "qemu") -> list[Check]:
+               backend: str = "qemu", qemu_binaries: dict[str, str] | None = None) -> list[Check]:
     """What running guests of ``images`` on ``backend`` needs of this host, one check a line.
 
     ``versions=False`` skips running the tools to ask their versions (the pytest header's quick check).
@@ -413,7 +415,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
         check_qemu(qemu_binary, versions, backend),
         check_kvm(),
         check_accel(accel),
-        *check_arches(accel, image_arches(images, image_dirs)),
+        *check_arches(accel, image_arches(images, image_dirs), qemu_binaries),
         *check_image_tools(cache_dir, versions, images, image_dirs),
         check_cache(cache_dir),
         check_stale(cache_dir),

@@ -162,7 +162,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                         settings.libvirt_uris if libvirt else (), versions=False,
                         libvirt_pool=settings.libvirt_pool,
                         libvirt_network=settings.libvirt_network if libvirt and settings.libvirt_mode == "snapshot" else None,
-                        images=settings.images, image_dirs=settings.image_dirs, backend=settings.backend)
+                        images=settings.images, image_dirs=settings.image_dirs, backend=settings.backend,
+                        qemu_binaries=settings.qemu_binaries)
     lines = [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
     # A cost this large is said in full at the start, once, not only counted in the summary.
     lines += [f"vmfixtures: warning: {c.message}" for c in checks if c.name == LIBVIRT_KVM and c.status == WARN]

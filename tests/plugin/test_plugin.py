@@ -7,6 +7,7 @@ the results do not depend on what this host has installed or cached.
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from pathlib import Path
@@ -430,6 +431,21 @@ def test_three(vm_factory):
 def test_plain():
     pass
 """
+
+
+def test_the_header_checks_only_what_the_runs_images_need(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without arch-test a debian-12 run's host check has no problem; a debian-12-i386 run's has one."""
+    import shutil
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool, mode=os.F_OK | os.X_OK, path=None:
+                        None if tool == "arch-test" else real_which(tool, mode, path))
+    env.pytester.makepyfile("def test_plain():\n    pass\n")
+    plain = env.run()
+    assert "problem" not in plain.stdout.str()
+    plain.stdout.fnmatch_lines(["vmfixtures: *images debian-12", "vmfixtures: host check: *"])
+    i386 = env.run("--vm-image=debian-12-i386")
+    i386.stdout.fnmatch_lines(["vmfixtures: host check: 1 problem(s) (image build); run pytest-vmfixtures doctor"])
 
 
 def test_no_qemu_stops_the_run_once_naming_the_fix_and_the_skip_option(env: Env) -> None:
