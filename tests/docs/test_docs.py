@@ -138,7 +138,7 @@ def run_examples(pytester: pytest.Pytester, request: pytest.FixtureRequest, file
     for name, code in files.items():
         (pytester.path / name).write_text(code)
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", f"--vm-cache={cache}", "-rs", "-s",
-                                         "-W", "ignore::DeprecationWarning", timeout=1200)
+                                         "-W", "ignore::DeprecationWarning", timeout=1800)
 
 
 @pytest.mark.integration
