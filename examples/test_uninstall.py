@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 # tiny has no package manager: in an OS matrix these two run everywhere else and show tiny as skipped.
-with_packages = pytest.mark.vm(images=["debian-12", "debian-13", "debian-12-sysv", "debian-12-i386",
+with_packages = pytest.mark.vm(images=["debian-12", "debian-13", "debian-12-sysv", "debian-12-openrc", "debian-12-i386",
                                        "debian-12-arm64", "debian-13-arm64", "debian-13-riscv64"])
 
 

@@ -23,7 +23,7 @@ from .errors import (
 from .guest import VM, GuestState
 from .images.image import GuestOS
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "VM",

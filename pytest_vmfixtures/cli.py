@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import VMError
+from .images.byo import is_byo
 from .images.cache import Cache, default_cache_dir, ensure_image, image_key
 from .images.catalog import BUILTIN_IMAGES_DIR, available_recipes, load_recipe
 from .images.prune import created_at, plan, remove, tree_size
 from .images.recipe import Recipe
-from .options import DEFAULT_LIBVIRT_POOL
+from .options import BACKENDS, DEFAULT_LIBVIRT_POOL, image_matrix
 
 PROG = "pytest-vmfixtures"
 
@@ -83,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.set_defaults(run=_prune)
     doctor = commands.add_parser("doctor", help="check that this host can run guests, and how fast")
     doctor.add_argument("--cache", type=Path, default=None, metavar="DIR", help="the cache to check")
+    doctor.add_argument("--image", action="append", default=[], metavar="NAME",
+                        help="check what running this image needs, as the plugin's --vm-image (repeatable; "
+                             "default: debian-12); other images' missing tools are information only")
+    doctor.add_argument("--images-dir", type=Path, action="append", default=[], metavar="DIR",
+                        help="extra directory of image recipes, as the plugin's --vm-images-dir (repeatable)")
+    doctor.add_argument("--backend", choices=BACKENDS, default="qemu", help="what runs the guests, as --vm-backend")
     doctor.add_argument("--accel", default="auto", help="the acceleration to check: auto, kvm or tcg")
     doctor.add_argument("--qemu-binary", default="qemu-system-x86_64", help="the QEMU system emulator to check")
     doctor.add_argument("--libvirt-uri", action="append", default=[], metavar="URI",
@@ -194,8 +201,15 @@ def _prune(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, run_checks, summary
 
+    images = image_matrix(args.image, [])
+    known = available_recipes(_dirs(args))
+    unknown = [name for name in images if name not in known and not is_byo(name)]
+    if unknown:
+        raise CLIError(f"unknown image {unknown[0]!r}; available: {', '.join(known)} (or pass --images-dir DIR)")
     checks = run_checks((args.cache or default_cache_dir()).expanduser(), args.accel, args.qemu_binary, args.libvirt_uri,
-                        libvirt_pool=args.libvirt_pool, local_libvirt=True, libvirt_network=args.libvirt_network)
+                        libvirt_pool=args.libvirt_pool, local_libvirt=True, libvirt_network=args.libvirt_network,
+                        images=images, image_dirs=_dirs(args), backend=args.backend)
+    print(f"checking what {', '.join(images)} on the {args.backend} backend needs")
     for check in checks:
         print(check.line())
     print(summary(checks))

@@ -1,8 +1,11 @@
 """``pytest-vmfixtures doctor``: can this host run guests, and how fast?
 
 Each check gives one line: ``ok``, ``warn`` (works, but slower or riskier
-than it could be) or ``fail`` (a needed thing is missing), with what to do.
-The pytest header shows the same verdict in one line.
+than it could be), ``fail`` (a needed thing is missing) or ``info`` (missing,
+but only other images than this run's would need it), with what to do.
+What is needed follows the images asked about (``--image``; the pytest header
+takes the run's ``--vm-image`` list). The pytest header shows the same
+verdict in one line.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from pathlib import Path
 
 from .accel import choose_accel, guest_accel, kvm_problem, probe_host
 from .arch import ARCHES, is_native, missing_firmware
-from .options import DEFAULT_LIBVIRT_POOL
+from .images.byo import is_byo
+from .images.catalog import BUILTIN_IMAGES_DIR
+from .options import DEFAULT_IMAGE, DEFAULT_LIBVIRT_POOL
 from .runtime import pid_alive, session_lock_held
 
-OK, WARN, FAIL = "ok", "warn", "fail"
+OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 MIN_FREE_GIB = 5
 
 
@@ -48,7 +53,11 @@ def _version(argv: Sequence[str]) -> str | None:
     return match.group(1) if match else (out.strip().splitlines() or [""])[0]
 
 
-def check_qemu(binary: str, versions: bool = True) -> Check:
+def check_qemu(binary: str, versions: bool = True, backend: str = "qemu") -> Check:
+    if backend != "qemu":  # libvirt's QEMU runs on the libvirt host; this one converts and inspects disks
+        found = shutil.which("qemu-img")
+        return Check(OK, "qemu", f"{found} (libvirt runs the guests)") if found else \
+            Check(FAIL, "qemu", "qemu-img not found: install qemu-utils")
     path = shutil.which(binary)
     if path is None:
         return Check(FAIL, "qemu", f"{binary} not found: install QEMU (Debian/Ubuntu: apt install qemu-system-x86 qemu-utils)")
@@ -78,23 +87,32 @@ def check_kvm() -> Check:
     return Check(WARN, "kvm", f"not used: {problem}; guests run under TCG (software emulation)")
 
 
-def check_arches(requested: str = "auto") -> Check:
-    """Which guest architectures this host can run (emulator and firmware installed), and how."""
+def check_arches(requested: str = "auto", needed: Sequence[str] | None = None,
+                 binaries: dict[str, str] | None = None) -> list[Check]:
+    """Which guest architectures this host can run (emulator and firmware installed), and how.
+
+    ``needed``: the Debian architectures of this run's images (None: all); one of them missing is a
+    failure, any other missing is information. ``binaries``: QEMU target -> the emulator to use (--vm-qemu-binary).
+    """
     choice = choose_accel(requested, probe_host())
     runs, missing = [], []
     for arch in ARCHES.values():
-        lacking = [arch.qemu_package] if shutil.which(arch.qemu_binary) is None else []
+        binary = (binaries or {}).get(arch.family, arch.qemu_binary) if not arch.x86 else arch.qemu_binary
+        lacking = [arch.qemu_package] if shutil.which(binary) is None else []
         lacking += [arch.firmware_package] if missing_firmware(arch) else []
         if lacking:
             missing.append((arch.debian, lacking))
         else:
             runs.append(f"{arch.debian} ({guest_accel(choice, is_native(arch), arch.uname).accel})")
-    message = "guests of " + (", ".join(runs) or "no architecture")
-    if not missing:
-        return Check(OK, "architectures", message)
-    packages = sorted({package for _, lacking in missing for package in lacking})
-    names = ", ".join(name for name, _ in missing)
-    return Check(WARN, "architectures", f"{message}; not {names}: apt install {' '.join(packages)}")
+    checks = [Check(OK, "architectures", "guests of " + (", ".join(runs) or "no architecture"))]
+    failing = [(name, lacking) for name, lacking in missing if needed is None or name in needed]
+    others = [(name, lacking) for name, lacking in missing if needed is not None and name not in needed]
+    for status, chosen, tail in ((FAIL, failing, ""), (INFO, others, " (not needed for the images checked)")):
+        if chosen:
+            packages = " ".join(sorted({package for _, lacking in chosen for package in lacking}))
+            which = ", ".join(name for name, _ in chosen)
+            checks.append(Check(status, "architectures", f"cannot run {which} guests: apt install {packages}{tail}"))
+    return checks
 
 
 def check_accel(requested: str) -> Check:
@@ -108,53 +126,89 @@ def check_accel(requested: str) -> Check:
     )
 
 
-def image_tool_needs(rootless: bool) -> dict[str, tuple[str, list[str]]]:
-    """Each host program the built-in recipes' builds run: (its Debian package, the recipes that need it)."""
+def image_tool_needs(rootless: bool, images: Sequence[str] | None = None,
+                     image_dirs: Sequence[Path] = (BUILTIN_IMAGES_DIR,)) -> dict[str, tuple[str, list[str]]]:
+    """Each host program building ``images`` runs (None: every recipe): (its Debian package, the recipes needing it)."""
     from .images.builder import host_tools
     from .images.catalog import available_recipes, load_recipe
 
+    known = available_recipes(image_dirs)
+    names = sorted(known) if images is None else [name for name in images if name in known]
     needs: dict[str, tuple[str, list[str]]] = {}
-    for name in sorted(available_recipes()):
-        for tool, package in host_tools(load_recipe(name), rootless).items():
+    for name in names:
+        for tool, package in host_tools(load_recipe(name, image_dirs), rootless).items():
             needs.setdefault(tool, (package, []))[1].append(name)
     return needs
 
 
-def check_image_tools(cache_dir: Path, versions: bool = True) -> list[Check]:
+def recipe_images(images: Sequence[str], image_dirs: Sequence[Path] = (BUILTIN_IMAGES_DIR,)) -> list[str]:
+    """The recipe names among ``images`` (your own cloud images are not built here)."""
+    return [name for name in dict.fromkeys(images) if not is_byo(name)]
+
+
+def is_cached(cache_dir: Path, name: str, image_dirs: Sequence[Path] = (BUILTIN_IMAGES_DIR,)) -> bool:
+    """Whether the current recipe ``name`` is built in ``cache_dir`` (so its build tools are not needed)."""
+    from .errors import VMError
+    from .images.cache import image_key
+    from .images.catalog import load_recipe
+
+    try:
+        key = image_key(name, load_recipe(name, image_dirs).digest)
+    except (VMError, KeyError):
+        return False
+    return (cache_dir / "images" / key / "manifest.json").is_file()
+
+
+def check_image_tools(cache_dir: Path, versions: bool = True, images: Sequence[str] = (DEFAULT_IMAGE,),
+                      image_dirs: Sequence[Path] = (BUILTIN_IMAGES_DIR,)) -> list[Check]:
+    """The tools that build ``images``: missing is a failure unless the image is cached; other recipes' are information."""
     from .images.tools import have_tool
 
-    cached = any(cache_dir.glob("images/*/manifest.json"))
-    checks = []
-    needs = image_tool_needs(rootless=os.geteuid() != 0)
+    rootless = os.geteuid() != 0
+    selected = recipe_images(images, image_dirs)
+    uncached = [name for name in selected if not is_cached(cache_dir, name, image_dirs)]
+    needs = image_tool_needs(rootless, selected, image_dirs)
     missing = {tool: need for tool, need in needs.items() if not have_tool(tool)}
+    checks = []
     if missing:
-        status = WARN if cached else FAIL
-        packages = sorted({package for package, _ in missing.values()})
-        by_tool = "; ".join(f"{tool} (for {', '.join(names)})" for tool, (_, names) in missing.items())
-        checks.append(Check(status, "image build", f"missing {by_tool}: apt install {' '.join(packages)}"
-                            + (" (cached images still work)" if cached else "")))
-    else:
+        status = FAIL if any(name in uncached for _, names in missing.values() for name in names) else WARN
+        checks.append(Check(status, "image build", _missing_tools(missing) + ("" if status == FAIL else " (cached images still work)")))
+    elif selected:
         found = _version(["mmdebstrap", "--version"]) if versions else None
-        checks.append(Check(OK, "image build", found or "mmdebstrap present"))
-    if os.geteuid() != 0:
-        user = os.environ.get("USER") or str(os.geteuid())
-        try:
-            has_subuid = any(line.split(":")[0] in (user, str(os.geteuid())) for line in Path("/etc/subuid").read_text().splitlines())
-        except OSError:
-            has_subuid = False
-        if not has_subuid:
-            checks.append(Check(FAIL if not cached else WARN, "rootless build",
-                                f"no /etc/subuid entry for {user}: sudo usermod --add-subuids 100000-165535 "
-                                f"--add-subgids 100000-165535 {user}"))
-        elif shutil.which("newuidmap") is None:
-            checks.append(Check(FAIL, "rootless build", "newuidmap not found: apt install uidmap"))
+        checks.append(Check(OK, "image build", f"tools for {', '.join(selected)}: {found or 'present'}"))
+    others = {tool: need for tool, need in image_tool_needs(rootless, None, image_dirs).items()
+              if tool not in needs and not have_tool(tool)}
+    if others:
+        checks.append(Check(INFO, "other images", _missing_tools(others) + " (not needed for the images checked)"))
+    if rootless and uncached:
+        checks += _check_rootless()
     return checks
+
+
+def _missing_tools(missing: dict[str, tuple[str, list[str]]]) -> str:
+    packages = sorted({package for package, _ in missing.values()})
+    by_tool = "; ".join(f"{tool} (for {', '.join(names)})" for tool, (_, names) in missing.items())
+    return f"missing {by_tool}: apt install {' '.join(packages)}"
+
+
+def _check_rootless() -> list[Check]:
+    user = os.environ.get("USER") or str(os.geteuid())
+    try:
+        has_subuid = any(line.split(":")[0] in (user, str(os.geteuid())) for line in Path("/etc/subuid").read_text().splitlines())
+    except OSError:
+        has_subuid = False
+    if not has_subuid:
+        return [Check(FAIL, "rootless build", f"no /etc/subuid entry for {user}: sudo usermod --add-subuids 100000-165535 "
+                      f"--add-subgids 100000-165535 {user}")]
+    if shutil.which("newuidmap") is None:
+        return [Check(FAIL, "rootless build", "newuidmap not found: apt install uidmap")]
+    return []
 
 
 def check_cache(cache_dir: Path) -> Check:
     probe = cache_dir if cache_dir.exists() else next((p for p in cache_dir.parents if p.exists()), Path("/"))
     if not probe.is_dir() or not os.access(probe, os.W_OK):
-        return Check(FAIL, "cache", f"{cache_dir} is not writable: pass --vm-cache DIR or fix its permissions")
+        return Check(FAIL, "cache", f"{cache_dir} is not writable: pass --vm-cache=DIR or fix its permissions")
     free = shutil.disk_usage(probe).free / 2**30
     if free < MIN_FREE_GIB:
         return Check(WARN, "cache", f"{cache_dir}: only {free:.1f} GiB free; an image and its states take about 1 GiB")
@@ -273,6 +327,7 @@ def check_libvirt(uris: Sequence[str], pool: str = DEFAULT_LIBVIRT_POOL) -> list
         import libvirt  # type: ignore[import-untyped]
     except ImportError:
         return [Check(FAIL, "libvirt", "libvirt-python not installed: pip install 'pytest-vmfixtures[libvirt]'")]
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, told in one line
     checks = []
     for uri in uris:
         try:
@@ -295,6 +350,7 @@ def check_libvirt_network(uris: Sequence[str], network: str) -> list[Check]:
         import libvirt
     except ImportError:
         return []  # check_libvirt says so
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, told in one line
     from .backends.libvirt.network import network_problem
 
     checks = []
@@ -329,22 +385,39 @@ def _check_pool(conn: object, uri: str, pool: str) -> Check:
     return Check(OK, "libvirt pool", f"{uri}: storage pool {pool!r} (remote host: images are copied there)")
 
 
+def image_arches(images: Sequence[str], image_dirs: Sequence[Path] = (BUILTIN_IMAGES_DIR,)) -> list[str]:
+    """The Debian architectures of the recipes among ``images`` (your own cloud images are x86)."""
+    from .errors import VMError
+    from .images.catalog import load_recipe
+
+    arches = {"amd64"}
+    for name in recipe_images(images, image_dirs):
+        try:
+            arches.add(load_recipe(name, image_dirs).architecture)
+        except (VMError, KeyError):
+            continue  # an unknown or broken recipe is reported where it is used
+    return sorted(arches)
+
+
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
                libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL,
-               local_libvirt: bool = False, libvirt_network: str | None = None) -> list[Check]:
-    """``versions=False`` skips running the tools to ask their versions (the pytest header's quick check).
+               local_libvirt: bool = False, libvirt_network: str | None = None,
+               images: Sequence[str] = (DEFAULT_IMAGE,), image_dirs: Sequence[Path] = (BUILTIN_IMAGES_DIR,),
+               backend: str = "qemu", qemu_binaries: dict[str, str] | None = None) -> list[Check]:
+    """What running guests of ``images`` on ``backend`` needs of this host, one check a line.
 
+    ``versions=False`` skips running the tools to ask their versions (the pytest header's quick check).
     ``libvirt_network``: the libvirt backend's snapshot mode, whose guests are reached on that network.
     ``local_libvirt`` checks this machine's libvirt QEMU user against /dev/kvm even when no URI is given
     (the doctor command does; the header only when a URI is this machine's system libvirtd).
     """
     kvm = check_libvirt_kvm() if local_libvirt or any(is_local_system(uri) for uri in libvirt_uris) else None
     return [
-        check_qemu(qemu_binary, versions),
+        check_qemu(qemu_binary, versions, backend),
         check_kvm(),
         check_accel(accel),
-        check_arches(accel),
-        *check_image_tools(cache_dir, versions),
+        *check_arches(accel, image_arches(images, image_dirs), qemu_binaries),
+        *check_image_tools(cache_dir, versions, images, image_dirs),
         check_cache(cache_dir),
         check_stale(cache_dir),
         *check_libvirt(libvirt_uris, libvirt_pool),

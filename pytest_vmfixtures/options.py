@@ -29,7 +29,7 @@ DEFAULT_LIBVIRT_POOL = "vmfixtures"  # on remote libvirt hosts, for the copied i
 LIBVIRT_MODES = ("saved-state", "snapshot")
 DEFAULT_LIBVIRT_NETWORK = "default"  # snapshot mode: the libvirt network guests are reached on
 # libvirt drivers that are not QEMU: they have no QMP, no QEMU save format, no agent pass-through.
-NON_QEMU_SCHEMES = ("esx", "vpx", "hyperv", "vbox", "vmwarews", "vmwareplayer", "vmwarefusion", "test")
+NON_QEMU_SCHEMES = ("esx", "vpx", "gsx", "hyperv", "vbox", "vmwarews", "vmwareplayer", "vmwarefusion", "test")
 
 
 class OptionError(ValueError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,6 @@ import pytest
 
 from . import hookspecs
 from .accel import AccelChoice
-from .arch import by_name
 from .backends.base import Backend
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
@@ -19,7 +18,7 @@ from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
 from .images.byo import is_byo
 from .images.cache import default_cache_dir
-from .images.catalog import available_recipes, load_recipe
+from .images.catalog import available_recipes
 from .instance import console_tail
 from .options import (
     DEFAULT_IMAGE,
@@ -30,14 +29,16 @@ from .options import (
     image_matrix,
     parse_accel,
     parse_backend,
+    parse_choice,
     parse_libvirt_mode,
     parse_positive,
     parse_qemu_binaries,
     parse_ram_state,
     parse_standby,
 )
+from .preflight import UNAVAILABLE, apply, host_problems
 from .runtime import Runtime
-from .session import Settings, VMSession, arch_problem, builtin_dirs, describe_settings, missing_tools
+from .session import Settings, VMSession, builtin_dirs, describe_settings
 
 GUEST_FIXTURES = ("vm", "vm_factory", "vm_network")
 
@@ -67,6 +68,9 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
     ("--vm-artifacts", "vm_artifacts", "string", "", "where failed tests' console logs, screendumps and journals go"),
     ("--vm-keep-on-failure", "vm_keep_on_failure", "bool", False, "keep a failed test's guest running after the run; prints how to ssh in"),
+    ("--vm-unavailable", "vm_unavailable", "string", "error",
+     "when this host cannot run the run's guests (no QEMU, say): error (stop the run, naming the fix) or skip "
+     "(skip the tests that need a guest, run the rest)"),
 ]
 
 
@@ -133,6 +137,7 @@ def _settings(config: pytest.Config) -> Settings:
             libvirt_pool=str(_value(config, "vm_libvirt_pool") or DEFAULT_LIBVIRT_POOL),
             libvirt_mode=parse_libvirt_mode(str(_value(config, "vm_libvirt_mode") or ""), uris or [DEFAULT_LIBVIRT_URI]),
             libvirt_network=str(_value(config, "vm_libvirt_network") or DEFAULT_LIBVIRT_NETWORK),
+            unavailable=parse_choice("--vm-unavailable", str(_value(config, "vm_unavailable")), UNAVAILABLE),
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -141,7 +146,8 @@ def _settings(config: pytest.Config) -> Settings:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(image=None, images=None, memory_mb=512, cpus=1, network='restricted', sha256=None, user=None, firmware=None): "
+        "vm(image=None, images=None, memory_mb=512, cpus=1, network='restricted', sha256=None, user=None, firmware=None, "
+        "needs=()): "
         "configure the guest the vm fixture gives this test (pytest-vmfixtures)",
     )
     config.stash[SESSION_KEY] = VMSession(config, _settings(config))
@@ -151,10 +157,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     session = config.stash[SESSION_KEY]
     settings = session.settings
     # No version probes here: every pytest start shows this line, guest tests or not.
+    libvirt = settings.backend == "libvirt"
     checks = run_checks(settings.cache_dir, settings.accel, settings.qemu_binary,
-                        settings.libvirt_uris if settings.backend == "libvirt" else (), versions=False,
+                        settings.libvirt_uris if libvirt else (), versions=False,
                         libvirt_pool=settings.libvirt_pool,
-                        libvirt_network=settings.libvirt_network if settings.libvirt_mode == "snapshot" else None)
+                        libvirt_network=settings.libvirt_network if libvirt and settings.libvirt_mode == "snapshot" else None,
+                        images=settings.images, image_dirs=settings.image_dirs, backend=settings.backend,
+                        qemu_binaries=settings.qemu_binaries)
     lines = [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
     # A cost this large is said in full at the start, once, not only counted in the summary.
     lines += [f"vmfixtures: warning: {c.message}" for c in checks if c.name == LIBVIRT_KVM and c.status == WARN]
@@ -207,8 +216,10 @@ def _known_images(session: VMSession) -> dict[str, Path]:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check once, before the first test, that this host can run the guests the collected tests ask for."""
     vms = config.stash[SESSION_KEY]
     wanted: set[str] = set()
+    guest_items: list[tuple[pytest.Item, str]] = []
     for item in items:
         if not _uses_guests(getattr(item, "fixturenames", ())):
             continue
@@ -217,13 +228,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         image = spec.image or (callspec.params.get("_vm_image") if callspec else None) or DEFAULT_IMAGE
         if not any(m.name == "skip" for m in item.iter_markers()):
             wanted.add(image)
+            guest_items.append((item, image))
         for name in spec.images or ():
             wanted.add(name)
     if not wanted:
         return
-    problems = missing_tools(vms.settings)
-    if problems:
-        raise pytest.UsageError(problems[0])
     known = _known_images(vms)
     for name in sorted(wanted):
         if name not in known and not is_byo(name) and config.hook.pytest_vm_image_resolve(config=config, name=name) is None:
@@ -231,20 +240,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 f"unknown image {name!r}; available: {', '.join(sorted(known))} "
                 "(or add a recipe NAME.toml with --vm-images-dir DIR)"
             )
-    for name in sorted(n for n in wanted if n in known):
-        try:
-            problem = arch_problem(vms.settings, name, by_name(load_recipe(name, vms.settings.image_dirs).architecture))
-        except (ImageError, KeyError):
-            continue  # a recipe that does not load or names an unknown architecture fails its build, with why
-        if problem:
-            raise pytest.UsageError(problem)
-    try:
-        vms.cache.ensure_writable()
-    except ImageError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    recipes_wanted = any(not is_byo(name) for name in wanted)
-    if recipes_wanted and shutil.which("mmdebstrap") is None and not any(vms.cache.images.glob("*/manifest.json")):
-        raise pytest.UsageError("mmdebstrap not found and no image is cached: install it (Debian: apt install mmdebstrap)")
+    recipes = {name for name in wanted if name in known}
+    problems = host_problems(vms.settings, vms.cache, recipes, rootless=os.geteuid() != 0)
+    apply(problems, guest_items, vms.settings.unavailable)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -54,6 +54,7 @@ class Settings:
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT  # vm.run, put and get given no timeout
     qemu_binaries: dict[str, str] = field(default_factory=dict)  # QEMU target -> emulator, besides x86's
     ram_state: str = "auto"  # the QEMU backend's states: mapped or stream RAM (options.RAM_STATES)
+    unavailable: str = "error"  # a host that cannot run the run's guests: stop the run, or skip their tests
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:

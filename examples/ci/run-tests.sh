@@ -14,7 +14,7 @@
 #
 # The host needs QEMU and the image tools; on Debian or Ubuntu, as root:
 #   apt-get install qemu-system-x86 qemu-utils mmdebstrap genext2fs e2fsprogs uidmap \
-#       debian-archive-keyring python3-venv
+#       debian-archive-keyring ovmf python3-venv
 # Exit status: 0 when every image passed, 1 when any failed (or collected no tests), 2 on a setup error.
 set -eu
 
@@ -46,8 +46,12 @@ if [ -d "$IMAGES_DIR" ]; then
     own_recipes=yes
 fi
 
-# One line per check, and a non-zero status when something needed is missing.
-"$VENV/bin/pytest-vmfixtures" doctor --cache "$VMFX_CACHE" --accel "$VM_ACCEL" || exit 2
+# One line per check, and a non-zero status when something an image needs is missing (what only
+# other images need is listed, not required).
+for image in $VM_IMAGES; do
+    "$VENV/bin/pytest-vmfixtures" doctor --cache "$VMFX_CACHE" --accel "$VM_ACCEL" \
+        ${own_recipes:+--images-dir "$IMAGES_DIR"} --image "$image" || exit 2
+done
 
 mkdir -p "$REPORTS"
 status=0

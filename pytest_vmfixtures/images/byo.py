@@ -5,9 +5,9 @@ cloud image (Debian, Ubuntu, Fedora, ...) the way a cloud does:
 
 * **The disk** is downloaded once into ``cache/downloads/<sha256>/``, its digest
   checked while it streams (a mismatch is an ``ImageError`` and nothing is
-  kept) and again on first use in every run. A local path is used in place,
-  read-only (guests write only to their own overlays), after its digest is
-  checked; ``sha256`` is required for URLs and optional for paths. A qcow2
+  kept) and again on first use in every run. A local path is copied there,
+  hashed on the way, and guests boot the copy (each writes only to its own
+  overlay); ``sha256`` is required for URLs and optional for paths. A qcow2
   with a backing file or an external data file is refused: it could make QEMU read any host file.
 * **A NoCloud seed** (an ISO 9660 volume labelled ``cidata``, written here with
   pycdlib) tells cloud-init the host name, creates the login user ``vmfix``

@@ -82,7 +82,7 @@ class Cache:
             probe.unlink()
         except OSError as exc:
             raise ImageError(
-                f"cache dir {self.root} is not writable ({exc.strerror}); pass --vm-cache DIR or fix its permissions"
+                f"cache dir {self.root} is not writable ({exc.strerror}); pass --vm-cache=DIR or fix its permissions"
             ) from exc
 
     @property

@@ -209,3 +209,15 @@ def test_doctor_checks_the_network_snapshot_mode_needs(primary_uri: str, nat_net
     assert good.status == OK and nat_network in good.message
     [*_, bad] = check_libvirt_network([primary_uri], "vmfx-no-such-network")
     assert bad.status == FAIL and "--vm-libvirt-network vmfx-no-such-network" in bad.message
+
+
+def test_a_missing_network_stops_the_run_once_before_any_test(primary_uri: str, pytester: pytest.Pytester) -> None:
+    """Every snapshot-mode guest of the run would fail on it: one usage error at the start, not one per test."""
+    pytester.makepyfile(test_m="def test_one(vm):\n    pass\n\ndef test_two(vm):\n    pass\n\ndef test_plain():\n    pass\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--vm-backend=libvirt", "--vm-libvirt-mode=snapshot", f"--vm-libvirt-uri={primary_uri}",
+        "--vm-libvirt-network=vmfx-no-such-network", f"--vm-cache={pytester.path / 'cache'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.errlines if line.strip()]
+    assert len(errors) == 1 and "--vm-libvirt-network vmfx-no-such-network" in errors[0], errors
+    assert "--vm-unavailable=skip" in errors[0]

@@ -7,6 +7,7 @@ the results do not depend on what this host has installed or cached.
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from pathlib import Path
@@ -17,6 +18,7 @@ from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 
 FAKE_TOOLS = ("qemu-system-x86_64", "qemu-img", "setpriv", "mmdebstrap")
 USAGE_ERROR = 4
+SKIP_HINT = " (or pass --vm-unavailable=skip to skip the tests that need a guest)"
 
 OPTIONS = {
     "--vm-image": "vm_images",
@@ -370,7 +372,7 @@ def test_missing_qemu_binary_is_a_one_line_usage_error(env: Env) -> None:
     assert result.ret == USAGE_ERROR
     errors = [line for line in result.errlines if line.strip()]
     assert errors == [
-        "ERROR: /nonexistent/qemu not found: install QEMU (Debian: apt install qemu-system-x86 qemu-utils)"
+        "ERROR: /nonexistent/qemu not found: install QEMU (Debian: apt install qemu-system-x86 qemu-utils)" + SKIP_HINT
     ]
 
 
@@ -380,7 +382,7 @@ def test_a_missing_emulator_for_an_images_architecture_names_its_package(env: En
     assert result.ret == USAGE_ERROR
     errors = [line for line in result.errlines if line.strip()]
     assert errors == ["ERROR: image 'debian-12-arm64' is arm64: /nonexistent/qemu-aarch64 not found: "
-                      "install it (Debian: apt install qemu-system-arm)"]
+                      "install it (Debian: apt install qemu-system-arm)" + SKIP_HINT]
 
 
 def test_a_foreign_architecture_on_the_libvirt_backend_is_a_usage_error(env: Env) -> None:
@@ -409,6 +411,91 @@ def test_unwritable_cache_is_a_usage_error_naming_vm_cache(env: Env, tmp_path: P
     assert len(errors) == 1
     assert errors[0].startswith(f"ERROR: cache dir {env.cache} is not writable")
     assert "--vm-cache" in errors[0]
+
+
+# -- a host that cannot run the run's guests: --vm-unavailable ----------------------------------------
+
+GUESTS_AND_NOT = """
+import pytest
+
+def test_one(vm):
+    pass
+
+@pytest.mark.vm(memory_mb=1024)
+def test_two(vm):
+    pass
+
+def test_three(vm_factory):
+    pass
+
+def test_plain():
+    pass
+"""
+
+
+def test_the_header_checks_only_what_the_runs_images_need(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without arch-test a debian-12 run's host check has no problem; a debian-12-i386 run's has one."""
+    import shutil
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool, mode=os.F_OK | os.X_OK, path=None:
+                        None if tool == "arch-test" else real_which(tool, mode, path))
+    env.pytester.makepyfile("def test_plain():\n    pass\n")
+    plain = env.run()
+    assert "problem" not in plain.stdout.str()
+    plain.stdout.fnmatch_lines(["vmfixtures: *images debian-12", "vmfixtures: host check: *"])
+    i386 = env.run("--vm-image=debian-12-i386")
+    i386.stdout.fnmatch_lines(["vmfixtures: host check: 1 problem(s) (image build); run pytest-vmfixtures doctor"])
+
+
+def test_no_qemu_stops_the_run_once_naming_the_fix_and_the_skip_option(env: Env) -> None:
+    env.pytester.makepyfile(test_m=GUESTS_AND_NOT)
+    result = env.run("--vm-qemu-binary=/nonexistent/qemu")
+    assert result.ret == USAGE_ERROR
+    errors = [line for line in result.errlines if line.strip()]
+    assert len(errors) == 1 and "/nonexistent/qemu not found" in errors[0] and "--vm-unavailable=skip" in errors[0]
+    assert not (env.cache / "run").exists()
+
+
+@pytest.mark.parametrize("how", ["option", "ini"])
+def test_no_qemu_with_skip_skips_guest_tests_with_the_reason_and_runs_the_rest(env: Env, how: str) -> None:
+    env.pytester.makepyfile(test_m=GUESTS_AND_NOT)
+    if how == "ini":
+        env.pytester.makeini("[pytest]\nvm_unavailable = skip\n")
+    result = env.run("--vm-qemu-binary=/nonexistent/qemu", "-rs", *(["--vm-unavailable=skip"] if how == "option" else []))
+    result.assert_outcomes(passed=1, skipped=3)
+    result.stdout.fnmatch_lines(["SKIPPED*no guest here (--vm-unavailable=skip): /nonexistent/qemu not found*"])
+    assert "fake" not in result.stderr.str()
+
+
+def test_skip_mode_skips_only_the_images_this_host_cannot_run(env: Env) -> None:
+    """An arm64 cell without its emulator is skipped; the x86 cell is left to run (shown by its markers)."""
+    env.pytester.makepyfile(test_m="def test_x(vm):\n    pass\n")
+    env.pytester.makeconftest(
+        "import pytest\n\n@pytest.hookimpl(trylast=True)\ndef pytest_collection_modifyitems(items):\n"
+        "    for item in items:\n        reasons = [m.kwargs.get('reason', '') for m in item.iter_markers('skip')]\n"
+        "        print('SKIPS', item.name.replace('[', '(').replace(']', ')'), len(reasons), *reasons)\n")
+    result = env.collect("-s", "--vm-unavailable=skip", "--vm-image=a,debian-12-arm64",
+                         "--vm-qemu-binary=arm64=/nonexistent/qemu-aarch64")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["SKIPS test_x(a) 0", "SKIPS test_x(debian-12-arm64) 1 no guest here*qemu-aarch64 not found*"])
+
+
+def test_a_bad_vm_unavailable_value_is_a_usage_error(env: Env) -> None:
+    env.pytester.makepyfile(test_m="def test_plain():\n    pass\n")
+    result = env.run("--vm-unavailable=maybe")
+    assert result.ret == USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --vm-unavailable 'maybe' is not one of error, skip"])
+
+
+def test_a_missing_build_tool_of_an_image_not_built_stops_the_run_naming_the_package(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    (env.bin / "mmdebstrap").unlink()
+    monkeypatch.setenv("PATH", str(env.bin))  # the fake QEMU tools only: no mmdebstrap anywhere on PATH
+    env.pytester.makepyfile(test_m="def test_x(vm):\n    pass\n")
+    result = env.collect("--vm-image=a")
+    assert result.ret == USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: image 'a' is not built yet and building it needs mmdebstrap: install the mmdebstrap package*"])
 
 
 # -- runs without guests ask for nothing -----------------------------------------------------

@@ -53,9 +53,32 @@ def test_doctor_names_a_missing_build_tool_the_recipe_and_the_package(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     real_which = doctor.shutil.which
     monkeypatch.setattr(doctor.shutil, "which", lambda tool, path=None: None if tool == "arch-test" else real_which(tool))
-    [check, *_] = doctor.check_image_tools(tmp_path, versions=False)
+    [check, *_] = doctor.check_image_tools(tmp_path, versions=False, images=["debian-12-i386"])
     assert check.status == doctor.FAIL
     assert "arch-test (for debian-12-i386)" in check.message and "apt install arch-test" in check.message
+
+
+def test_another_images_missing_tool_is_information_not_a_problem(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A debian-12 run does not need what builds i386 or arm64 images: listed, but the check passes."""
+    real_which = doctor.shutil.which
+    lacking = {"arch-test", "qemu-system-aarch64"}
+    monkeypatch.setattr(doctor.shutil, "which", lambda tool, path=None: None if tool in lacking else real_which(tool))
+    checks = doctor.check_image_tools(tmp_path, versions=False, images=["debian-12"])
+    assert [c.status for c in checks if c.name == "image build"] == [doctor.OK]
+    [other] = [c for c in checks if c.name == "other images"]
+    assert other.status == doctor.INFO and "arch-test (for debian-12-i386)" in other.message
+    assert "qemu-system-aarch64 (for debian-12-arm64, debian-13-arm64)" in other.message
+    assert "host check" in doctor.summary(checks) and "problem" not in doctor.summary(checks)
+
+
+def test_an_arm64_run_fails_without_the_arm64_emulator_and_an_x86_run_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = doctor.shutil.which
+    monkeypatch.setattr(doctor.shutil, "which", lambda tool, path=None: None if tool == "qemu-system-aarch64" else real_which(tool))
+    arm = doctor.check_arches("tcg", doctor.image_arches(["debian-12-arm64"]))
+    assert [c.status for c in arm] == [doctor.OK, doctor.FAIL] and "apt install qemu-system-arm" in arm[1].message
+    x86 = doctor.check_arches("tcg", doctor.image_arches(["debian-12"]))
+    assert [c.status for c in x86] == [doctor.OK, doctor.INFO] and "arm64" in x86[1].message
 
 
 # What the project's own tests run on the host besides the product's needs: the tools that build the

@@ -32,7 +32,7 @@ def test_qemu_uris_default_to_saved_state(uri: str) -> None:
 
 @pytest.mark.parametrize("uri", ["esx://esx1/?no_verify=1", "vpx://vc1/dc1/cluster1/esx1", "hyperv://hv3",
                                  "vbox:///session", "vmwarews:///session", "vmwareplayer:///session",
-                                 "vmwarefusion:///session", "test:///default", "esx+https://esx2/"])
+                                 "vmwarefusion:///session", "test:///default", "esx+https://esx2/", "gsx://gsx1/"])
 def test_other_drivers_always_use_snapshot_mode(uri: str) -> None:
     assert not is_qemu_uri(uri)
     assert parse_libvirt_mode(None, ["qemu:///system", uri]) == "snapshot"
@@ -43,7 +43,15 @@ def test_other_drivers_always_use_snapshot_mode(uri: str) -> None:
 
 
 def test_every_listed_driver_is_a_non_qemu_scheme() -> None:
-    assert set(NON_QEMU_SCHEMES) == {"esx", "vpx", "hyperv", "vbox", "vmwarews", "vmwareplayer", "vmwarefusion", "test"}
+    assert set(NON_QEMU_SCHEMES) == {"esx", "vpx", "gsx", "hyperv", "vbox", "vmwarews", "vmwareplayer", "vmwarefusion", "test"}
+
+
+def test_every_scheme_a_portable_driver_takes_goes_through_snapshot_mode() -> None:
+    """A scheme the driver table knows but the option does not would default to saved-state mode and be refused."""
+    from pytest_vmfixtures.backends.libvirt.drivers import DRIVERS
+
+    schemes = {scheme.partition("+")[0] for driver in DRIVERS if driver.family != "qemu" for scheme in driver.schemes}
+    assert schemes <= set(NON_QEMU_SCHEMES), sorted(schemes - set(NON_QEMU_SCHEMES))
 
 
 @pytest.mark.parametrize("value", ["snapshots", "Snapshot", "savedstate", "saved_state"])
