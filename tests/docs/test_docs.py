@@ -68,7 +68,7 @@ PACKAGES = ("pytest_vmfixtures", "pytest_vmfixtures.images", "pytest_vmfixtures.
 STDLIB = ("typing", "atexit", "ast", "os", "pathlib")
 
 
-def resolve(dotted: str) -> object:
+def resolve_cited(dotted: str) -> object:
     first, _, rest = dotted.partition(".")
     if first in STDLIB:
         return getattr(importlib.import_module(first), rest)
@@ -99,7 +99,7 @@ def cited() -> list[str]:
 
 @pytest.mark.parametrize("name", cited())
 def test_a_name_architecture_md_cites_exists(name: str) -> None:
-    resolve(name)
+    resolve_cited(name)
 
 
 def test_a_file_architecture_md_cites_exists() -> None:
@@ -112,9 +112,9 @@ def test_a_file_architecture_md_cites_exists() -> None:
 
 def test_the_resolver_catches_a_moved_name() -> None:
     with pytest.raises(AssertionError, match="wait_ssh_ready is not in guest"):
-        resolve("guest.wait_ssh_ready")
+        resolve_cited("guest.wait_ssh_ready")
     with pytest.raises(AssertionError, match="lives in pytest_vmfixtures.instance, not pytest_vmfixtures.guest"):
-        resolve("guest.Instance")
+        resolve_cited("guest.Instance")
 
 
 # -- the host packages getting-started lists ----------------------------------------------------------------

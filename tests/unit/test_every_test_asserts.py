@@ -28,8 +28,9 @@ ASSERTING_HELPERS = {
     "_assert_gone": "tests/faults/test_process_faults.py: asserts the processes are gone",
     "wait_for_file": "tests/faults/conftest.py: asserts the file appears before the inner run ends",
     "_passes_on_session_libvirt": "tests/integration/test_nonroot.py: asserts the inner suite passes",
+    "resolve_cited": "tests/docs/test_docs.py: raises AssertionError when a name docs/architecture.md cites is gone",
 }
-TREE_HELPERS = {"assert_gone", "_assert_gone", "wait_for_file", "_passes_on_session_libvirt"}
+TREE_HELPERS = {"assert_gone", "_assert_gone", "wait_for_file", "_passes_on_session_libvirt", "resolve_cited"}
 
 
 def scanned_files() -> list[Path]:
