@@ -26,6 +26,7 @@ from .options import DEFAULT_LIBVIRT_POOL
 from .runtime import pid_alive
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+INFO = "info"  # for the record: never a problem, not counted in the summary
 MIN_FREE_GIB = 5
 
 
@@ -328,6 +329,15 @@ def _check_pool(conn: object, uri: str, pool: str) -> Check:
     return Check(OK, "libvirt pool", f"{uri}: storage pool {pool!r} (remote host: images are copied there)")
 
 
+def check_report_browser() -> Check:
+    """Chromium and its driver: optional, only for the check that an HTML report shows a guest's screen."""
+    missing = [tool for tool in ("chromium", "chromedriver") if shutil.which(tool) is None]
+    if missing:
+        return Check(INFO, "report browser", f"{' and '.join(missing)} not found; optional, only to check that pytest-html "
+                     "reports show guest screens (Debian: apt install chromium chromium-driver)")
+    return Check(INFO, "report browser", "chromium and chromedriver found (optional: the HTML report check)")
+
+
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
                libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL,
                local_libvirt: bool = False, libvirt_network: str | None = None) -> list[Check]:
@@ -349,6 +359,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
         *check_libvirt(libvirt_uris, libvirt_pool),
         *(check_libvirt_network(libvirt_uris, libvirt_network) if libvirt_network is not None else []),
         *([kvm] if kvm else []),
+        check_report_browser(),
     ]
 
 

@@ -6,11 +6,7 @@ sees the clean guest the revert put behind the same fixture.
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("testinfra", reason="the testinfra extra is not installed")  # it is, in the [test] extra
-
-from pytest_vmfixtures import GuestState  # noqa: E402
+from pytest_vmfixtures import GuestState
 
 
 def test_packages_services_files_users_and_exit_codes(vm):

@@ -60,7 +60,8 @@ def test_doctor_names_a_missing_build_tool_the_recipe_and_the_package(
 
 # What the project's own tests run on the host besides the product's needs: the tools that build the
 # test cloud images (tests/integration/cloudimage.py) and libvirt's schema check of the domain XML.
-TEST_TOOLS = {"virt-xml-validate": "libvirt-clients", "xmllint": "libxml2-utils"}
+TEST_TOOLS = {"virt-xml-validate": "libvirt-clients", "xmllint": "libxml2-utils",
+              "chromium": "chromium", "chromedriver": "chromium-driver"}  # the HTML report check
 
 
 def test_the_test_trees_tools_come_from_bootstrapped_packages() -> None:
