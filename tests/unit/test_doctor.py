@@ -117,7 +117,8 @@ def test_only_this_machines_system_libvirtd_gets_the_check() -> None:
 
 
 def test_a_missing_report_browser_is_information_not_a_problem(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(doctor.shutil, "which", lambda tool, path=None: None if tool in ("chromium", "chromedriver") else "/usr/bin/" + tool)
+    browser = ("chromium", "chromedriver")
+    monkeypatch.setattr(doctor.shutil, "which", lambda tool, path=None: None if tool in browser else "/usr/bin/" + tool)
     check = doctor.check_report_browser()
     assert check.status == doctor.INFO and "apt install chromium chromium-driver" in check.message
     assert "report browser" not in doctor.summary([check])
