@@ -74,7 +74,7 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
 _DEFAULT_TEXT = {
     "vm_images": "debian-12",
     "vm_cache": "~/.cache/pytest-vmfixtures",
-    "vm_artifacts": "vm-artifacts under pytest's basetemp",
+    "vm_artifacts": "vm-artifacts beside --junitxml's file, else beside --html's, else under pytest's basetemp",
     "vm_libvirt_uris": DEFAULT_LIBVIRT_URI,
     "vm_qemu_binary": "qemu-system-ARCH from PATH",
     "vm_libvirt_mode": "saved-state on qemu:// URIs, snapshot on other drivers'",
