@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import re
 import xml.etree.ElementTree as ET
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -35,7 +36,9 @@ SECTION_PREFIX = "Captured stdout teardown: vm "
 SECTION_SUFFIX = " evidence"
 MIN_PYTEST_HTML = (4, 0)
 CONSOLE_LINES = 30
-JOURNAL_LINES = 60
+JOURNAL_LINES = 40
+# The guest agent logs every call, the evidence's own included: the file keeps them, the report's tail does not.
+AGENT_NOISE = re.compile(r"qemu-ga\[\d+\]: info: guest-(exec|exec-status|ping|sync|sync-delimited) called")
 JUNIT_WRITES_STDOUT = ("system-out", "out-err", "all")  # junit_logging values that write captured stdout
 
 
@@ -99,8 +102,17 @@ def html_plugin_state(config: pytest.Config) -> str | None:
     return None
 
 
-def _tail(text: str, lines: int) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+def journal_lines(text: str) -> list[str]:
+    """The journal's lines without the agent's call log (a dropped entry's indented continuation lines go too)."""
+    kept: list[str] = []
+    dropping = False
+    for line in text.splitlines():
+        if line[:1].isspace() and dropping:
+            continue
+        dropping = bool(AGENT_NOISE.search(line))
+        if not dropping:
+            kept.append(line)
+    return kept
 
 
 def _evidence_html(each: Evidence) -> str:
@@ -110,8 +122,8 @@ def _evidence_html(each: Evidence) -> str:
         parts.append(f"<p>console, last {CONSOLE_LINES} lines</p><pre>{html.escape(console_tail(console, CONSOLE_LINES))}</pre>")
     journal = each.files.get("journal")
     if journal is not None:
-        text = _tail(journal.read_text(errors="replace"), JOURNAL_LINES)
-        parts.append(f"<p>journal, last {JOURNAL_LINES} lines</p><pre>{html.escape(text)}</pre>")
+        text = "\n".join(journal_lines(journal.read_text(errors="replace"))[-JOURNAL_LINES:])
+        parts.append(f"<p>journal, last {JOURNAL_LINES} lines (without the guest agent's call log)</p><pre>{html.escape(text)}</pre>")
     for piece, why in each.skipped.items():
         parts.append(f"<p>{html.escape(piece)}: not saved: {html.escape(why)}</p>")
     return "\n".join(parts)

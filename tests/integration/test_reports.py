@@ -73,7 +73,10 @@ def failed_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 def _case(run: Run, name: str) -> ET.Element:
-    (case,) = [c for c in ET.parse(run.junit).iter("testcase") if c.get("name") == name]
+    """The test case of ``name`` on debian-12 (unpinned tests run once per image of the matrix)."""
+    cases = list(ET.parse(run.junit).iter("testcase"))
+    (case,) = [c for c in cases if c.get("name") == f"{name}[debian-12]"] or [None]  # type: ignore[list-item]
+    assert case is not None, f"no {name}[debian-12] in {[c.get('name') for c in cases]}"
     return case
 
 
@@ -126,7 +129,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1400",
+                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,2600",
                      f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -158,7 +161,7 @@ const deadline = Date.now() + 20000;
 
 def test_the_self_contained_report_shows_the_guest_screen_inline(failed_run: Run, browser: Any) -> None:
     browser.get(failed_run.html.as_uri())
-    state = browser.execute_async_script(IMAGE_STATE, "test_report.py::test_fails")
+    state = browser.execute_async_script(IMAGE_STATE, "test_report.py::test_fails[debian-12]")
     assert "error" not in state, state
     assert state["src"].startswith("data:image/png;base64"), state["src"]  # inline: nothing beside the HTML file
     screen = next(p for p in _attachments(_case(failed_run, "test_fails")) if p.name == "screen.png")
@@ -167,10 +170,10 @@ def test_the_self_contained_report_shows_the_guest_screen_inline(failed_run: Run
     assert "console-marker" in state["text"] and "journal-marker" in state["text"]
     target = os.environ.get(SCREENSHOT_ENV)
     if target:
-        browser.find_element("id", "test_report.py::test_fails").screenshot(target)
+        browser.find_element("id", "test_report.py::test_fails[debian-12]").screenshot(target)
 
 
 def test_the_report_says_why_a_dead_guest_has_no_screen(failed_run: Run, browser: Any) -> None:
     browser.get(failed_run.html.as_uri())
-    text = browser.execute_script("return document.getElementById(arguments[0]).innerText", "test_report.py::test_guest_dies")
+    text = browser.execute_script("return document.getElementById(arguments[0]).innerText", "test_report.py::test_guest_dies[debian-12]")
     assert "screen: not saved: the guest was no longer running" in text

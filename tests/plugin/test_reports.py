@@ -111,3 +111,16 @@ def test_testinfra_from_a_source_tree_is_trusted(monkeypatch: pytest.MonkeyPatch
 
     host = testinfra_host.make_host(Guest())  # type: ignore[arg-type]
     assert host.backend.get_pytest_id() == "vmfixtures://g"
+
+
+def test_the_reports_journal_tail_leaves_out_the_agents_call_log() -> None:
+    journal = (
+        "[ 1.0] g systemd[1]: Started ssh.service\n"
+        "[ 2.0] g qemu-ga[209]: info: guest-exec called: \"/bin/sh -c cd\n"
+        "                                { journalctl -b; }\"\n"
+        "[ 2.1] g qemu-ga[209]: info: guest-exec-status called, pid: 234\n"
+        "[ 3.0] g unknown: journal-marker\n"
+        "          continued\n"
+    )
+    assert reports.journal_lines(journal) == [
+        "[ 1.0] g systemd[1]: Started ssh.service", "[ 3.0] g unknown: journal-marker", "          continued"]
