@@ -30,7 +30,9 @@ def kernel_command_line(cmdline: str, vga: bool) -> str:
 
 
 def kernel_args_key(vga: bool) -> str:
-    """The kernel arguments' part of a saved state's key (the screen console and its login prompt, on VGA machines)."""
+    """The kernel arguments' part of a saved state's key: with ``vga`` (a VGA machine booting the image's own
+    kernel, i.e. a built-in x86 image), the screen console and the login prompt pool.screen_login starts.
+    Firmware-booted images (your own) keep their key: neither reaches them."""
     return f"{SCREEN_CONSOLE} {KERNEL_ARGS}" if vga else KERNEL_ARGS
 
 # UEFI firmware for images that boot through it (Debian/Ubuntu: package ovmf; Fedora: edk2-ovmf).

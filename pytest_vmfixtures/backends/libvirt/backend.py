@@ -141,7 +141,7 @@ class LibvirtBackend:
             "qemu": host.qemu_version,
             "accel": self.accel.accel,
             "tb": TB_SIZE_MB,
-            "kernel_args": kernel_args_key(vga=True),  # x86 only, with a VGA display
+            "kernel_args": kernel_args_key(vga=image.kernel is not None),  # x86 only, VGA; the built-in images
             "devices": DEVICES_VERSION,
             **({} if image.agent else {"agent": False}),  # no agent channel: other hardware
             **(firmware_inputs(image.firmware) if image.kernel is None else {}),

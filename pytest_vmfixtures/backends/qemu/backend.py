@@ -197,7 +197,8 @@ class QemuBackend:
             "qemu": self._version_of(self.binary_for(image)),
             "accel": accel.accel,
             "tb": TB_SIZE_MB,
-            "kernel_args": kernel_args_key(vga=arch.x86),
+            # the screen console goes on x86 guests that boot their kernel directly (the built-in images)
+            "kernel_args": kernel_args_key(vga=arch.x86 and image.kernel is not None),
             "devices": 2,  # bump when the device set in build_command_line changes
         }
         if not arch.x86:  # x86 states keep the keys they had before other architectures came
