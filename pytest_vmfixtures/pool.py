@@ -43,7 +43,7 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, settle_first_boot, wait_ssh_ready, warm_up
+from .instance import Instance, bind_channels, screen_login, settle_first_boot, wait_ssh_ready, warm_up
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -174,24 +174,6 @@ class Slot:
         self.busy.clear()
 
 
-
-# The built-in images mask their tty1 getty (a boot-time cost nobody used); a login prompt on the screen,
-# started before the state is saved, makes a failed test's screendump show the guest is up. Saved states'
-# keys change with it through backends.common.kernel_args_key (the screen console that came with it).
-TTY1_LOGIN = (
-    "g=$(command -v agetty) && [ -c /dev/tty1 ] && { if [ -d /run/systemd/system ]; then "
-    "systemd-run --quiet --unit=vmfx-tty1-login --property=Restart=always \"$g\" --noclear tty1 linux; "
-    "else setsid \"$g\" --noclear tty1 linux </dev/null >/dev/null 2>&1 & fi; } >/dev/null 2>&1; "
-)
-
-
-def screen_login(image: BuiltImage) -> str:
-    """The command that puts a login prompt on a built-in x86 image's screen ("" elsewhere: cloud images have their own)."""
-    try:
-        vga = by_name(image.arch).x86
-    except KeyError:
-        return ""
-    return TTY1_LOGIN if vga and image.seed is None else ""
 
 class Pool:
     def __init__(

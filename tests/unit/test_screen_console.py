@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pytest_vmfixtures.backends.common import KERNEL_ARGS, kernel_args_key, kernel_command_line
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
-from pytest_vmfixtures.pool import screen_login
+from pytest_vmfixtures.instance import screen_login
 
 
 def built_in_image() -> BuiltImage:
