@@ -79,6 +79,17 @@ def choose_accel(requested: str, facts: HostFacts) -> AccelChoice:
     return AccelChoice("tcg", problem)
 
 
+def accel_of_guest(session_accel: str, arch_name: str) -> str:
+    """The session's accelerator, except that a guest of another architecture than the host's is emulated."""
+    from .arch import by_name, is_native
+
+    try:
+        native = is_native(by_name(arch_name))
+    except KeyError:
+        native = True  # the backend refuses an unknown architecture with its own message
+    return guest_accel(AccelChoice(session_accel, ""), native, arch_name).accel
+
+
 def guest_accel(choice: AccelChoice, native: bool, guest: str) -> AccelChoice:
     """What one guest runs with: KVM runs only guests of the host's own architecture.
 

@@ -47,14 +47,17 @@ def new_tag() -> str:
 
 
 def ssh_command_line(command: str, tag: str, sudo: bool = False) -> str:
-    """The line sent over SSH: the user's login shell execs a POSIX sh with the tag set.
+    """The line sent over SSH: the user's login shell runs a POSIX sh with the tag set, and exits with its status.
 
+    The login shell waits rather than execs (``; exit $?`` also keeps bash from exec'ing a lone command), so a
+    command killed by a signal is reported as a shell reports it, 128 + the signal, as over the guest agent;
+    SSH itself would report only the signal, which paramiko does not read.
     With ``sudo`` (a login user other than root) the shell runs as root through
     ``sudo -n``, the tag set inside, since sudo resets the environment.
     """
     if sudo:
-        return f"exec sudo -n /usr/bin/env {TAG}={tag} /bin/sh -c {shlex.quote(command)}"
-    return f"{TAG}={tag} exec /bin/sh -c {shlex.quote(command)}"
+        return f"sudo -n /usr/bin/env {TAG}={tag} /bin/sh -c {shlex.quote(command)}; exit $?"
+    return f"{TAG}={tag} /bin/sh -c {shlex.quote(command)}; exit $?"
 
 
 def agent_environment(tag: str, home: str = "/root", user: str = "root") -> list[str]:

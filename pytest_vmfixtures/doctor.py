@@ -23,7 +23,7 @@ from pathlib import Path
 from .accel import choose_accel, guest_accel, kvm_problem, probe_host
 from .arch import ARCHES, is_native, missing_firmware
 from .options import DEFAULT_LIBVIRT_POOL
-from .runtime import pid_alive
+from .runtime import pid_alive, session_lock_held
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 INFO = "info"  # for the record: never a problem, not counted in the summary
@@ -170,7 +170,8 @@ def check_stale(cache_dir: Path) -> Check:
             meta = json.loads((session / "session.json").read_text())
         except (OSError, ValueError):
             continue
-        if not pid_alive(int(meta.get("pid", 0)), meta.get("start_time")):
+        held = session_lock_held(session)
+        if not (held if held is not None else pid_alive(int(meta.get("pid", 0)), meta.get("start_time"))):
             stale.append(session.name)
     if stale:
         return Check(WARN, "stale guests", f"{len(stale)} session(s) of dead pytest runs; the next run reaps them")

@@ -27,7 +27,7 @@ from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
 from .errors import CommandTimeout, GuestError, QMPError, SnapshotError
 from .images.image import BuiltImage, GuestOS
-from .instance import Instance, console_tail, warm_up
+from .instance import Instance, console_tail, retarget, warm_up
 from .waiting import Deadline, wait_for
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -62,9 +62,12 @@ class VM:
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         capabilities: frozenset[str] = ALL_CAPABILITIES,
         revert_in_place: Callable[[Instance], None] | None = None,
+        named_snapshots: tuple[Callable[[Instance, str], None], Callable[[Instance, str], None]] | None = None,
     ) -> None:
         """``revert_in_place``: where the hypervisor has no saved state to restore ("saved_state" not in
-        ``capabilities``), reset puts this very instance back into its clean snapshot instead of swapping."""
+        ``capabilities``), reset puts this very instance back into its clean snapshot instead of swapping.
+        ``named_snapshots``: where there is no QMP, how to take and revert to a test's own snapshot (the
+        hypervisor's snapshot API), else None."""
         self.name = name
         self.capabilities = capabilities  # what the hypervisor offers this guest (backends.base.CAPABILITIES)
         self._image = image
@@ -74,6 +77,7 @@ class VM:
         self._fresh_instance = fresh_instance
         self._discard = discard
         self._revert_in_place = revert_in_place
+        self._named_snapshots = named_snapshots
         self._guest_os = guest_os
         self._os: GuestOS | None = None
         self.boot_timeout = boot_timeout
@@ -182,6 +186,8 @@ class VM:
     def _usable(self) -> Instance:
         if self.state in (GuestState.DEAD, GuestState.REVERTING, GuestState.BOOTING):
             raise GuestError(f"{self.name} is {self.state.value}; it cannot be used now")
+        if not self._instance.machine.alive():  # never reconnect: its port or address may be another guest's now
+            raise self._died(GuestError(f"{self.name}: its machine has ended"))
         self.state = GuestState.DIRTY
         return self._instance
 
@@ -286,6 +292,11 @@ class VM:
         """Save the running guest under ``name`` (lives until the test ends)."""
         if name == CLEAN:
             raise SnapshotError("'clean' is the snapshot every test starts from; pick another name")
+        if "qmp" not in self.capabilities and self._named_snapshots is not None:
+            instance = self._usable()
+            self._named_snapshots[0](instance, name)
+            instance.snapshots.add(name)
+            return
         if "qmp" not in self.capabilities:
             raise SnapshotError(f"{self.name}: named snapshots are taken through QEMU's monitor, which this "
                                 "hypervisor does not offer; mark such tests @pytest.mark.vm(needs=[\"qmp\"])")
@@ -303,8 +314,12 @@ class VM:
             known = ", ".join(sorted(instance.snapshots)) or "none"
             raise SnapshotError(f"no snapshot {name!r} on {self.name} (taken in this test: {known})")
         instance.close_channels()
-        self._hmp(instance, f"loadvm {name}")
-        instance.machine.after_load()
+        if "qmp" not in self.capabilities and self._named_snapshots is not None:
+            self._named_snapshots[1](instance, name)
+            retarget(instance)
+        else:
+            self._hmp(instance, f"loadvm {name}")
+            instance.machine.after_load()
         warm_up(instance, self._image)
 
     def _hmp(self, instance: Instance, command: str) -> None:

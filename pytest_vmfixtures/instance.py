@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
 
 from .arch import by_name
-from .backends.base import Machine
+from .backends.base import Machine, SnapshotReverting
 from .channels.agent import Agent
 from .channels.ssh import SSH, SSHError
 from .command import new_tag
@@ -102,7 +103,32 @@ class Instance:
 
 
 def root_channel(machine: Machine, image: BuiltImage, key: paramiko.PKey) -> SSH:
-    return SSH(machine.ssh_host, machine.ssh_port, "root", key, image.host_key, machine.name, machine.ssh_proxy)
+    root = SSH(machine.ssh_host, machine.ssh_port, "root", key, image.host_key, machine.name, machine.ssh_proxy)
+    root.mac = guest_mac(machine)
+    return root
+
+
+def guest_mac(machine: Machine) -> str | None:
+    """The MAC of the machine's NIC where its SSH address is on a network shared with other guests (libvirt's
+    snapshot mode): every SSH session checks it reached that NIC. None: a port of its own (QEMU's hostfwd)."""
+    mac = getattr(machine, "nic_mac", None)
+    return mac if isinstance(mac, str) else None
+
+
+def named_snapshot_calls(
+    snapshots: SnapshotReverting,
+) -> tuple[Callable[[Instance, str], None], Callable[[Instance, str], None]]:
+    """How a guest reverted in place takes and reverts to a test's own snapshots: the hypervisor's API."""
+    return (lambda instance, name: snapshots.take_named(instance.machine, name),
+            lambda instance, name: snapshots.revert_named(instance.machine, name))
+
+
+def retarget(instance: Instance) -> None:
+    """Point the instance's SSH channels at the machine's current address (learned again after a revert)."""
+    for channel in (instance.ssh, instance.root):
+        if channel is not None and channel.host != instance.machine.ssh_host:
+            channel.close()
+            channel.host = instance.machine.ssh_host
 
 
 def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_login: bool = False) -> Instance:
@@ -111,6 +137,7 @@ def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_
     key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
     ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name, machine.ssh_proxy)
     ssh.sudo = image.user != "root"
+    ssh.mac = guest_mac(machine)
     channel: Agent | None = None
     if agent and machine.agent_transport is not None:
         channel = Agent.over(machine.agent_transport, machine.name)

@@ -22,8 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .accel import AccelChoice, guest_accel
-from .arch import by_name, is_native
+from .accel import accel_of_guest
 from .backends.base import (
     STATE_CONSOLE,
     Backend,
@@ -43,7 +42,8 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, screen_login, settle_first_boot, wait_ssh_ready, warm_up
+from .instance import Instance, bind_channels, named_snapshot_calls, retarget, screen_login, settle_first_boot, wait_ssh_ready, warm_up
+from .restoring import StateRefused, close_if_made, restore_held
 from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -55,12 +55,8 @@ Progress = Callable[[str], None]
 
 
 def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | None = None) -> Instance:
-    """The machine with its channels; a machine whose channels cannot be made (a key gone, say) is stopped.
-
-    ``facts`` are what the first boot of the guest's state found: ``agent`` False, no agent answers,
-    so commands go over SSH from the start, with no time lost asking it first; ``root_login`` True,
-    root logs in with the key, so commands over SSH need no sudo.
-    """
+    """The machine with its channels (stopped if they cannot be made). ``facts``: what the state's first boot
+    found (``agent`` False: commands over SSH from the start; ``root_login`` True: SSH as root, no sudo)."""
     facts = facts or {}
     try:
         return bind_channels(machine, image, agent=facts.get("agent") is not False, root_login=facts.get("root_login") is True)
@@ -94,15 +90,13 @@ class Slot:
         name = self.pool.runtime.new_name(self.config.label)
         state = self.state
         try:
-            machine = self.pool.backend.restore(self.image, self.config, state, name)
-        except SnapshotError as exc:
-            # Digests match but QEMU refuses the state (made by something the key does not
-            # capture): never hang or fail on it; boot, save a new one, and use that.
-            log.warning("saved state %s does not load (%s); booting to make it again", state.key, exc)
-            self.remake_state(state)
+            machine = restore_held(self.pool.cache, self.pool.backend, self.image, self.config, state, name)
+        except StateRefused as refused:  # QEMU refuses it (the key missed something), or it is gone: make it again
+            log.warning("saved state %s does not load (%s); making it again", state.key, refused.error)
+            self.remake_state(state, refused.generation)
             assert self.state is not None
             state = self.state
-            machine = self.pool.backend.restore(self.image, self.config, state, name)
+            machine = restore_held(self.pool.cache, self.pool.backend, self.image, self.config, state, name)  # refused again: raised
         instance = _bound(machine, self.image, state.meta)
         try:
             warm_up(instance, self.image)
@@ -125,17 +119,24 @@ class Slot:
                 instance = spare.result(timeout=300)
             except Exception as exc:
                 log.warning("spare %s guest failed (%s); restoring one now", self.config.image, exc)
+                spare.add_done_callback(close_if_made)  # given up on: if it comes after all, it is stopped
         if instance is None:
             instance = self.new_instance()
         self.refill()
         return instance
 
-    def remake_state(self, broken: SavedState) -> None:
+    def remake_state(self, broken: SavedState, generation: str | None) -> None:
+        """Discard a state that failed if it is still the ``generation`` that failed (else another worker made
+        it again: use that one), and make it anew, once more if that fails once."""
         with self._remake_lock:
             if self.state is not broken:
                 return  # another thread already made a new one
-            self.pool.cache.discard(broken.directory)
-            self.state = self.pool.saved_state(self.image, self.config)
+            self.pool.cache.discard(broken.directory, generation)
+            try:
+                self.state = self.pool.saved_state(self.image, self.config)
+            except VMError as exc:
+                log.warning("making saved state %s again failed (%s); trying once more", broken.key, exc)
+                self.state = self.pool.saved_state(self.image, self.config)
 
     def wait_for_spares(self, timeout: float = 300.0) -> None:
         """Wait until the spares being restored are ready (or failed): as after a test that ran a while."""
@@ -229,6 +230,7 @@ class Pool:
             image = prepare_byo(self.cache, spec, self.progress)
         else:
             image = ensure_image(self.cache, name, self.image_dirs, self.progress)
+        self.runtime.record_use(*(p for p in (image.directory, image.disk, image.seed, image.client_key) if p is not None))
         self._images[key] = image
         return image
 
@@ -264,15 +266,11 @@ class Pool:
             "states", key, create, verify,
             waiting=lambda: self.progress(f"waiting for another run preparing {config.describe()}"),
         )
+        self.runtime.record_use(directory)
         return SavedState(directory, directory / "disk.qcow2", directory / "memory", key, self.cache.read_manifest(directory))
 
     def accel_for(self, image: BuiltImage) -> str:
-        """The session's accelerator, except that a guest of another architecture than the host's is emulated."""
-        try:
-            native = is_native(by_name(image.arch))
-        except KeyError:
-            native = True  # the backend refuses an unknown architecture with its own message
-        return guest_accel(AccelChoice(self.accel, ""), native, image.arch).accel
+        return accel_of_guest(self.accel, image.arch)
 
     def _make_state(self, image: BuiltImage, config: MachineConfig, directory: Path) -> dict[str, object]:
         """Cold boot, provision, and freeze: done once per state key, ever. Returns what was learned."""
@@ -341,6 +339,7 @@ class Pool:
         """Put a guest back into its clean snapshot (backends without saved states), channels fresh."""
         instance.close_channels()
         self._snapshots().revert_clean(instance.machine)
+        retarget(instance)
         warm_up(instance, image)
 
     # -- guests ----------------------------------------------------------------
@@ -375,6 +374,7 @@ class Pool:
             command_timeout=self.command_timeout,
             capabilities=capabilities_of(self.backend),
             revert_in_place=(lambda instance: self.revert_in_place(instance, image)) if in_place else None,
+            named_snapshots=named_snapshot_calls(self._snapshots()) if in_place else None,
         )
 
     def acquire(self, config: MachineConfig) -> VM:
@@ -385,7 +385,11 @@ class Pool:
             vm = slot.idle.pop() if slot.idle else None
         if vm is None:
             vm = self._handle(slot.image, config, slot.take_instance(), slot)
-            self.ready(vm)
+            try:
+                self.ready(vm)
+            except BaseException:  # a pytest_vm_ready hook that raised: the guest is nobody's, stop it
+                vm.kill()
+                raise
             vm.state = GuestState.READY
         with self._lock:
             slot.busy.add(vm)

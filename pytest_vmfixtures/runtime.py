@@ -3,8 +3,13 @@
 A session owns two private (0700) directories: one under the cache for
 overlays and logs (they can grow large), and one short one under the temp dir
 for unix sockets (their paths must stay under 108 bytes). ``session.json``
-records the owning pid; the reaper removes the files and kills the guests of
-sessions whose owner is gone, and never touches a live session's.
+records the owning pid; the session holds an exclusive ``flock`` on its
+``lock`` file for its whole life. The reaper removes the files and kills the
+guests of sessions whose lock is free (the owner is gone: the kernel drops a
+flock with its holder), and never touches a live session's. A pid alone is
+not proof: a session in another pid namespace (another container sharing the
+cache) has a pid this one cannot see, but its lock is held all the same.
+Sessions made before the lock existed are judged by their pid, as before.
 
 The reaper acts only on what this plugin made, for this user: a session dir
 under ``run/`` is removed only if it is a real directory (not a symlink) owned
@@ -18,6 +23,7 @@ else is left alone, and the log says why.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +47,8 @@ SESSION_NAME = re.compile(r"(\d+)-[0-9a-f]{8}")
 SOCK_DIR_NAME = re.compile(r"vmfx-[A-Za-z0-9_]+")
 QEMU_EXE_NAME = re.compile(r"qemu-system-[A-Za-z0-9_.+-]+")
 MAX_RECORD_BYTES = 64 * 1024
+SESSION_LOCK = "lock"  # in run/<session>/: held (flock, exclusive) by the session for its whole life
+USES = "uses"  # in run/<session>/: cache files the session uses, one path a line (images prune keeps them)
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -71,6 +79,9 @@ class Runtime:
         # concurrent reaper never sees a live session without an owner.
         staging = self.run_root / f".new-{self.session_id}"
         staging.mkdir(mode=0o700)
+        # The lock is taken before the directory gets its final name: no reaper ever sees it free.
+        self._lock_fd = os.open(staging / SESSION_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         (staging / "session.json").write_text(
             json.dumps(
                 {
@@ -85,6 +96,7 @@ class Runtime:
         staging.rename(self.run_dir)
         self._counter = 0
         self._lock = threading.Lock()
+        self._uses: set[str] = set()
         # Processes are started from one long-lived thread: the parent-death
         # signal fires when the *thread* that forked exits, not the process.
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmfixtures-launcher")
@@ -94,6 +106,17 @@ class Runtime:
         with self._lock:
             self._counter += 1
             return f"{label}-{self._counter}"
+
+    def record_use(self, *paths: Path) -> None:
+        """Note cache files this session uses (images, seeds, states): ``images prune`` keeps their entries
+        while the session lives, whether or not a guest of it is running at that moment."""
+        with self._lock:
+            new = [str(p) for p in paths if "\n" not in str(p) and str(p) not in self._uses]
+            if not new or self._closed:
+                return
+            self._uses.update(new)
+            with open(self.run_dir / USES, "a", encoding="utf-8") as f:
+                f.write("".join(f"{p}\n" for p in new))
 
     def machine_dirs(self, name: str) -> tuple[Path, Path]:
         """A private file dir and socket dir for one machine."""
@@ -107,8 +130,11 @@ class Runtime:
     def _counter_for(name: str) -> str:
         return name.rsplit("-", 1)[-1]
 
-    def spawn(self, argv: Sequence[str], stderr: IO[bytes], pidfile: Path) -> subprocess.Popen[bytes]:
-        """Start a guest process that dies with us (parent-death signal, own process group)."""
+    def spawn(
+        self, argv: Sequence[str], stderr: IO[bytes], pidfile: Path, pass_fds: Sequence[int] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start a guest process that dies with us (parent-death signal, own process group); it inherits
+        ``pass_fds`` and no other descriptor of ours."""
         full = ["setpriv", "--pdeathsig", "KILL", "--", *argv] if self.die_with_parent else list(argv)
         # The pid file names the executables the process may be running (setpriv until it execs the
         # guest's binary), so that the reaper kills a recorded pid only if it still runs one of them
@@ -124,6 +150,7 @@ class Runtime:
                 stderr=stderr,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
             )
             pidfile.write_text(f"{proc.pid} {_proc_start_time(proc.pid) or ''}\n{record}")
             return proc
@@ -138,6 +165,7 @@ class Runtime:
         self._launcher.shutdown(wait=False)
         for d in (self.run_dir, self.sock_dir):
             shutil.rmtree(d, ignore_errors=True)
+        os.close(self._lock_fd)  # last: the session counts as live until its files are gone
 
     def reap(self) -> list[str]:
         """Clean up after sessions whose owning process is gone. Returns what was removed."""
@@ -152,7 +180,7 @@ def reap(run_root: Path) -> list[str]:
         if session.name.startswith("."):
             continue  # still being set up by its owner
         record = _session_record(session)
-        if record is None or pid_alive(record.pid, record.start_time):
+        if record is None or _record_alive(session, record):
             continue
         _kill_pids(session)
         if record.sock_dir and _is_our_sock_dir(Path(record.sock_dir)):
@@ -165,6 +193,43 @@ def reap(run_root: Path) -> list[str]:
     if removed:
         log.info("reaped stale sessions: %s", ", ".join(removed))
     return removed
+
+
+def session_lock_held(session: Path) -> bool | None:
+    """Whether the session dir's lock is held by a live process; None if it has no lock (made before locks)."""
+    try:
+        fd = os.open(session / SESSION_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True  # cannot tell: never reap what may be live
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own shared lock
+    return False
+
+
+def _record_alive(session: Path, record: SessionRecord) -> bool:
+    held = session_lock_held(session)
+    return pid_alive(record.pid, record.start_time) if held is None else held
+
+
+def session_alive(run_root: Path, session_id: str) -> bool:
+    """Whether the session ``session_id`` (a ``<pid>-<hex>`` name, as in libvirt domain names) still runs.
+
+    Its lock decides when its directory is in ``run_root``; otherwise (reaped already, closed, or a
+    session of another cache) only the pid can tell, which callers limit to their own pid namespace.
+    """
+    match = SESSION_NAME.fullmatch(session_id)
+    if match is None:
+        return True
+    held = session_lock_held(run_root / session_id)
+    return pid_alive(int(match.group(1)), None) if held is None else held
 
 
 def _resolve_exe(program: str) -> str | None:

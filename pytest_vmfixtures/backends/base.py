@@ -206,7 +206,16 @@ class SnapshotReverting(Protocol):
         ...
 
     def revert_clean(self, machine: Machine) -> None:
-        """Put ``machine`` back into its clean snapshot, running; SnapshotError if the hypervisor refuses."""
+        """Put ``machine`` back into its clean snapshot, running; SnapshotError if the hypervisor refuses.
+        Snapshots taken with :meth:`take_named` since are removed."""
+        ...
+
+    def take_named(self, machine: Machine, name: str) -> None:
+        """A test's own snapshot ``name`` of the running ``machine`` (``vm.snapshot``), until its next clean revert."""
+        ...
+
+    def revert_named(self, machine: Machine, name: str) -> None:
+        """Back to the test's snapshot ``name``, running (``vm.revert``); SnapshotError if there is none."""
         ...
 
 

@@ -27,6 +27,7 @@ from ..errors import CommandTimeout, GuestError
 from ..waiting import Deadline
 
 SYNC_MARKER = b"\xff"
+MAX_REPLY_BYTES = 256 << 20  # one reply (a command's output, base64) is far smaller; past it the agent is broken
 
 
 class AgentError(GuestError):
@@ -158,7 +159,13 @@ class Agent:
         self._buffer = self._buffer.split(SYNC_MARKER, 1)[1]
 
     def _read_message(self, deadline: Deadline) -> dict[str, Any]:
-        while b"\n" not in self._buffer:
+        scanned = 0  # only what came since is searched for the newline: a long reply costs O(n), not O(n²)
+        while self._buffer.find(b"\n", scanned) < 0:
+            scanned = len(self._buffer)
+            if scanned > MAX_REPLY_BYTES:
+                self.close()
+                raise AgentError(f"{self.name}: guest agent sent over {MAX_REPLY_BYTES} bytes without a newline; "
+                                 "dropping the connection")
             self._recv(deadline)
         line, self._buffer = self._buffer.split(b"\n", 1)
         line = line.strip()

@@ -91,6 +91,8 @@ class QMP:
             _call(send(), 10.0)
         except ExecuteError as exc:
             raise QMPError("getfd", exc.error.error.class_, exc.error.error.desc) from exc
+        except TimeoutError as exc:
+            raise GuestError(f"{self.name}: QEMU did not take the file {fdname!r} within 10 s") from exc
 
     def close(self) -> None:
         if self._closed:

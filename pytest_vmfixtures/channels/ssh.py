@@ -74,6 +74,28 @@ class ProxyProcess:
         self._stderr.close()
 
 
+IDENTITY_SECONDS = 30.0
+MAX_OUTPUT_BYTES = 64 << 20  # of a command's stdout, and of its stderr, kept on the host (the tail)
+MAX_IDENTITY_BYTES = 4096
+
+
+def check_nic(client: paramiko.SSHClient, mac: str, name: str, host_id: str) -> None:
+    """Refuse a guest that is not ``name``: it must have a NIC with ``mac``, the MAC the hypervisor gave ``name``.
+
+    Guests of one image share their host key and accept the same client key, so on a shared network
+    the key alone cannot tell them apart: another guest that took ``name``'s address would be let in.
+    """
+    try:
+        _stdin, stdout, _stderr = client.exec_command("cat /sys/class/net/*/address", timeout=IDENTITY_SECONDS)
+        stdout.channel.settimeout(IDENTITY_SECONDS)
+        macs = stdout.read(MAX_IDENTITY_BYTES).decode("ascii", errors="replace").lower().split()
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise SSHError(f"{name}: cannot check that SSH to {host_id} reached {name} (its NICs): {exc}") from exc
+    if mac.lower() not in macs:
+        raise SSHError(f"{name}: SSH to {host_id} reached another machine (NICs {', '.join(macs) or 'none'}, not "
+                       f"{name}'s {mac.lower()}): its address was taken by another guest; refusing to use it")
+
+
 class SSH:
     def __init__(
         self, host: str, port: int, user: str, key: paramiko.PKey, host_key: str, name: str, proxy: str | None = None,
@@ -89,6 +111,7 @@ class SSH:
         self._sftp: paramiko.SFTPClient | None = None
         self._proxy: ProxyProcess | None = None
         self.sudo = False  # run commands as root through sudo -n (the login user is not root)
+        self.mac: str | None = None  # if set: the guest must have a NIC with this MAC (check_nic), checked on connect
 
     def connect(self, timeout: float = 10.0) -> paramiko.SSHClient:
         self.close()
@@ -123,6 +146,13 @@ class SSH:
         transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(15)
+        if self.mac is not None:
+            try:
+                check_nic(client, self.mac, self.name, host_id)
+            except SSHError:
+                client.close()
+                self.close()
+                raise
         self._client = client
         return client
 
@@ -178,6 +208,9 @@ class SSH:
                     out += chan.recv(65536)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
+                for captured in (out, err):  # a command that prints without end keeps its tail, not all of it
+                    if len(captured) > MAX_OUTPUT_BYTES:
+                        del captured[: len(captured) - MAX_OUTPUT_BYTES]
                 if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if not transport.is_active():

@@ -8,7 +8,7 @@ cloud image (Debian, Ubuntu, Fedora, ...) the way a cloud does:
   kept) and again on first use in every run. A local path is used in place,
   read-only (guests write only to their own overlays), after its digest is
   checked; ``sha256`` is required for URLs and optional for paths. A qcow2
-  with a backing file is refused: it could make QEMU read any host file.
+  with a backing file or an external data file is refused: it could make QEMU read any host file.
 * **A NoCloud seed** (an ISO 9660 volume labelled ``cidata``, written here with
   pycdlib) tells cloud-init the host name, creates the login user ``vmfix``
   with password-less sudo (or uses ``root`` when ``user="root"``), authorises a
@@ -45,6 +45,7 @@ from pathlib import Path
 
 from ..errors import ImageError
 from .cache import Cache, sha256_file
+from .fetch import CHUNK, download
 from .image import BuiltImage, GuestOS
 from .keys import CLIENT_KEY_NAME, HOST_KEY_NAME, private_bytes, public_line, write_keys
 
@@ -54,9 +55,6 @@ DEFAULT_USER = "vmfix"
 FIRMWARES = ("auto", "uefi", "bios")
 SEED_VERSION = "1"
 SEED_NAME = "seed.iso"
-CHUNK = 1 << 20
-PROGRESS_EVERY = 3.0  # seconds between download progress lines
-HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -124,58 +122,6 @@ class ByoSpec:
 
 
 # -- the disk ------------------------------------------------------------------
-def download(url: str, sha256: str, target: Path, progress: Progress, timeout: float = 60.0) -> None:
-    """Stream ``url`` into ``target``, hashing as it goes; a mismatch removes the file and raises."""
-    expected = sha256.lower()
-    digest = hashlib.sha256()
-    done = 0
-    started = last = time.monotonic()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
-            kind = response.headers.get_content_type()
-            if kind in HTML_TYPES:
-                raise _web_page(url, f" ({kind})")
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            progress(f"downloading {url}" + (f" ({total / 2**20:.0f} MiB)" if total else ""))
-            while chunk := response.read(CHUNK):
-                if done == 0 and _looks_like_html(chunk):
-                    raise _web_page(url)
-                digest.update(chunk)
-                out.write(chunk)
-                done += len(chunk)
-                now = time.monotonic()
-                if now - last >= PROGRESS_EVERY:
-                    last = now
-                    share = f" ({100 * done / total:.0f}%)" if total else ""
-                    progress(f"downloaded {done / 2**20:.0f} MiB{share} of {url}")
-    except ImageError:
-        target.unlink(missing_ok=True)
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        target.unlink(missing_ok=True)
-        raise ImageError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
-    actual = digest.hexdigest()
-    if actual != expected:
-        target.unlink(missing_ok=True)
-        raise ImageError(
-            f"{url} has sha256 {actual}, not the expected {expected}; the download was removed. "
-            "Fix sha256= (or the URL)"
-        )
-    rate = done / 2**20 / max(time.monotonic() - started, 1e-3)
-    progress(f"downloaded {url}: {done / 2**20:.0f} MiB, checksum verified ({rate:.0f} MiB/s)")
-
-
-def _web_page(url: str, kind: str = "") -> ImageError:
-    return ImageError(f"{url} serves a web page{kind}, not a disk image: give the URL of the "
-                      ".qcow2 or .img file itself (the download link, not the page listing it)")
-
-
-def _looks_like_html(chunk: bytes) -> bool:
-    start = chunk[:512].lstrip().lower()
-    return start.startswith((b"<!doctype html", b"<html", b"<?xml")) or b"<html" in start[:256]
-
-
 def cached_download(cache: Cache, url: str, sha256: str, progress: Progress) -> Path:
     """The verified file for ``url``: downloaded once across processes, re-checked on first use per run."""
     sha256 = sha256.lower()
@@ -251,7 +197,8 @@ def _disk_in(directory: Path) -> Path:
 
 
 def disk_info(disk: Path, qemu_img: str = "qemu-img") -> str:
-    """The disk's format ("qcow2" or "raw"); refuses a qcow2 with a backing file."""
+    """The disk's format ("qcow2" or "raw"); refuses a qcow2 with a backing file or an external data file
+    (either makes QEMU read a host file the image names)."""
     result = subprocess.run(
         [qemu_img, "info", "--output=json", str(disk)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -263,6 +210,11 @@ def disk_info(disk: Path, qemu_img: str = "qemu-img") -> str:
         raise ImageError(f"{disk} is a {fmt or 'unknown'} image; convert it to qcow2 (qemu-img convert -O qcow2)")
     if info.get("backing-filename"):
         raise ImageError(f"{disk} has a backing file ({info['backing-filename']}); flatten it: qemu-img convert -O qcow2")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and data.get("data-file"):  # its clusters live in a host file it names
+        raise ImageError(f"{disk} keeps its data in an external file ({data['data-file']}); make it self-contained: "
+                         "qemu-img convert -O qcow2")
     return fmt
 
 

@@ -6,6 +6,10 @@ last), are read-only once made, and are verified by digest the first time a
 process uses them, so a truncated or bit-flipped file is rebuilt, not used.
 Concurrent pytest processes and xdist workers build each entry once: the
 first takes a file lock, the others wait on it and then find the entry.
+Readers hold the same lock shared while they open an entry's files
+(``reading``), so an entry is never removed under them; and an entry found
+unusable is removed only if it is still the generation that failed
+(``discard``), so N workers that saw one bad state make one new state, not N.
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ def make_read_only(path: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a cache entry, read-only files and all."""
+    """Remove a cache entry, read-only files and all; a symlink in its place is removed, never followed."""
+    if path.is_symlink():
+        path.unlink()
+        return
     if not path.exists():
         return
     for p in [path, *path.rglob("*")]:
@@ -87,8 +94,10 @@ class Cache:
         return self.root / "states"
 
     @contextlib.contextmanager
-    def lock(self, key: str, timeout: float = LOCK_TIMEOUT, waiting: Callable[[], None] | None = None) -> Iterator[None]:
-        """An exclusive lock shared by every process using this cache (flock: released if we die)."""
+    def lock(
+        self, key: str, timeout: float = LOCK_TIMEOUT, waiting: Callable[[], None] | None = None, shared: bool = False,
+    ) -> Iterator[None]:
+        """An exclusive (or ``shared``) lock seen by every process using this cache (flock: released if we die)."""
         path = self.root / "locks" / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
@@ -96,7 +105,7 @@ class Cache:
             told = False
             while True:
                 try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if not told and waiting is not None:
@@ -173,12 +182,38 @@ class Cache:
             self._verified.add(final)
             return final
 
-    def discard(self, directory: Path) -> None:
-        """Remove an entry found unusable (under its lock, so no reader sees half of it)."""
+    @staticmethod
+    def generation(directory: Path) -> str | None:
+        """Which making of the entry ``directory`` is there now (None: none, or an incomplete one).
+
+        The directory's inode and its manifest's time: a remade entry differs in both.
+        """
+        try:
+            inode = os.stat(directory).st_ino
+            created = json.loads((directory / "manifest.json").read_text())["created"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return f"{inode}-{created!r}"
+
+    @contextlib.contextmanager
+    def reading(self, directory: Path) -> Iterator[str | None]:
+        """Hold the entry ``directory`` shared while its files are opened: nobody removes it meanwhile.
+
+        Yields its generation (None: it is gone, removed as unusable or pruned since it was looked up).
+        """
+        with self.lock(f"{directory.parent.name}-{directory.name}", shared=True):
+            yield self.generation(directory)
+
+    def discard(self, directory: Path, generation: str | None) -> bool:
+        """Remove an entry found unusable, if it is still the ``generation`` that failed (under its lock, so
+        no reader has it removed under them). False: it is gone or was made again since; keep what is there."""
         kind, key = directory.parent.name, directory.name
+        self._verified.discard(directory)  # whatever is there next is checked before it is used
         with self.lock(f"{kind}-{key}"):
+            if generation is None or self.generation(directory) != generation:
+                return False
             remove_tree(directory)
-        self._verified.discard(directory)
+            return True
 
     def write_manifest(self, directory: Path, meta: dict[str, object], files: list[str]) -> None:
         """Record digests of ``files`` and make them read-only; written last, so its presence means complete."""

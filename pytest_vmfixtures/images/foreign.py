@@ -38,7 +38,7 @@ from .image import INITRD_NAME, KERNEL_NAME
 from .minimal import system
 from .minimal.extract import kernel_modules
 from .mmdebstrap import GUEST_STAGE
-from .tools import kill_group, run_tool
+from .tools import dying_with_us, kill_group, run_tool
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -181,9 +181,14 @@ def stage2_command(
     argv += ["-accel", "tcg,thread=multi", "-m", str(STAGE2_MEMORY_MB), "-smp", str(cpus)]
     argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
     for index, (path, cache) in enumerate(((root, "unsafe,discard=unmap"), (out, "none"))):
-        argv += ["-drive", f"file={path},format=raw,if=none,id=disk{index},cache={cache}",
+        argv += ["-drive", f"file={_opt(path)},format=raw,if=none,id=disk{index},cache={cache}",
                  "-device", f"virtio-blk-pci,drive=disk{index}"]
-    return [*argv, "-serial", f"file:{console}"]
+    return [*argv, "-serial", f"file:{console}"]  # the legacy file: form takes the rest as the path, commas and all
+
+
+def _opt(path: object) -> str:
+    """A path as a value in QEMU's ``key=value,...`` syntax, where a comma is written twice (as backends' opt())."""
+    return str(path).replace(",", ",,")
 
 
 def run_stage2(
@@ -206,8 +211,10 @@ def run_stage2(
     progress(f"second stage: installing the packages under {binary} (emulated; several minutes)")
     started = time.monotonic()
     seen = 0
-    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          start_new_session=True) as process:
+    errors = work / "stage2-qemu.log"  # a file, not a pipe nobody reads while QEMU runs: it could fill and block QEMU
+    with errors.open("wb") as stderr_file, subprocess.Popen(
+            dying_with_us(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_file,
+            start_new_session=True) as process:
         try:
             while process.poll() is None:
                 if time.monotonic() - started > timeout:
@@ -220,7 +227,7 @@ def run_stage2(
         except BaseException:
             kill_group(process)  # type: ignore[arg-type]
             raise
-        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    stderr = errors.read_bytes()[-4000:].decode(errors="replace")
     _report(console, seen, progress)
     results = work / "results"
     results.mkdir()

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..errors import ImageError
 from .image import INITRD_NAME, KERNEL_NAME
 from .keys import private_bytes, public_line
+from .tools import dying_with_us
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -192,7 +193,7 @@ def run(recipe: Recipe, command: list[str], progress: Callable[[str], None]) -> 
     # Its own session: on errors mmdebstrap signals its whole process group,
     # which would otherwise kill the test run that started the build.
     with subprocess.Popen(
-        command,
+        dying_with_us(command),  # killed with pytest (stderr is read as it comes, below)
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -3,9 +3,11 @@
 Nothing in the cache is ever removed by the plugin itself: an image built
 from an older recipe, or a saved state of an image that is gone, stays until
 someone prunes. Pruning must never break a run in progress, so it skips
-every entry that a live session's guests use (found through their overlays'
-qcow2 backing chains and their QEMU command lines) and every entry whose lock
-is taken (it is being built or checked), without waiting for either.
+every entry that a live session uses (what it recorded in ``run/<session>/uses``:
+its images, seeds and saved states, with or without a guest running; and what
+its guests' overlays' qcow2 backing chains and QEMU command lines name) and
+every entry whose lock is taken (it is being built or checked), without
+waiting for either.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime import pid_alive
+from ..runtime import USES, pid_alive, session_lock_held
 from .cache import Cache, remove_tree
 from .qcow2 import backing_file
 
@@ -50,17 +52,38 @@ def entries_in_use(cache: Cache) -> set[Path]:
     used: set[Path] = set()
     run = cache.root / "run"
     for session in run.iterdir() if run.is_dir() else ():
-        try:
-            meta = json.loads((session / "session.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = {}
-        if session.name.startswith(".") or pid_alive(int(meta.get("pid", 0)), meta.get("start_time")):
+        if session.name.startswith(".") or _live(session):
+            for path in _recorded_uses(session):
+                entry = _entry_of(cache, path)
+                if entry is not None:
+                    used.add(entry)
             for machine in (p for p in session.iterdir() if p.is_dir()):
                 for path in _files_used(machine):
                     entry = _entry_of(cache, path)
                     if entry is not None:
                         used.add(entry)
     return used
+
+
+def _live(session: Path) -> bool:
+    """A session holding its lock (whatever pid namespace it runs in); one made before locks, by its pid."""
+    held = session_lock_held(session)
+    if held is not None:
+        return held
+    try:
+        meta = json.loads((session / "session.json").read_text(encoding="utf-8"))
+        return isinstance(meta, dict) and pid_alive(int(meta.get("pid", 0)), meta.get("start_time"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _recorded_uses(session: Path) -> list[Path]:
+    """What the session recorded it uses (runtime.Runtime.record_use): its images, seeds and states."""
+    try:
+        text = (session / USES).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [Path(line) for line in text.splitlines() if line.startswith("/")]
 
 
 def _files_used(machine: Path) -> Iterator[Path]:
@@ -89,7 +112,7 @@ def _entry_of(cache: Cache, path: Path) -> Path | None:
         relative = path.relative_to(cache.root)
     except ValueError:
         return None
-    return cache.root / relative.parts[0] / relative.parts[1] if len(relative.parts) >= 3 else None
+    return cache.root / relative.parts[0] / relative.parts[1] if len(relative.parts) >= 2 else None
 
 
 def plan(

@@ -24,8 +24,9 @@ def run_tool(
     so it cannot stall every worker waiting for that lock.
     """
     env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
-    with subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, errors="replace", env=env, start_new_session=True) as process:
+    with subprocess.Popen(dying_with_us(command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+                          start_new_session=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -40,6 +41,13 @@ def run_tool(
         # apt's "E:" lines say what went wrong; otherwise the tail says where.
         shown = [line for line in lines if line.startswith("E: ")][:5] or lines[-10:]
         raise ImageError(f"{command[0]} failed (exit {result.returncode}); {hint}:\n" + "\n".join(shown))
+
+
+def dying_with_us(command: Sequence[str]) -> list[str]:
+    """``command`` with a parent-death signal (as every guest QEMU has): killed with pytest, however it
+    ends, rather than running on for up to an hour while a retried run starts the same build."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *command] if setpriv else list(command)
 
 
 def kill_group(process: subprocess.Popen[str]) -> None:

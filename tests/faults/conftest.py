@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration.helpers import qemu_processes
+from integration.helpers import default_signals, qemu_processes
 
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends.qemu import QemuBackend
@@ -22,6 +22,16 @@ from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cache-integrity check (test_zz_cache_intact.py) goes last in the session, after every test that
+    uses the cache; the order directories are collected in would put it before integration and libvirt."""
+    last = [item for item in items if item.path.name == "test_zz_cache_intact.py"]
+    for item in last:
+        items.remove(item)
+    items.extend(last)
 
 
 @contextlib.contextmanager
@@ -65,6 +75,7 @@ def spawn_pytest(tmp_path: Path) -> Iterator[object]:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", *args, str(directory)],
                 cwd=directory, env=env, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=default_signals,  # some get a SIGINT: they must not inherit an ignored one
             )
         inner = Inner(proc, log)
         started.append(inner)

@@ -89,6 +89,8 @@ def test_pytest_killed_mid_boot_leaves_nothing(tmp_path: Path, outer_cache: Path
         time.sleep(0.2)
     time.sleep(3)
     pids = session_qemu(inner.proc.pid)
+    assert pids, f"the inner run's guest should still be booting:\n{inner.output()[-3000:]}"
+    states_before = set((outer_cache / "states").iterdir()) if (outer_cache / "states").is_dir() else set()
     inner.proc.send_signal(signal.SIGKILL)
     inner.proc.wait(60)
     _assert_gone(pids)
@@ -97,6 +99,8 @@ def test_pytest_killed_mid_boot_leaves_nothing(tmp_path: Path, outer_cache: Path
     # The half-made saved state is not in the cache; its temp dir goes at the next start.
     from pytest_vmfixtures.images.cache import Cache
 
+    made = set((outer_cache / "states").iterdir()) - states_before if (outer_cache / "states").is_dir() else set()
+    assert [p for p in made if (p / "manifest.json").exists()] == [], "a half-made state went into the cache"
     cache = Cache(outer_cache)
     cache.clean_tmp()
     # What remains is being built right now by a live run (its lock is held), never the dead run's.

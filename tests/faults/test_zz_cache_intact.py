@@ -1,4 +1,7 @@
-"""Runs last (file order): after everything above, every cached image and state is as it was made."""
+"""After everything else, every cached image and state is as it was made.
+
+Runs last in its session (tests/faults/conftest.py moves it to the end); scripts/test runs it once more on
+its own after all its runs, including the background job, so damage done by any run is seen."""
 
 from __future__ import annotations
 

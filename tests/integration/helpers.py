@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 
@@ -39,3 +40,14 @@ def orphaned_qemu() -> list[int]:
         if match and not Path(f"/proc/{match.group(1)}").exists():
             orphans.append(pid)
     return orphans
+
+
+def default_signals() -> None:
+    """preexec_fn for a child a test will signal: SIGINT and SIGQUIT back to their default disposition.
+
+    A job started in the background by a non-interactive shell (``scripts/test &``, as some CI runners
+    start jobs) inherits SIGINT and SIGQUIT as ignored, and so would the child: Python then never raises
+    KeyboardInterrupt in it, and a test that sends SIGINT would wait for nothing.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)

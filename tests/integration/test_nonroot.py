@@ -33,6 +33,7 @@ SUITE = '''
 def test_wreck(vm):
     assert vm.run("id -u", check=True).stdout.strip() == "0"
     vm.run("rm -rf /etc", timeout=120)
+    assert not vm.run("test -e /etc/passwd").ok  # wrecked: the next test shows the revert
 
 def test_clean_again(vm):
     assert vm.run("test -e /etc/passwd").ok

@@ -12,7 +12,7 @@ import pytest
 
 from pytest_vmfixtures.fixtures import SESSION_KEY
 
-from .helpers import orphaned_qemu, plugin_env, qemu_processes
+from .helpers import default_signals, orphaned_qemu, plugin_env, qemu_processes
 
 INNER = '''
 import pytest
@@ -61,6 +61,7 @@ def test_ctrl_c_stops_every_guest(pytester: pytest.Pytester, request: pytest.Fix
             env=plugin_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=default_signals,  # it gets a SIGINT: it must not inherit an ignored one
         )
     try:
         deadline = time.monotonic() + 300

@@ -1,6 +1,7 @@
 """Real guests through the libvirt backend, driven with the pool directly (no plugin options yet).
 
-Needs libvirtd at qemu:///system (or VMFX_LIBVIRT_URI) and libvirt-python; skips otherwise.
+Needs libvirtd at qemu:///system (or VMFX_LIBVIRT_URI) and libvirt-python: without them a test fails in CI
+(CI=true) and skips elsewhere (rig.py).
 The two-host tests use a second libvirtd: VMFX_LIBVIRT_URI2 if set, else one started here by
 second_libvirtd.sh (root only) and stopped at the end.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from rig import import_libvirt, missing
 
 from pytest_vmfixtures.accel import AccelChoice, choose_accel, probe_host
 from pytest_vmfixtures.images.byo import ByoSpec, prepare
@@ -25,7 +27,7 @@ from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
-libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed: pip install -e '.[libvirt]'")
+libvirt = import_libvirt()
 
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend  # noqa: E402
 
@@ -51,10 +53,10 @@ def reachable(uri: str) -> str | None:
 
 
 def require(uri: str) -> str:
-    """``uri``, or skip the test that needs it if libvirtd does not answer there."""
+    """``uri``, or fail (CI) or skip the test that needs it if libvirtd does not answer there."""
     why = reachable(uri)
     if why:
-        pytest.skip(why)
+        missing(why)
     return uri
 
 
@@ -72,10 +74,10 @@ def second_uri(primary_uri: str) -> Iterator[str]:
         uri = subprocess.run([script, "uri"], capture_output=True, text=True, timeout=10).stdout.strip()
         if reachable(uri) is not None:  # not running yet: start it here, and stop it at the end
             if os.geteuid() != 0 or shutil.which("unshare") is None:
-                pytest.skip("no second libvirtd: set VMFX_LIBVIRT_URI2, or run as root to start one here")
+                missing("no second libvirtd: set VMFX_LIBVIRT_URI2, or run as root to start one here")
             result = subprocess.run([script, "start"], capture_output=True, text=True, timeout=60)
             if result.returncode != 0:
-                pytest.skip(f"cannot start a second libvirtd: {result.stderr.strip()}")
+                missing(f"cannot start a second libvirtd: {result.stderr.strip()}")
             started = True
     yield require(uri)
     if started:
@@ -96,11 +98,11 @@ def ssh_uri(second_uri: str) -> Iterator[str]:
     """The second libvirtd through a test sshd on 127.0.0.2, as qemu+ssh:// (see ssh_hypervisor.sh)."""
     script = str(HERE / "ssh_hypervisor.sh")
     if os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists():
-        pytest.skip("the qemu+ssh:// test needs root and openssh-server (for a throwaway sshd on 127.0.0.2)")
+        missing("the qemu+ssh:// test needs root and openssh-server (for a throwaway sshd on 127.0.0.2)")
     result = subprocess.run(["sh", script, "start"], capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, VMFX_LIBVIRTD2_DIR=str(Path(second_socket_dir(second_uri)))))
     if result.returncode != 0:
-        pytest.skip(f"cannot start the test sshd: {result.stderr.strip()}")
+        missing(f"cannot start the test sshd: {result.stderr.strip()}")
     try:
         yield require(result.stdout.strip())
     finally:
@@ -111,7 +113,7 @@ def second_socket_dir(uri: str) -> str:
     """The second libvirtd's directory, from its URI's socket parameter (.../sock/libvirt-sock)."""
     socket_path = parse_qs(urlsplit(uri).query).get("socket", [""])[0]
     if not socket_path:
-        pytest.skip(f"{uri} names no socket: the qemu+ssh:// test needs the second libvirtd of second_libvirtd.sh")
+        missing(f"{uri} names no socket: the qemu+ssh:// test needs the second libvirtd of second_libvirtd.sh")
     return str(Path(socket_path).parent.parent)
 
 
@@ -141,7 +143,7 @@ def nat_network(primary_uri: str) -> Iterator[str]:
         yield given
         return
     if os.geteuid() != 0 or shutil.which("dnsmasq") is None:
-        pytest.skip("snapshot mode's NAT network needs root and dnsmasq (dnsmasq-base); or set VMFX_NAT_NETWORK")
+        missing("snapshot mode's NAT network needs root and dnsmasq (dnsmasq-base); or set VMFX_NAT_NETWORK")
     script = str(HERE / "nat_network.sh")
     name = "vmfx-nat"
     conn = libvirt.open(primary_uri)

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from rig import missing as rig_missing
 
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtMachine
@@ -50,7 +51,7 @@ def cloud_disk(cache: Cache, variant: str = "uefi") -> Path:
     cloudimage = _cloudimage()
     missing = cloudimage.missing_tools()
     if missing:
-        pytest.skip(f"building the test cloud image needs: {', '.join(missing)}")
+        rig_missing(f"building the test cloud image needs: {', '.join(missing)}")
     disk: Path = cloudimage.ensure(cache, lambda message: print(f"  {message}", flush=True), variant=variant)
     return disk
 

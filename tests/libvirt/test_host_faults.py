@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from rig import import_libvirt
+from rig import missing as rig_missing
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
@@ -18,7 +20,7 @@ from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 CONFIG = MachineConfig("debian-12")
 NOWHERE = "qemu:///system?socket=/nonexistent/vmfx/libvirt-sock"
 SCRIPT = Path(__file__).resolve().parent / "second_libvirtd.sh"
@@ -63,7 +65,7 @@ def test_a_libvirtd_dying_mid_run_fails_only_its_guests(
 ) -> None:
     ours = subprocess.run(["sh", str(SCRIPT), "uri"], capture_output=True, text=True, timeout=10).stdout.strip()
     if second_uri != ours:
-        pytest.skip("kills and restarts the second libvirtd: only the one second_libvirtd.sh runs")
+        rig_missing("kills and restarts the second libvirtd: only the one second_libvirtd.sh runs")
     pool, runtime = pool_factory([second_uri, primary_uri], standby=0)
     restarted = False
     try:

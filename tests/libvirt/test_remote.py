@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rig import import_libvirt
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
@@ -29,7 +30,7 @@ from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 from pytest_vmfixtures.waiting import wait_for
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 CONFIG = MachineConfig("debian-12")
 
 
@@ -144,7 +145,7 @@ def test_state_made_on_a_remote_host_comes_home_and_loads_on_the_local_one(
         assert vm.state is GuestState.DIRTY
     finally:
         close(local)
-        cache.discard(state.directory)
+        cache.discard(state.directory, cache.generation(state.directory))
 
 
 def test_a_remote_guest_console_is_streamed_here(remote_pool: Pool) -> None:

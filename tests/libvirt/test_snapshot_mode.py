@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from rig import import_libvirt
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 
 from pytest_vmfixtures.accel import AccelChoice  # noqa: E402
 from pytest_vmfixtures.backends.base import MachineConfig  # noqa: E402

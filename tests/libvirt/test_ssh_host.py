@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
+from rig import import_libvirt
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
@@ -15,7 +15,7 @@ from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
 from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
-pytest.importorskip("libvirt")
+import_libvirt()
 CONFIG = MachineConfig("debian-12")
 
 

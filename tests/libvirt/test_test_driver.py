@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rig import import_libvirt
 
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
@@ -23,7 +24,7 @@ from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.images.image import BuiltImage
 from pytest_vmfixtures.runtime import Runtime
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 TEST_DRIVER = "test:///default"  # libvirt's own test driver
 
 
@@ -72,6 +73,9 @@ def test_a_driver_without_snapshots_or_not_compiled_in_is_refused_in_one_line(ca
     try:
         with pytest.raises(GuestError) as caught:
             LibvirtBackend(runtime, accel, ["vmwarews:///session"], mode="snapshot")  # type: ignore[arg-type]
-        assert "\n" not in str(caught.value) and ("snapshot" in str(caught.value) or "driver" in str(caught.value))
+        # Debian's libvirt has the vmware driver (test_portable_drivers.py converts VMX through it), so the
+        # refusal is the one for a driver without a snapshot API, not the one for a driver not compiled in.
+        assert "\n" not in str(caught.value)
+        assert "libvirt's VMware Workstation / Player / Fusion driver has no snapshot API" in str(caught.value)
     finally:
         runtime.close()

@@ -111,7 +111,15 @@ def test_ssh_command_line_exports_the_tag_to_the_command() -> None:
 
 def test_ssh_command_line_shape() -> None:
     line = ssh_command_line("echo 'hi'", "abc")
-    assert line.startswith(f"{TAG}=abc exec /bin/sh -c ")
+    assert line.startswith(f"{TAG}=abc /bin/sh -c ")
+    assert line.endswith("; exit $?")
+
+
+@pytest.mark.parametrize("login_shell", ["/bin/sh", "/bin/bash"])
+def test_ssh_command_line_reports_a_signal_killed_command_as_a_shell_does(login_shell: str) -> None:
+    line = ssh_command_line("echo partial; kill -9 $$", new_tag())
+    out = subprocess.run([login_shell, "-c", line], capture_output=True, text=True, timeout=10)
+    assert (out.returncode, out.stdout) == (137, "partial\n")
 
 
 # -- agent_environment / agent_script ---------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,8 +79,8 @@ def test_results_are_taken_from_the_output_disk_by_name_only(tmp_path: Path) -> 
 
 
 def test_a_second_stage_that_writes_nothing_fails_with_the_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A QEMU stand-in that prints what a failed guest prints and powers off: the real second stage's
-    # failure paths are exercised by a broken recipe in the integration tests.
+    # A QEMU stand-in that prints what a failed guest prints and powers off. This is the only check of
+    # this failure path: no test builds a broken foreign recipe for real (an emulated build takes minutes).
     work = tmp_path / "work"
     (work / "host" / "boot").mkdir(parents=True)
     monkeypatch.setattr(foreign, "initramfs", lambda host: (tmp_path / "k", b"cpio"))
@@ -111,3 +114,81 @@ def test_a_variant_a_foreign_build_cannot_make_is_refused_by_name(tmp_path: Path
     recipe = replace(load_recipe("debian-12-arm64"), variant="buildd")
     with pytest.raises(ImageError, match="variant 'buildd' cannot be built for another architecture"):
         foreign.extract_command(recipe, tmp_path / "s.tar", tmp_path / "r.ext2", tmp_path / "h")
+
+
+def test_stage2_drive_paths_with_commas_are_escaped(tmp_path: Path) -> None:
+    """A comma in a cache path is written twice in -drive, so QEMU cannot take the rest for options (finding L10)."""
+    root, out = tmp_path / "ci,cache" / "root.ext2", tmp_path / "ci,cache" / "out.img"
+    argv = foreign.stage2_command("qemu-system-aarch64", ARCHES["arm64"], tmp_path / "k", tmp_path / "i", root, out,
+                                  tmp_path / "console.log", 2)
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives[0].startswith(f"file={tmp_path}/ci,,cache/root.ext2,format=raw,")
+    assert drives[1].startswith(f"file={tmp_path}/ci,,cache/out.img,format=raw,")
+
+
+def _stage2_in_a_child(tmp_path: Path, stub: Path) -> subprocess.Popen[bytes]:
+    """run_stage2 on the stub QEMU ``stub``, in a process of its own that the test can kill."""
+    script = f"""
+import sys
+from pathlib import Path
+from pytest_vmfixtures.images import foreign
+from pytest_vmfixtures.arch import ARCHES
+from pytest_vmfixtures.images.catalog import load_recipe
+work = Path({str(tmp_path / "work")!r})
+(work / "host" / "boot").mkdir(parents=True)
+foreign.initramfs = lambda host: (Path({str(tmp_path / "k")!r}), b"cpio")
+try:
+    foreign.run_stage2(load_recipe("debian-12-arm64"), ARCHES["arm64"], {str(stub)!r}, work, Path({str(tmp_path / "root")!r}),
+                       lambda message: None, timeout=120)
+except Exception as exc:
+    print("ended:", type(exc).__name__, str(exc).splitlines()[0], flush=True)
+"""
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_the_second_stage_qemu_dies_with_the_build(tmp_path: Path) -> None:
+    """L4: a SIGKILLed pytest (CI cancel, OOM) takes its emulated QEMU with it (a STUB QEMU that sleeps)."""
+    pids = tmp_path / "stub.pid"
+    stub = tmp_path / "qemu"
+    stub.write_text(f"#!/bin/sh\necho $$ > {pids}\nexec sleep 300\n")
+    stub.chmod(0o755)
+    build = _stage2_in_a_child(tmp_path, stub)
+    try:
+        deadline = time.monotonic() + 60
+        while not pids.exists() or not pids.read_text().strip():
+            assert build.poll() is None and time.monotonic() < deadline, build.communicate()[0].decode()
+            time.sleep(0.1)
+        stub_pid = int(pids.read_text())
+        build.kill()
+        build.communicate()
+        deadline = time.monotonic() + 30
+        while _running(stub_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(stub_pid)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.communicate()
+
+
+def test_a_second_stage_that_floods_stderr_still_ends(tmp_path: Path) -> None:
+    """L4: over 64 KiB on stderr no longer blocks QEMU on a pipe nobody reads (a STUB QEMU writing 1 MiB)."""
+    stub = tmp_path / "qemu"
+    stub.write_text("#!/bin/sh\nhead -c 1048576 /dev/zero >&2\nexit 1\n")
+    stub.chmod(0o755)
+    build = _stage2_in_a_child(tmp_path, stub)
+    try:
+        output, _ = build.communicate(timeout=300)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.communicate()
+    assert b"ended: ImageError" in output and b"failed under emulation" in output  # not "did not finish"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -102,7 +102,7 @@ def test_volume_xml_escapes_and_names_the_backing_store() -> None:
 
 def test_run_owned_volumes_name_the_process_and_the_machine() -> None:
     match = RUN_OWNED.match("vmfx-4242-0123abcd-89abcdef-debian-12-1.qcow2")
-    assert match is not None and match.groups() == ("4242", "89abcdef")
+    assert match is not None and match.groups() == ("4242-0123abcd", "89abcdef")  # the session id, the client tag
     assert RUN_OWNED.match("vmfx-img-0123456789abcdef.qcow2") is None
     assert RUN_OWNED.match("vmfx-state-debian-12-0123456789abcdef.qcow2") is None
 

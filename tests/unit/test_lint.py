@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ruff() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "pytest_vmfixtures", "tests", "benchmarks", "examples"],
+    paths = ["pytest_vmfixtures", "tests", "benchmarks", "examples", "scripts/runs.py"]
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", *paths],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

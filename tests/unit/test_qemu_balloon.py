@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pytest_vmfixtures.backends.qemu.balloon import resident_kib, wait_for_reports
 
 SHRINKS = """
@@ -30,17 +32,18 @@ def test_the_wait_sees_the_process_shrink_and_then_ends() -> None:
         started = time.monotonic()
         shrunk = wait_for_reports("test", process.pid, quiet=1.0, timeout=20)
         assert shrunk > 64
-        assert 1.0 <= time.monotonic() - started < 10
+        assert time.monotonic() - started >= 1.0  # it waited out the quiet second after the shrink
     finally:
         process.kill()
         process.wait()
         process.stdout.close()  # type: ignore[union-attr]
 
 
-def test_a_process_that_is_gone_is_not_waited_for() -> None:
+def test_a_process_that_is_gone_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     assert resident_kib(process.pid) is None
-    started = time.monotonic()
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
     assert wait_for_reports("test", process.pid, quiet=5, timeout=20) == 0.0
-    assert time.monotonic() - started < 1
+    assert slept == []  # returned at the first look, without waiting out the quiet period

@@ -63,7 +63,9 @@ def test_freeze_moves_the_ram_private_and_sparse(tmp_path: Path) -> None:
     assert memory.ram_of(state) == ram and not (tmp_path / "boot-ram").exists()
     assert ram.read_bytes()[65536:65542] == b"kernel" and ram.stat().st_size == 131072
     assert ram.stat().st_mode & 0o777 == 0o600
-    assert memory.check(state) == ram
+    checked, fd = memory.check(state)
+    os.close(fd)
+    assert checked == ram
 
 
 def test_a_stream_state_has_no_ram_file(tmp_path: Path) -> None:
@@ -88,6 +90,27 @@ def test_a_changed_ram_file_is_refused(tmp_path: Path, fault: str) -> None:
     with pytest.raises(SnapshotError, match="saved state debian-12-0123") as caught:
         memory.check(state)
     assert "\n" not in str(caught.value)
+
+
+def test_the_checked_ram_file_is_the_one_qemu_maps(tmp_path: Path) -> None:
+    """L3: QEMU gets the descriptor of the file check() looked at; replacing the path afterwards changes
+    nothing, and a symlink in its place is refused (O_NOFOLLOW)."""
+    state = saved(tmp_path)
+    ram = state.directory / memory.RAM_NAME
+    path, fd = memory.check(state)
+    try:
+        spec = memory.RamFile(path, shared=False, fd=fd).arguments(512)[1]
+        assert f"mem-path=/proc/self/fd/{fd}," in spec and str(ram) not in spec
+        original = os.fstat(fd).st_ino
+        os.rename(ram, tmp_path / "elsewhere")
+        ram.write_bytes(b"\0" * 131072)  # another file where the checked one was
+        assert os.fstat(fd).st_ino == original and os.stat(f"/proc/self/fd/{fd}").st_ino == original
+    finally:
+        os.close(fd)
+    ram.unlink()
+    ram.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SnapshotError, match="cannot open its RAM file"):
+        memory.check(state)
 
 
 def test_the_fingerprint_records_what_the_save_wrote(tmp_path: Path) -> None:

@@ -340,6 +340,7 @@ def test_spawn_records_the_executables_and_the_reaper_kills_by_them(tmp_path: Pa
         (rt.run_dir / "session.json").write_text(json.dumps({**meta, "pid": dead, "start_time": "1"}))
         stale = rt.run_root / f"{dead}-{rt.session_id.rsplit('-', 1)[1]}"
         rt.run_dir.rename(stale)
+        (stale / "lock").unlink()  # and no lock (this process lives on): a session of before locks, judged by its pid
 
         assert reap(rt.run_root) == [stale.name]
 

@@ -17,7 +17,7 @@ from ...accel import AccelChoice
 from ...errors import BootError, GuestError, ImageError, SnapshotError
 from ...images.image import BuiltImage
 from ...options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
-from ...runtime import Runtime
+from ...runtime import Runtime, session_alive
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import (
     NVRAM_NAME,
@@ -38,6 +38,7 @@ from .connection import (
     HostUnreachable,
     connect,
     connection_lost,
+    drop_domain,
     pick_host,
     reap,
     sweep,
@@ -46,9 +47,9 @@ from .connection import (
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
 from .machine import LibvirtMachine
-from .persistent import boot_persistent, network_problems, snapshot_capabilities
+from .persistent import boot_persistent, network_problems, relearn_address, snapshot_capabilities
 from .save import StateCopy, load_through_monitor, rewrap, save_domain, stream_offset
-from .snapshot import revert_clean, take_clean
+from .snapshot import revert_clean, revert_named, take_clean, take_named
 from .storage import guest_files
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -125,7 +126,7 @@ class LibvirtBackend:
                 raise GuestError(problem)
             self.capabilities = snapshot_capabilities(self.hosts)
         for host in self.hosts:
-            reap(host)
+            reap(host, lambda session: session_alive(self.runtime.run_root, session))
 
     def describe(self) -> str:
         host = self.hosts[0]
@@ -247,7 +248,7 @@ class LibvirtBackend:
                         xml = self.domain_xml(image, config, domain_name, host, paths, port, incoming=state is not None)
                         paused = state is not None or host.storage is not None
                         create = functools.partial(host.conn.createXML, xml, libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
-                        domain = bounded(f"{name}: starting on {host.uri}", create, 120.0)
+                        domain = bounded(f"{name}: starting on {host.uri}", create, 120.0, undo=drop_domain)
                 except libvirt.libvirtError as exc:
                     last_error = str(exc.get_error_message())
                     if "host forwarding" in last_error or "hostfwd" in last_error:
@@ -345,6 +346,14 @@ class LibvirtBackend:
 
     def revert_clean(self, machine: Machine) -> None:
         revert_clean(self._own(machine))
+        relearn_address(self, self._own(machine))
+
+    def take_named(self, machine: Machine, name: str) -> None:
+        take_named(self._own(machine), name)
+
+    def revert_named(self, machine: Machine, name: str) -> None:
+        revert_named(self._own(machine), name)
+        relearn_address(self, self._own(machine))
 
     @staticmethod
     def _own(machine: Machine) -> LibvirtMachine:

@@ -7,8 +7,10 @@ into the message saying what to install.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
@@ -32,13 +34,26 @@ def require_libvirt() -> None:
         raise GuestError("the libvirt backend needs libvirt-python: pip install 'pytest-vmfixtures[libvirt]'")
 
 
-def bounded(what: str, call: Callable[[], T], timeout: float) -> T:
-    """Run a blocking libvirt call with a deadline (libvirt-python releases the GIL while it waits)."""
+def bounded(what: str, call: Callable[[], T], timeout: float, undo: Callable[[T], object] | None = None) -> T:
+    """Run a blocking libvirt call with a deadline (libvirt-python releases the GIL while it waits).
+
+    The call cannot be stopped at the deadline: ``undo`` is applied to what it returns if it completes
+    after all (a domain created or defined late is destroyed, not left running with nobody to stop it).
+    """
     future = _calls.submit(call)
     try:
         return future.result(timeout)
     except FutureTimeout:
+        if undo is not None:
+            future.add_done_callback(functools.partial(_undo_late, undo))
         raise GuestError(f"{what} did not answer within {timeout:g} s") from None
+
+
+def _undo_late(undo: Callable[[T], object], future: Future[T]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        undo(future.result())
 
 
 def version_string(number: int) -> str:

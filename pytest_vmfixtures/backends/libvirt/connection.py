@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 
 from ...errors import GuestError
 from ...options import is_qemu_uri
-from ...runtime import pid_alive
+from ...runtime import session_alive
 from .calls import bounded, libvirt, libvirt_qemu, version_string
 from .drivers import compiled_in, driver_for
 from .save import StateCopy
@@ -31,10 +32,25 @@ from .storage import HostStorage
 log = logging.getLogger("pytest_vmfixtures")
 
 DOMAIN_PREFIX = "vmfx-"
-# Our domains: vmfx-<pid>-<8 hex>-<client>-<label>: the pid of the pytest process that owns
-# it, on the machine whose hostname hashes to <client> (hosts are shared between machines).
-OWNED = re.compile(r"^vmfx-(\d+)-[0-9a-f]{8}-([0-9a-f]{8})-")
-CLIENT = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# Our domains: vmfx-<pid>-<8 hex>-<client>-<label>: the session (runtime.Runtime.session_id) that owns
+# it, in the pid namespace whose identity hashes to <client>: the hostname (hosts are shared between
+# machines), the pid namespace (a pid means nothing outside its namespace: containers sharing a hostname
+# see each other's pids as dead) and the boot (pids start over). Only domains of our own <client> are
+# ever reaped, and only when their session is gone (runtime.session_alive: its lock, else its pid).
+OWNED = re.compile(r"^vmfx-(\d+-[0-9a-f]{8})-([0-9a-f]{8})-")
+
+
+def _client_tag() -> str:
+    identity = [socket.gethostname()]
+    for source in ("/proc/self/ns/pid", "/proc/sys/kernel/random/boot_id"):
+        try:
+            identity.append(os.readlink(source) if source.startswith("/proc/self/ns") else Path(source).read_text().strip())
+        except OSError:
+            identity.append("")
+    return hashlib.sha256("\0".join(identity).encode()).hexdigest()[:8]
+
+
+CLIENT = _client_tag()
 LIBVIRT_LOG_DIR = Path("/var/log/libvirt/qemu")
 
 
@@ -188,10 +204,13 @@ def pick_host(hosts: list[Host], name: str) -> Host:
     return host
 
 
-def reap(host: Host) -> None:
-    """Destroy our domains whose pytest process is gone (a killed run leaves them running).
+def reap(host: Host, alive: Callable[[str], bool] = lambda session: session_alive(Path("/nonexistent"), session)) -> None:
+    """Destroy our domains whose session is gone (a killed run leaves them running).
 
-    Snapshot mode's domains are persistent: they are undefined too, with their snapshots.
+    ``alive`` tells whether a session (``<pid>-<hex>``) still runs: the backend passes one that looks at
+    the session's lock in its cache's ``run/`` (a pid alone says nothing of another pid namespace's runs;
+    those have another client tag and are never touched here). Snapshot mode's domains are persistent:
+    they are undefined too, with their snapshots.
     """
     try:
         domains = host.conn.listAllDomains(0)
@@ -199,12 +218,12 @@ def reap(host: Host) -> None:
         return
     for dom in domains:
         match = OWNED.match(dom.name())
-        if match and match.group(2) == CLIENT and not pid_alive(int(match.group(1)), None):
+        if match and match.group(2) == CLIENT and not alive(match.group(1)):
             drop_domain(dom)
             with contextlib.suppress(OSError):
                 (log_dir(host.uri) / f"{dom.name()}.log").unlink()
     if host.storage is not None:
-        host.storage.reap(CLIENT)
+        host.storage.reap(CLIENT, alive)
 
 
 def sweep(host: Host, session_id: str, pool_name: str) -> None:

@@ -36,6 +36,7 @@ class LibvirtMachine:
         self.ssh_host = "127.0.0.1"
         self.ssh_port = ssh_port
         self.ssh_proxy = ssh_route(host.uri, ssh_port) if host.storage is not None else None
+        self.nic_mac: str | None = None  # snapshot mode: the NIC on the shared network SSH must reach (persistent.py)
         self.console_log = files / "console.log"
         self.agent_socket: Path | None = None  # libvirt owns it; see agent_transport
         self.agent_transport = LibvirtAgentTransport(domain, name) if has_agent else None

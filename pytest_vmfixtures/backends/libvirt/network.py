@@ -7,10 +7,14 @@ their address there, which the hypervisor reports through ``interfaceAddresses``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
-from .calls import libvirt
+from .calls import bounded, libvirt
+
+ADDRESS_CALL_SECONDS = 30.0
 
 NETWORK_OPTION = "--vm-libvirt-network"
 
@@ -34,7 +38,7 @@ def network_problem(conn: Any, uri: str, network: str) -> str | None:
 
 def interface_xml(network: str, mac: str) -> str:
     """The guest's one NIC, on ``network``: virtio where the driver has it (the QEMU driver's XML)."""
-    return (f"<interface type='network'><source network='{network}'/><mac address='{mac}'/>"
+    return (f"<interface type='network'><source network={quoteattr(network)}/><mac address={quoteattr(mac)}/>"
             "<model type='virtio'/></interface>")
 
 
@@ -53,8 +57,9 @@ def guest_address(domain: Any, mac: str, tried: dict[str, str] | None = None) ->
     ``tried`` collects what each source said, for the error when no address ever comes.
     """
     for source, flag in address_sources():
-        try:
-            interfaces = domain.interfaceAddresses(flag, 0) or {}
+        try:  # bounded: a hung libvirtd (or agent) is an error here, not a wait without end inside wait_for
+            interfaces = bounded(f"asking libvirt for the guest's address ({source})",
+                                 functools.partial(domain.interfaceAddresses, flag, 0), ADDRESS_CALL_SECONDS) or {}
         except libvirt.libvirtError as exc:
             if tried is not None:
                 tried[source] = str(exc.get_error_message())

@@ -7,12 +7,13 @@ whole (domain, overlay) if it does not come up with an address in time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BootError
+from ...errors import BootError, ImageError
 from ...images.cache import Cache
 from ...images.image import BuiltImage
 from ...instance import console_tail
@@ -22,7 +23,7 @@ from ..common import mac_for
 from .calls import bounded, libvirt
 from .connection import CLIENT, DOMAIN_PREFIX, Host, drop_domain, is_qemu_host
 from .convert import converted_disk
-from .drivers import driver_for
+from .drivers import driver_for, require_firmware_boot
 from .machine import LibvirtMachine
 from .network import guest_address, network_problem
 from .snapshot import console_missing, non_qemu_domain_xml
@@ -67,10 +68,11 @@ def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineC
             xml = backend.domain_xml(image, config, domain_name, host, paths, 22, incoming=False,
                                      network=backend.network, mac=mac)
         else:  # the image's disk converted to the driver's format (once, cached), copied for this guest
+            require_firmware_boot(image, driver_for(host.uri))  # refused before gigabytes are converted and copied
             disk = guest_disk(backend, image, host, files)
             paths = {"overlay": disk}
             xml = non_qemu_domain_xml(host.uri, image, config, str(disk), domain_name, mac=mac, network=backend.network)
-        domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0)
+        domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0, undo=drop_domain)
         nvram = paths.get("nvram")
         machine = LibvirtMachine(backend, host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
                                  image.disk, str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
@@ -81,6 +83,7 @@ def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineC
             console_missing(machine, str(host.conn.getType()))
         bounded(f"{name}: starting on {host.uri}", domain.create, 120.0)
         machine.ssh_host = _wait_address(backend, machine, mac)
+        machine.nic_mac = mac
         return machine
     except libvirt.libvirtError as exc:
         _drop_failed_boot(backend, host, domain_name, files, machine, domain)
@@ -100,10 +103,17 @@ def guest_disk(backend: LibvirtBackend, image: BuiltImage, host: Host, files: Pa
     """
     driver = driver_for(host.uri)
     converted = converted_disk(Cache(backend.runtime.cache_dir), image, driver.disk_format, backend.qemu_img, backend.progress)
+    backend.runtime.record_use(converted)  # images prune keeps it while this run lasts
     target = files / f"disk.{driver.disk_format}"
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(converted), str(target)], check=True,
-                   capture_output=True, timeout=600)
-    os.chmod(target, 0o600)
+    try:
+        subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(converted), str(target)], check=True,
+                       capture_output=True, timeout=600)
+        os.chmod(target, 0o600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        with contextlib.suppress(OSError):
+            target.unlink()
+        why = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        raise ImageError(f"cannot copy {converted} for {files.name}: {why}") from exc
     return target
 
 
@@ -116,6 +126,16 @@ def _drop_failed_boot(backend: LibvirtBackend, host: Host, domain_name: str, fil
         drop_domain(domain)
     backend._release_host(host, domain_name)
     backend._drop_overlay(host, "overlay.qcow2", files)
+    for copy in files.glob("disk.*"):  # a non-QEMU driver's disk copy (guest_disk)
+        with contextlib.suppress(OSError):
+            copy.unlink()
+
+
+def relearn_address(backend: LibvirtBackend, machine: LibvirtMachine) -> None:
+    """After a revert: the guest's address on the network as the hypervisor sees it now (a revert rewinds
+    the guest's DHCP client; the address it had may be another guest's by now, or it may take a new one)."""
+    if machine.nic_mac is not None:
+        machine.ssh_host = _wait_address(backend, machine, machine.nic_mac)
 
 
 def _wait_address(backend: LibvirtBackend, machine: LibvirtMachine, mac: str) -> str:

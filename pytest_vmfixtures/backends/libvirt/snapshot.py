@@ -10,9 +10,11 @@ sharing of one state between guests: each concurrent guest takes its own first b
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import TYPE_CHECKING
+from xml.sax.saxutils import escape
 
 from ...errors import SnapshotError
 from ...images.image import BuiltImage
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from .machine import LibvirtMachine
 
 CLEAN_SNAPSHOT = "vmfx-clean"
+NAMED_PREFIX = "vmfx-named-"  # a test's own snapshots (vm.snapshot): removed at the next clean revert
 SNAPSHOT_SECONDS = 300.0  # taking or reverting one, RAM included, under emulation on a loaded host
 REVERT_MARK = "[vmfixtures] ---- reverted to snapshot"
 NO_CONSOLE = "[vmfixtures] no serial console here:"
@@ -77,7 +80,55 @@ def revert_clean(machine: LibvirtMachine) -> None:
     if machine.state() != "running":
         raise SnapshotError(f"{machine.name}: after reverting to {CLEAN_SNAPSHOT} the domain is {machine.state()}, "
                             "not running")
+    drop_named(machine)
     if machine.console_log.exists():  # a console streamed to a file (append='on'): mark where the revert is
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         with open(machine.console_log, "a", encoding="utf-8") as f:
             f.write(f"\n{REVERT_MARK} {CLEAN_SNAPSHOT} at {when}; above: earlier tests and the first boot ----\n")
+
+
+def _named(name: str) -> str:
+    if not name or "/" in name or any(ord(c) < 32 for c in name):
+        raise SnapshotError(f"snapshot name {name!r}: use a non-empty name without '/' or control characters")
+    return NAMED_PREFIX + name
+
+
+def take_named(machine: LibvirtMachine, name: str) -> None:
+    """The test's snapshot ``name`` through libvirt's snapshot API (RAM included); taken again, it is replaced."""
+    full = _named(name)
+    xml = (f"<domainsnapshot><name>{escape(full)}</name>"
+           "<description>pytest-vmfixtures: a test's vm.snapshot()</description></domainsnapshot>")
+    try:
+        for old in machine.domain.listAllSnapshots(0):
+            if str(old.getName()) == full:
+                bounded(f"{machine.name}: replacing snapshot {name!r}", functools.partial(old.delete, 0), SNAPSHOT_SECONDS)
+        bounded(f"{machine.name}: taking snapshot {name!r}", lambda: machine.domain.snapshotCreateXML(xml, 0),
+                SNAPSHOT_SECONDS)
+    except libvirt.libvirtError as exc:
+        raise SnapshotError(f"{machine.name}: the hypervisor did not snapshot domain {machine.domain_name} as "
+                            f"{name!r}: {exc.get_error_message()}") from exc
+
+
+def revert_named(machine: LibvirtMachine, name: str) -> None:
+    """Back to the test's snapshot ``name``, running."""
+    full = _named(name)
+    try:
+        snapshot = machine.domain.snapshotLookupByName(full, 0)
+        bounded(f"{machine.name}: reverting to snapshot {name!r}",
+                lambda: machine.domain.revertToSnapshot(snapshot, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING),
+                SNAPSHOT_SECONDS)
+    except libvirt.libvirtError as exc:
+        raise SnapshotError(f"{machine.name}: the hypervisor did not revert domain {machine.domain_name} to "
+                            f"{name!r}: {exc.get_error_message()}") from exc
+
+
+def drop_named(machine: LibvirtMachine) -> None:
+    """Remove the snapshots tests took (they end with the test that took them); the clean one stays."""
+    try:
+        named = [s for s in machine.domain.listAllSnapshots(0) if str(s.getName()).startswith(NAMED_PREFIX)]
+        for snapshot in named:
+            bounded(f"{machine.name}: removing snapshot {snapshot.getName()}", functools.partial(snapshot.delete, 0),
+                    SNAPSHOT_SECONDS)
+    except libvirt.libvirtError as exc:
+        raise SnapshotError(f"{machine.name}: cannot remove a test's snapshot of {machine.domain_name}: "
+                            f"{exc.get_error_message()}") from exc

@@ -42,7 +42,6 @@ from ...errors import GuestError, ImageError
 from ...images import qcow2
 from ...images.image import BuiltImage
 from ...options import DEFAULT_LIBVIRT_POOL
-from ...runtime import pid_alive
 from ...waiting import Deadline
 from ..base import SavedState
 from ..common import run_qemu_img
@@ -55,7 +54,7 @@ CHUNK = 1 << 20
 STALLED_S = 30.0  # an upload that has not grown for this long was abandoned
 MISMATCHES = 3  # a shared copy found wrong this many times in one run (someone keeps replacing it): give up
 # A run's own volumes: vmfx-<pid>-<8 hex>-<client 8 hex>-...
-RUN_OWNED = re.compile(r"^vmfx-(\d+)-[0-9a-f]{8}-([0-9a-f]{8})-")
+RUN_OWNED = re.compile(r"^vmfx-(\d+-[0-9a-f]{8})-([0-9a-f]{8})-")  # session id, client tag
 
 Progress = Callable[[str], None]
 
@@ -296,12 +295,12 @@ class HostStorage:
             time.sleep(1.0)
 
     # -- cleanup -------------------------------------------------------------
-    def reap(self, client: str) -> None:
-        """Delete own volumes left by killed runs of this machine (``client`` tag)."""
+    def reap(self, client: str, alive: Callable[[str], bool]) -> None:
+        """Delete own volumes left by killed runs of this machine (``client`` tag) whose session is not ``alive``."""
         self.refresh()
         for name in self.names():
             match = RUN_OWNED.match(name)
-            if match and match.group(2) == client and not pid_alive(int(match.group(1)), None):
+            if match and match.group(2) == client and not alive(match.group(1)):
                 self.delete(name)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import re
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from ...accel import AccelChoice, guest_accel
@@ -151,6 +153,12 @@ class QemuMachine:
                 pass  # logged by the owner's cleanup summary if it matters
 
 
+def _close_fd(ram: RamFile | None) -> None:
+    if ram is not None and ram.fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(ram.fd)
+
+
 class QemuBackend:
     name = "qemu"
     capabilities = ALL_CAPABILITIES
@@ -228,14 +236,30 @@ class QemuBackend:
 
         def guest_files() -> RamFile | None:
             """The guest's own files (remade for a retry: a stopped machine's are removed)."""
+            _close_fd(opened[-1] if opened else None)
             ram = self._ram(image, config, paths, state)  # first: a changed RAM file is refused before anything is made
-            self._overlay(backing, paths.overlay, disk_format)
-            if image.kernel is None and image.firmware == "uefi":
-                # The NVRAM is disk state too (boot entries, variables the guest wrote): a cold boot
-                # starts from OVMF's template, a restore from the variables frozen with the state.
-                create_nvram(self.qemu_img, paths.nvram, state.directory if state is not None else None)
+            opened.append(ram)
+            try:
+                self._overlay(backing, paths.overlay, disk_format)
+                if image.kernel is None and image.firmware == "uefi":
+                    # The NVRAM is disk state too (boot entries, variables the guest wrote): a cold boot
+                    # starts from OVMF's template, a restore from the variables frozen with the state.
+                    create_nvram(self.qemu_img, paths.nvram, state.directory if state is not None else None)
+            except BaseException:
+                if ram is not None and ram.shared:  # a cold boot's own RAM file, all its blocks reserved
+                    paths.ram.unlink(missing_ok=True)
+                raise
             return ram
 
+        opened: list[RamFile | None] = []
+        try:
+            return self._start(image, config, name, paths, incoming, state, guest_files)
+        finally:
+            _close_fd(opened[-1] if opened else None)  # QEMU has it open by now, or it is not needed any more
+
+    def _start(self, image: BuiltImage, config: MachineConfig, name: str, paths: MachinePaths, incoming: bool,
+               state: SavedState | None, guest_files: Callable[[], RamFile | None]) -> QemuMachine:
+        """Start QEMU on the guest's files (retried on a port another process took meanwhile)."""
         ram = guest_files()
         if state is not None:
             start_restored_console(state, paths.console)
@@ -245,7 +269,8 @@ class QemuBackend:
             argv = build_command_line(self.binary_for(image), image, config, self.accel_for(image), paths, port,
                                       incoming=incoming, name=name, ram=ram)
             with open(paths.stderr, "wb") as stderr:
-                process = self.runtime.spawn(argv, stderr, paths.pidfile)
+                process = self.runtime.spawn(argv, stderr, paths.pidfile,
+                                             pass_fds=(ram.fd,) if ram is not None and ram.fd is not None else ())
             harts = config.cpus if guest_arch(image).family == "riscv64" else 0
             machine = QemuMachine(name, process, paths, argv, port, image.agent, riscv_harts=harts, ram=ram)
             try:
@@ -274,9 +299,13 @@ class QemuBackend:
             return RamFile(paths.ram, shared=True)
         if memory.ram_of(state) is None:
             return None
-        ram = memory.check(state)
-        memory.make_openable(ram, version)
-        return RamFile(ram, shared=False, read_only=memory.opens_read_only(version))
+        ram, fd = memory.check(state)
+        try:
+            memory.make_openable(fd, version)
+        except OSError as exc:
+            os.close(fd)
+            raise SnapshotError(f"saved state {state.key}: cannot make its RAM file {ram} openable: {exc}") from None
+        return RamFile(ram, shared=False, read_only=memory.opens_read_only(version), fd=fd)
 
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> QemuMachine:
         return self._launch(image, config, name, image.disk, incoming=False)
@@ -343,7 +372,11 @@ class QemuBackend:
             qmp.execute("quit")
         except GuestError:
             pass  # quitting closes the monitor under our feet
-        machine.process.wait(30)
+        try:
+            machine.process.wait(30)
+        except subprocess.TimeoutExpired:
+            machine.stop()
+            raise SnapshotError(f"{machine.name}: QEMU did not exit within 30 s after saving its state") from None
         os.replace(machine.paths.overlay, directory / "disk.qcow2")
         if machine.ram is not None:
             memory.freeze(machine.ram.path, directory)

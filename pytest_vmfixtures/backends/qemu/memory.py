@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,16 @@ class RamFile:
     path: Path
     shared: bool  # the cold boot writes its RAM into the file; a restore maps it privately
     read_only: bool = False  # QEMU 8.2+: open the file O_RDONLY and still let the guest write its private copy
+    fd: int | None = None  # a restore's: the checked file, open; QEMU is given it (pass_fds), never the path
 
     def arguments(self, memory_mb: int) -> list[str]:
-        """The ``-object`` for the backend (the machine names it with ``memory-backend=ram0``)."""
-        spec = f"memory-backend-file,id=ram0,size={memory_mb}M,mem-path={_opt(self.path)},share={'on' if self.shared else 'off'}"
+        """The ``-object`` for the backend (the machine names it with ``memory-backend=ram0``).
+
+        A restore's file is named by its open descriptor (``/proc/self/fd/N`` in QEMU, which reopens that very
+        file): the file QEMU maps is the one :func:`check` checked, whatever happens to the path meanwhile,
+        and a file gone by then cannot be created anew by QEMU (before 8.2 it would create a missing one)."""
+        where = f"/proc/self/fd/{self.fd}" if self.fd is not None else _opt(self.path)
+        spec = f"memory-backend-file,id=ram0,size={memory_mb}M,mem-path={where},share={'on' if self.shared else 'off'}"
         if self.read_only:
             spec += ",readonly=on,rom=off"
         return ["-object", spec]
@@ -91,7 +98,17 @@ def _opt(path: Path) -> str:
 def allocate(path: Path, memory_mb: int) -> None:
     """Make a cold boot's RAM file with all its blocks reserved. QEMU would only size it, and a guest
     writing a page the full filesystem has no block for kills QEMU with SIGBUS; reserved, a full disk
-    is one clear error before the boot. The save punches the zero pages out again (:func:`freeze`)."""
+    is one clear error before the boot. The save punches the zero pages out again (:func:`freeze`).
+
+    The free space is checked first: a fallocate that fails for want of space keeps what it got until the
+    file goes, so for that moment the filesystem would be full for everyone (other guests' overlays too)."""
+    vfs = os.statvfs(path.parent)
+    free_mb = vfs.f_bavail * vfs.f_frsize >> 20
+    if free_mb < memory_mb:
+        raise GuestError(
+            f"cannot reserve {memory_mb} MiB for the guest's RAM file {path}: only {free_mb} MiB free there; free "
+            f"space (it is returned when the state is saved) or use --vm-ram-state=stream"
+        )
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.posix_fallocate(fd, 0, memory_mb << 20)
@@ -127,30 +144,35 @@ def ram_of(state: SavedState) -> Path | None:
     return state.directory / RAM_NAME if fingerprint.exists() else None
 
 
-def check(state: SavedState) -> Path:
-    """The state's RAM file, after making sure it is the file the save wrote; a SnapshotError if not.
+def check(state: SavedState) -> tuple[Path, int]:
+    """The state's RAM file, open (not through a symlink), after making sure the open file is the one the
+    save wrote; a SnapshotError if not. The caller closes the descriptor.
 
-    Cheap enough for every restore (one stat); the digest is compared once per session by the cache.
+    Cheap enough for every restore (one fstat); the digest is compared once per session by the cache.
     """
     ram = state.directory / RAM_NAME
     try:
         expected = json.loads((state.directory / RAM_FINGERPRINT).read_text())
-        info = ram.stat()
+        fd = os.open(ram, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise SnapshotError(f"saved state {state.key}: its RAM file {exc.filename} is gone") from None
     except (OSError, ValueError) as exc:
-        raise SnapshotError(f"saved state {state.key}: cannot read its RAM file's record: {exc}") from None
-    if info.st_size != expected.get("size") or info.st_mtime_ns != expected.get("mtime_ns"):
+        raise SnapshotError(f"saved state {state.key}: cannot open its RAM file or read its record: {exc}") from None
+    info = os.fstat(fd)
+    if (not stat.S_ISREG(info.st_mode) or info.st_size != expected.get("size")
+            or info.st_mtime_ns != expected.get("mtime_ns")):
+        os.close(fd)
         raise SnapshotError(
             f"saved state {state.key}: its RAM file {ram} changed after it was saved "
             f"(size {info.st_size}, was {expected.get('size')}); no guest may run from it"
         )
-    return ram
+    return ram, fd
 
 
-def make_openable(ram: Path, qemu_version: str) -> None:
+def make_openable(fd: int, qemu_version: str) -> None:
     """QEMU before 8.2 opens the RAM file read-write although it maps it privately: give the owner
-    back the write bit the cache took (an ordinary user cannot open a 0400 file read-write)."""
-    if opens_read_only(qemu_version) or os.access(ram, os.W_OK):
+    back the write bit the cache took (an ordinary user cannot open a 0400 file read-write). ``fd``:
+    the checked file, open (:func:`check`); a mode change leaves its recorded size and time alone."""
+    if opens_read_only(qemu_version) or os.fstat(fd).st_mode & stat.S_IWUSR:
         return
-    os.chmod(ram, 0o600)
+    os.fchmod(fd, 0o600)
