@@ -399,6 +399,15 @@ def image_arches(images: Sequence[str], image_dirs: Sequence[Path] = (BUILTIN_IM
     return sorted(arches)
 
 
+def check_report_browser() -> Check:
+    """Chromium and its driver: optional, only for the check that an HTML report shows a guest's screen."""
+    missing = [tool for tool in ("chromium", "chromedriver") if shutil.which(tool) is None]
+    if missing:
+        return Check(INFO, "report browser", f"{' and '.join(missing)} not found; optional, only to check that pytest-html "
+                     "reports show guest screens (Debian: apt install chromium chromium-driver)")
+    return Check(INFO, "report browser", "chromium and chromedriver found (optional: the HTML report check)")
+
+
 def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-system-x86_64",
                libvirt_uris: Sequence[str] = (), versions: bool = True, libvirt_pool: str = DEFAULT_LIBVIRT_POOL,
                local_libvirt: bool = False, libvirt_network: str | None = None,
@@ -423,6 +432,7 @@ def run_checks(cache_dir: Path, accel: str = "auto", qemu_binary: str = "qemu-sy
         *check_libvirt(libvirt_uris, libvirt_pool),
         *(check_libvirt_network(libvirt_uris, libvirt_network) if libvirt_network is not None else []),
         *([kvm] if kvm else []),
+        check_report_browser(),
     ]
 
 

@@ -85,3 +85,7 @@ class SnapshotError(VMError):
 
 class WaitTimeout(VMError):
     """A deadline passed while waiting for a named step."""
+
+
+class MissingExtra(VMError, ImportError):
+    """A feature needs an optional extra that is not installed (or too old); the message names the pip command."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import VMError
@@ -27,26 +28,49 @@ def artifact_dir(root: Path, nodeid: str, vm_name: str) -> Path:
     return root / safe / vm_name
 
 
-def collect(vm: VM, directory: Path) -> list[Path]:
+@dataclass
+class Evidence:
+    """What was saved from one guest of a failed test, and why any piece is missing."""
+
+    guest: str
+    image: str
+    accel: str
+    files: dict[str, Path] = field(default_factory=dict)  # "console", "screen", "journal" -> absolute path
+    skipped: dict[str, str] = field(default_factory=dict)  # the same keys -> why there is none
+
+    def paths(self) -> list[Path]:
+        return list(self.files.values())
+
+
+def collect(vm: VM, directory: Path) -> Evidence:
+    """Save the console log, a screendump and the journal of ``vm`` under ``directory`` (made absolute)."""
+    directory = directory.absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    saved: list[Path] = []
+    evidence = Evidence(vm.name, vm.image, vm.accel)
     console = vm.console_log
     if console.exists():
         target = directory / "console.log"
         shutil.copyfile(console, target)
-        saved.append(target)
-    if vm.machine_alive():
-        screen = directory / "screen.png"
-        try:
-            vm.screendump(screen)
-            saved.append(screen)
-        except (VMError, OSError) as exc:
-            log.info("%s: no screendump: %s", vm.name, exc)
-        try:
-            result = vm.run(JOURNAL, timeout=30)
-            target = directory / "journal.txt"
-            target.write_text(result.stdout)
-            saved.append(target)
-        except VMError as exc:
-            log.info("%s: no journal: %s", vm.name, exc)
-    return saved
+        evidence.files["console"] = target
+    else:
+        evidence.skipped["console"] = f"no console log at {console}"
+    if not vm.machine_alive():
+        for piece in ("screen", "journal"):
+            evidence.skipped[piece] = "the guest was no longer running"
+        return evidence
+    screen = directory / "screen.png"
+    try:
+        vm.screendump(screen)
+        evidence.files["screen"] = screen
+    except (VMError, OSError) as exc:
+        log.info("%s: no screendump: %s", vm.name, exc)
+        evidence.skipped["screen"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        result = vm.run(JOURNAL, timeout=30)
+        target = directory / "journal.txt"
+        target.write_text(result.stdout)
+        evidence.files["journal"] = target
+    except VMError as exc:
+        log.info("%s: no journal: %s", vm.name, exc)
+        evidence.skipped["journal"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return evidence

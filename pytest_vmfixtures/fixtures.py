@@ -15,7 +15,7 @@ import pytest
 
 from .backends.base import MachineConfig, capabilities_of
 from .errors import VMError
-from .evidence import artifact_dir, collect
+from .evidence import Evidence, artifact_dir, collect
 from .guest import VM
 from .network import Network
 from .options import DEFAULT_IMAGE, MarkerSpec, OptionError, parse_marker
@@ -26,6 +26,7 @@ log = logging.getLogger("pytest_vmfixtures")
 SESSION_KEY = pytest.StashKey[VMSession]()
 HELD_KEY = pytest.StashKey[list[VM]]()
 FAILED_KEY = pytest.StashKey[bool]()
+EVIDENCE_KEY = pytest.StashKey[list[Evidence]]()  # what a failed test's guests left, for the teardown report
 
 
 def marker_spec(item: pytest.Item | Any) -> MarkerSpec:
@@ -55,7 +56,9 @@ def _require_capabilities(request: pytest.FixtureRequest, spec: MarkerSpec) -> N
 def _give_back(session: VMSession, vm: VM, node: pytest.Item) -> None:
     if node.stash.get(FAILED_KEY, False):
         try:
-            session.artifacts_written |= bool(collect(vm, artifact_dir(session.artifacts_root(), node.nodeid, vm.name)))
+            evidence = collect(vm, artifact_dir(session.artifacts_root(), node.nodeid, vm.name))
+            node.stash.setdefault(EVIDENCE_KEY, []).append(evidence)
+            session.artifacts_written |= bool(evidence.files)
         except Exception as exc:  # evidence is best effort; reverting must still happen
             log.warning("collecting evidence from %s failed: %s", vm.name, exc)
         if session.settings.keep_on_failure and vm.machine_alive():

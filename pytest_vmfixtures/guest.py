@@ -86,6 +86,7 @@ class VM:
         self.qmp = QMPProxy(self)
         self.network_ip: str | None = None
         self.network_name: str | None = None
+        self._host: Any = None
 
     # -- descriptive -------------------------------------------------------
     @property
@@ -240,6 +241,19 @@ class VM:
             except SSHError as exc:
                 raise self._died(exc) from exc
         return result.check() if check else result
+
+    @property
+    def host(self) -> Any:
+        """A testinfra ``Host`` for this guest (``vm.host.package("nginx").is_installed``).
+
+        Its commands go through ``vm.run``: the guest's current channel, as root, counting as use,
+        and after a revert to the clean guest. Needs ``pip install 'pytest-vmfixtures[testinfra]'``.
+        """
+        if self._host is None:
+            from .testinfra_host import make_host  # testinfra is optional: imported on first use only
+
+            self._host = make_host(self)
+        return self._host
 
     @property
     def ssh(self) -> paramiko.SSHClient:

@@ -15,7 +15,7 @@ from .backends.base import Backend
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
-from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
+from .fixtures import EVIDENCE_KEY, FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
 from .images.byo import is_byo
 from .images.cache import default_cache_dir
 from .images.catalog import available_recipes
@@ -37,6 +37,7 @@ from .options import (
     parse_standby,
 )
 from .preflight import UNAVAILABLE, apply, host_problems
+from .reports import JunitAttachments, add_html_extras, add_sections, html_plugin_state
 from .runtime import Runtime
 from .session import Settings, VMSession, builtin_dirs, describe_settings
 
@@ -77,7 +78,7 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
 _DEFAULT_TEXT = {
     "vm_images": "debian-12",
     "vm_cache": "~/.cache/pytest-vmfixtures",
-    "vm_artifacts": "vm-artifacts under pytest's basetemp",
+    "vm_artifacts": "vm-artifacts beside --junitxml's file, else beside --html's, else under pytest's basetemp",
     "vm_libvirt_uris": DEFAULT_LIBVIRT_URI,
     "vm_qemu_binary": "qemu-system-ARCH from PATH",
     "vm_libvirt_mode": "saved-state on qemu:// URIs, snapshot on other drivers'",
@@ -151,6 +152,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "configure the guest the vm fixture gives this test (pytest-vmfixtures)",
     )
     config.stash[SESSION_KEY] = VMSession(config, _settings(config))
+    config.pluginmanager.register(JunitAttachments(config), "vmfixtures-junit-attachments")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -167,6 +169,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [describe_settings(settings, session.accel, images=",".join(settings.images)), f"vmfixtures: {summary(checks)}"]
     # A cost this large is said in full at the start, once, not only counted in the summary.
     lines += [f"vmfixtures: warning: {c.message}" for c in checks if c.name == LIBVIRT_KVM and c.status == WARN]
+    html = html_plugin_state(config)
+    if html:  # --html asked for, but this pytest-html cannot carry the evidence
+        lines.append(f"vmfixtures: warning: {html}")
     return lines
 
 
@@ -248,9 +253,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    guests = item.stash.get(HELD_KEY, [])
+    if guests and report.when == "call":
+        _record_guests(item, guests)
     if report.failed:
         item.stash[FAILED_KEY] = True
-        for guest in item.stash.get(HELD_KEY, []):
+        for guest in guests:
             try:
                 tail = console_tail(guest.console_log, 30)
             except Exception:
@@ -260,7 +268,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             tail = tail or "(nothing on the console)"
             report.sections.append((f"Captured stdout {report.when}: vm {guest.name} console, last 30 lines", tail))
             item.user_properties.append((f"vm {guest.name} console ({report.when})", tail))
+    evidence = item.stash.get(EVIDENCE_KEY, [])
+    if report.when == "teardown" and evidence:  # collected in the guest fixtures' teardown, before the revert
+        add_sections(report, evidence)
+        if html_plugin_state(item.config) is None:
+            add_html_extras(report, evidence)
     return report
+
+
+def _record_guests(item: pytest.Item, guests: list[Any]) -> None:
+    """JUnit properties naming each guest's image, backend and accelerator (once per test)."""
+    backend = item.config.stash[SESSION_KEY].pool.backend.name
+    for guest in guests:
+        for key, value in (("image", guest.image), ("backend", backend), ("accelerator", guest.accel)):
+            item.user_properties.append((f"vm {guest.name} {key}", value))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

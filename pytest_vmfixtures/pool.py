@@ -42,7 +42,7 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, named_snapshot_calls, retarget, settle_first_boot, wait_ssh_ready, warm_up
+from .instance import Instance, bind_channels, named_snapshot_calls, retarget, screen_login, settle_first_boot, wait_ssh_ready, warm_up
 from .restoring import StateRefused, close_if_made, restore_held
 from .runtime import Runtime
 
@@ -173,6 +173,7 @@ class Slot:
                 vm.kill()
         self.idle.clear()
         self.busy.clear()
+
 
 
 class Pool:
@@ -308,7 +309,7 @@ class Pool:
                 self.progress(f"{config.label}: commands go through {channel}")
             self.provision(vm)
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
-            vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
+            vm.run(screen_login(image) + "sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
             instance.close_channels()
         except BaseException:
             instance.close()

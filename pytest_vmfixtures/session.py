@@ -84,8 +84,13 @@ class VMSession:
         atexit.register(self.close)
 
     def artifacts_root(self) -> Path:
+        """Where failed tests' evidence goes: --vm-artifacts, else beside the JUnit XML or HTML report, else basetemp."""
         if self.settings.artifacts is not None:
-            return self.settings.artifacts
+            return self.settings.artifacts.absolute()
+        for option in ("xmlpath", "htmlpath"):  # --junitxml, pytest-html's --html: a report CI archives
+            report = self.config.getoption(option, None)
+            if report:
+                return Path(str(report)).expanduser().absolute().parent / "vm-artifacts"
         factory: pytest.TempPathFactory = self.config._tmp_path_factory  # type: ignore[attr-defined]
         return factory.getbasetemp() / "vm-artifacts"
 

@@ -9,7 +9,7 @@
 #   VM_ACCEL    auto, kvm or tcg                                   (default: auto)
 #   VMFX_CACHE  images and saved guest states; keep it between runs (default: ~/.cache/pytest-vmfixtures)
 #   VENV        the virtualenv to create or reuse                  (default: .venv)
-#   REPORTS     JUnit files and evidence of failed tests           (default: reports)
+#   REPORTS     JUnit files, HTML reports, evidence of failed tests (default: reports)
 #   IMAGES_DIR  your own recipes, used when the directory exists   (default: images)
 #
 # The host needs QEMU and the image tools; on Debian or Ubuntu, as root:
@@ -38,7 +38,7 @@ if [ ! -x "$VENV/bin/pytest-vmfixtures" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --upgrade pip
     # Add what your tests import (-r requirements-test.txt, -e .) to this line.
-    "$VENV/bin/pip" install --quiet pytest-vmfixtures
+    "$VENV/bin/pip" install --quiet 'pytest-vmfixtures[html]'
 fi
 
 own_recipes=""
@@ -66,10 +66,11 @@ for image in $VM_IMAGES; do
         --vm-accel="$VM_ACCEL" \
         --vm-artifacts="$REPORTS/vm-artifacts" \
         --junitxml="$REPORTS/junit-$label.xml" \
+        --html="$REPORTS/report-$label.html" --self-contained-html \
         -o junit_logging=system-out \
         "$@"; then
         status=1
-        echo "== $image: failed; evidence in $REPORTS/vm-artifacts" >&2
+        echo "== $image: failed; see $REPORTS/report-$label.html (evidence in $REPORTS/vm-artifacts)" >&2
     fi
 done
 

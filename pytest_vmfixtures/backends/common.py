@@ -18,6 +18,22 @@ TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
 # Pages the guest frees are zeroed, so after it drops its caches a saved state
 # holds only the memory in use: zero pages cost nothing to save or restore.
 KERNEL_ARGS = "init_on_free=1"
+# Machines with a VGA display (x86) also show the kernel's console there, so that a failed test's
+# screendump shows something. It goes first: the last console= (the recipe's serial port) stays
+# /dev/console, where systemd and the boot checks read.
+SCREEN_CONSOLE = "console=tty0"
+
+
+def kernel_command_line(cmdline: str, vga: bool) -> str:
+    """What the guest kernel is started with: the recipe's line, the screen console where there is one, KERNEL_ARGS."""
+    return f"{SCREEN_CONSOLE} {cmdline} {KERNEL_ARGS}" if vga else f"{cmdline} {KERNEL_ARGS}"
+
+
+def kernel_args_key(vga: bool) -> str:
+    """The kernel arguments' part of a saved state's key: with ``vga`` (a VGA machine booting the image's own
+    kernel, i.e. a built-in x86 image), the screen console and the login prompt pool.screen_login starts.
+    Firmware-booted images (your own) keep their key: neither reaches them."""
+    return f"{SCREEN_CONSOLE} {KERNEL_ARGS}" if vga else KERNEL_ARGS
 
 # UEFI firmware for images that boot through it (Debian/Ubuntu: package ovmf; Fedora: edk2-ovmf).
 # The code is read-only; each guest gets a qcow2 overlay of the variable store as its NVRAM.

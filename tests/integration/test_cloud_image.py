@@ -128,6 +128,14 @@ def test_destructive_change(cloud_vm) -> None:
 
 def test_next_test_starts_clean(cloud_vm) -> None:
     assert cloud_vm.run("test -e /usr/bin/apt-get && test ! -e /root/dirty").ok
+    # testinfra sees the same clean guest, through the same channel, as root
+    host = cloud_vm.host
+    assert host.check_output("id -u") == "0"
+    assert host.file("/usr/bin/apt-get").exists and not host.file("/root/dirty").exists
+    assert host.package("cloud-init").is_installed
+    assert host.service("ssh").is_running
+    assert host.user(DEFAULT_USER).exists
+    assert host.run("exit 4").rc == 4
 
 
 def test_freed_memory_is_reported_to_the_host(cloud_vm, request) -> None:

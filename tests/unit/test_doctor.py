@@ -114,3 +114,12 @@ def test_check_warns_on_a_real_file_node_only_when_it_is_a_device(tmp_path: Path
 def test_only_this_machines_system_libvirtd_gets_the_check() -> None:
     assert doctor.is_local_system("qemu:///system") and doctor.is_local_system("qemu+unix:///system?socket=/x")
     assert not doctor.is_local_system("qemu+ssh://farm/system") and not doctor.is_local_system("qemu:///session")
+
+
+def test_a_missing_report_browser_is_information_not_a_problem(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    browser = ("chromium", "chromedriver")
+    monkeypatch.setattr(doctor.shutil, "which", lambda tool, path=None: None if tool in browser else "/usr/bin/" + tool)
+    check = doctor.check_report_browser()
+    assert check.status == doctor.INFO and "apt install chromium chromium-driver" in check.message
+    assert "report browser" not in doctor.summary([check])
+    assert doctor.summary([check]) == "host check: all fine"

@@ -83,7 +83,8 @@ def test_an_arm64_run_fails_without_the_arm64_emulator_and_an_x86_run_does_not(m
 
 # What the project's own tests run on the host besides the product's needs: the tools that build the
 # test cloud images (tests/integration/cloudimage.py) and libvirt's schema check of the domain XML.
-TEST_TOOLS = {"virt-xml-validate": "libvirt-clients", "xmllint": "libxml2-utils"}
+TEST_TOOLS = {"virt-xml-validate": "libvirt-clients", "xmllint": "libxml2-utils",
+              "chromium": "chromium", "chromedriver": "chromium-driver"}  # the HTML report check
 
 
 def test_the_test_trees_tools_come_from_bootstrapped_packages() -> None:

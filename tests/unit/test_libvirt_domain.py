@@ -125,7 +125,7 @@ def test_a_built_in_image_still_boots_its_kernel_directly() -> None:
     root = ElementTree.fromstring(render(built_in_image()))
     assert root.findtext("os/kernel") == "/cache/images/debian-12-0123/vmlinuz"
     assert root.findtext("os/initrd") == "/cache/images/debian-12-0123/initrd.img"
-    assert root.findtext("os/cmdline", "").startswith("root=/dev/vda rw console=ttyS0 ")
+    assert root.findtext("os/cmdline", "").startswith("console=tty0 root=/dev/vda rw console=ttyS0 ")
     assert [d.get("device") for d in root.findall("devices/disk")] == ["disk"]
     assert root.find("devices/disk/boot") is None
     assert not [arg for arg in qemu_args(root) if "pflash" in arg]

@@ -170,8 +170,15 @@ def test_the_guest_boots_the_image_kernel_directly(image: BuiltImage, tmp_path: 
     argv = build(image, tmp_path)
     assert option_values(argv, "-kernel") == [str(image.kernel)]
     assert option_values(argv, "-initrd") == [str(image.initrd)]
-    assert option_values(argv, "-append") == [f"{image.cmdline} {KERNEL_ARGS}"]
+    assert option_values(argv, "-append") == [f"console=tty0 {image.cmdline} {KERNEL_ARGS}"]
     assert str(image.disk) not in " ".join(argv)  # the image is only ever a backing file
+
+
+def test_x86_guests_show_the_kernel_console_on_the_screen_and_keep_serial_as_dev_console(image: BuiltImage, tmp_path: Path) -> None:
+    """console=tty0 goes before the recipe's console=ttyS0: the last one named is /dev/console."""
+    (line,) = option_values(build(image, tmp_path), "-append")
+    consoles = [word for word in line.split() if word.startswith("console=")]
+    assert consoles[0] == "console=tty0" and consoles[-1] == "console=ttyS0", line
 
 
 @pytest.mark.parametrize("accel", [TCG, KVM], ids=["tcg", "kvm"])

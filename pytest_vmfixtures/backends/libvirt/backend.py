@@ -20,7 +20,6 @@ from ...options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LI
 from ...runtime import Runtime, session_alive
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import (
-    KERNEL_ARGS,
     NVRAM_NAME,
     TB_SIZE_MB,
     create_nvram,
@@ -29,6 +28,7 @@ from ..common import (
     firmware_inputs,
     free_port,
     hotplug_lan,
+    kernel_args_key,
 )
 from .calls import bounded, libvirt, require_libvirt
 from .connection import (
@@ -142,7 +142,7 @@ class LibvirtBackend:
             "qemu": host.qemu_version,
             "accel": self.accel.accel,
             "tb": TB_SIZE_MB,
-            "kernel_args": KERNEL_ARGS,
+            "kernel_args": kernel_args_key(vga=image.kernel is not None),  # x86 only, VGA; the built-in images
             "devices": DEVICES_VERSION,
             **({} if image.agent else {"agent": False}),  # no agent channel: other hardware
             **(firmware_inputs(image.firmware) if image.kernel is None else {}),

@@ -13,7 +13,7 @@ from ...accel import AccelChoice
 from ...errors import GuestError, ImageError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
-from ..common import KERNEL_ARGS, TB_SIZE_MB, mac_for, opt
+from ..common import TB_SIZE_MB, kernel_command_line, mac_for, opt
 from .connection import Host, is_session
 from .network import interface_xml
 
@@ -58,7 +58,7 @@ def boot_elements(image: BuiltImage, paths: dict[str, object]) -> dict[str, str]
     if image.kernel is not None:
         return {
             "boot": (f"<kernel>{escape(str(paths['kernel']))}</kernel><initrd>{escape(str(paths['initrd']))}</initrd>"
-                     f"<cmdline>{escape(f'{image.cmdline} {KERNEL_ARGS}')}</cmdline>"),
+                     f"<cmdline>{escape(kernel_command_line(image.cmdline, vga=True))}</cmdline>"),
             "disk_boot": "",
             "firmware": "",
         }

@@ -21,7 +21,7 @@ from ...images.image import BuiltImage
 from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import KERNEL_ARGS, NVRAM_NAME, TB_SIZE_MB, create_nvram, create_overlay, firmware_inputs, free_port, hotplug_lan
+from ..common import NVRAM_NAME, TB_SIZE_MB, create_nvram, create_overlay, firmware_inputs, free_port, hotplug_lan, kernel_args_key
 from . import memory
 from .balloon import wait_for_reports
 from .command import BALLOON_DEVICE, MachinePaths, build_command_line, guest_arch, reports_free_pages
@@ -205,7 +205,8 @@ class QemuBackend:
             "qemu": self._version_of(self.binary_for(image)),
             "accel": accel.accel,
             "tb": TB_SIZE_MB,
-            "kernel_args": KERNEL_ARGS,
+            # the screen console goes on x86 guests that boot their kernel directly (the built-in images)
+            "kernel_args": kernel_args_key(vga=arch.x86 and image.kernel is not None),
             "devices": 2,  # bump when the device set in build_command_line changes
         }
         if not arch.x86:  # x86 states keep the keys they had before other architectures came

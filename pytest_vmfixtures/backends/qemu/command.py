@@ -11,7 +11,7 @@ from ...arch import ARCHES, Arch, by_name
 from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
-from ..common import KERNEL_ARGS, NVRAM_NAME, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, mac_for, opt
+from ..common import NVRAM_NAME, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, kernel_command_line, mac_for, opt
 from .riscv import gdb_arguments
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def build_command_line(
             argv += ["-cpu", arch.tcg_cpu]
     argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     if image.kernel is not None:
-        argv += ["-kernel", str(image.kernel), "-append", f"{image.cmdline} {KERNEL_ARGS}"]
+        argv += ["-kernel", str(image.kernel), "-append", kernel_command_line(image.cmdline, vga=arch.x86)]
         if image.initrd is not None:
             argv += ["-initrd", str(image.initrd)]
     elif image.firmware == "uefi":

@@ -1,0 +1,43 @@
+"""What the built-in images show on their screen: the kernel console (command line) and a login prompt."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from pytest_vmfixtures.backends.common import KERNEL_ARGS, kernel_args_key, kernel_command_line
+from pytest_vmfixtures.images.image import BuiltImage, GuestOS
+from pytest_vmfixtures.instance import screen_login
+
+
+def built_in_image() -> BuiltImage:
+    directory = Path("/cache/images/debian-12-0123")
+    return BuiltImage(
+        directory=directory, name="debian-12", recipe_digest="r", disk=directory / "disk.qcow2", disk_sha256="0" * 64,
+        kernel=directory / "vmlinuz", initrd=directory / "initrd.img", cmdline="root=/dev/vda rw console=ttyS0",
+        user="root", client_key=directory / "client_key", host_key="ssh-ed25519 AAAA", arch="x86_64",
+        os=GuestOS("debian", "12", "systemd", "apt"), agent=True, built_at=0.0, builder_version="1",
+    )
+
+
+def test_the_screen_console_comes_first_so_the_serial_port_stays_dev_console() -> None:
+    line = kernel_command_line("root=/dev/vda console=ttyS0 quiet", vga=True)
+    consoles = [word for word in line.split() if word.startswith("console=")]
+    assert consoles == ["console=tty0", "console=ttyS0"]
+    assert line.endswith(KERNEL_ARGS)
+
+
+def test_machines_without_a_display_get_no_screen_console() -> None:
+    assert "tty0" not in kernel_command_line("root=/dev/vda console=ttyAMA0", vga=False)
+
+
+def test_saved_states_of_display_machines_change_key_with_the_screen_console() -> None:
+    assert kernel_args_key(vga=True) != kernel_args_key(vga=False) == KERNEL_ARGS
+
+
+def test_a_login_prompt_goes_on_built_in_x86_images_only() -> None:
+    image = built_in_image()
+    assert "agetty" in screen_login(image) and "tty1" in screen_login(image)
+    assert screen_login(replace(image, arch="aarch64")) == ""  # no display to show it on
+    cloud = replace(image, kernel=None, initrd=None, firmware="uefi", seed=Path("/cache/seeds/s/seed.iso"))
+    assert screen_login(cloud) == ""  # a cloud image has its own gettys
