@@ -185,6 +185,21 @@ def pool_factory(cache: Cache, accel: AccelChoice) -> Callable[..., tuple[Pool, 
     return lambda uris, standby=1, network=None: make_pool(cache, accel, uris, standby, network)
 
 
+TEST_DRIVER = "test:///default"  # libvirt's own test driver: no guest runs, every call is answered
+
+
+@pytest.fixture
+def test_driver_backend(cache: Cache, accel: AccelChoice) -> Iterator[LibvirtBackend]:
+    """The libvirt backend in snapshot mode on libvirt's test driver (the portable path, not QEMU's)."""
+    runtime = Runtime(cache.root, "test-driver")
+    made = LibvirtBackend(runtime, accel, [TEST_DRIVER], mode="snapshot", network="default")
+    try:
+        yield made
+    finally:
+        made.close()
+        runtime.close()
+
+
 @pytest.fixture(scope="session")
 def bios_cloud_image(cache: Cache) -> BuiltImage:
     """Your own cloud image as the portable path runs it: the BIOS stand-in (tests/integration/cloudimage.py)."""

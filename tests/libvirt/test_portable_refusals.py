@@ -6,39 +6,27 @@ libvirt's own test driver (``test:///default``) stands for the other hypervisors
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
+from rig import import_libvirt  # noqa: E402
 
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
 from pytest_vmfixtures.errors import ImageError
 from pytest_vmfixtures.images.cache import Cache, ensure_image
 from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR
-from pytest_vmfixtures.runtime import Runtime
 
-libvirt = pytest.importorskip("libvirt")
-TEST_DRIVER = "test:///default"
+libvirt = import_libvirt()
 
 
-@pytest.fixture
-def backend(cache: Cache, accel: object) -> Iterator[LibvirtBackend]:
-    runtime = Runtime(cache.root, "test-driver-refusals")
-    made = LibvirtBackend(runtime, accel, [TEST_DRIVER], mode="snapshot", network="default")  # type: ignore[arg-type]
-    try:
-        yield made
-    finally:
-        made.close()
-        runtime.close()
 
 
-def test_a_kernel_boot_image_is_refused_before_any_copy(backend: LibvirtBackend, cache: Cache) -> None:
+def test_a_kernel_boot_image_is_refused_before_any_copy(test_driver_backend: LibvirtBackend, cache: Cache) -> None:
     image = ensure_image(cache, "tiny", [BUILTIN_IMAGES_DIR], lambda message: None)  # boots by direct kernel load
     converted = set((cache.root / "converted").iterdir()) if (cache.root / "converted").is_dir() else set()
     for attempt in range(2):
         with pytest.raises(ImageError, match="direct kernel load"):
-            backend.boot(image, MachineConfig("tiny"), f"refused-{attempt}")
-    assert not list(backend.runtime.run_dir.glob("*/disk.*"))  # no per-guest copy, left or made
+            test_driver_backend.boot(image, MachineConfig("tiny"), f"refused-{attempt}")
+    assert not list(test_driver_backend.runtime.run_dir.glob("*/disk.*"))  # no per-guest copy, left or made
     now = set((cache.root / "converted").iterdir()) if (cache.root / "converted").is_dir() else set()
     assert now == converted  # and no conversion of a disk that cannot boot there
-    assert backend._machines == {}
+    assert test_driver_backend._machines == {}

@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from guests import pool_on_network  # noqa: E402
+from rig import import_libvirt  # noqa: E402
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 
 from pytest_vmfixtures.backends.base import MachineConfig  # noqa: E402
 from pytest_vmfixtures.backends.libvirt import LibvirtMachine  # noqa: E402
@@ -58,12 +60,8 @@ def default_network(primary_uri: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def stock_pool(pool_factory: Callable[..., tuple[Pool, Runtime]], primary_uri: str,
                default_network: str) -> Iterator[Pool]:
-    pool, runtime = pool_factory([primary_uri], network=default_network)
-    try:
+    for pool, _runtime in pool_on_network(pool_factory, primary_uri, default_network):
         yield pool
-    finally:
-        pool.close()
-        runtime.close()
 
 
 def ssh_echo(vm: VM, word: str) -> str:

@@ -12,11 +12,12 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+from guests import machine_of, pool_on_network  # noqa: E402
+from rig import import_libvirt  # noqa: E402
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = import_libvirt()
 
 from pytest_vmfixtures.backends.base import MachineConfig  # noqa: E402
-from pytest_vmfixtures.backends.libvirt import LibvirtMachine  # noqa: E402
 from pytest_vmfixtures.errors import GuestError  # noqa: E402
 from pytest_vmfixtures.guest import VM  # noqa: E402
 from pytest_vmfixtures.pool import Pool  # noqa: E402
@@ -29,18 +30,8 @@ NIC = "$(ls /sys/class/net | grep -vx lo | head -n 1)"
 @pytest.fixture(scope="module")
 def ident_pool(pool_factory: Callable[..., tuple[Pool, Runtime]], primary_uri: str,
                nat_network: str) -> Iterator[Pool]:
-    pool, runtime = pool_factory([primary_uri], network=nat_network)
-    try:
+    for pool, _runtime in pool_on_network(pool_factory, primary_uri, nat_network):
         yield pool
-    finally:
-        pool.close()
-        runtime.close()
-
-
-def machine_of(vm: VM) -> LibvirtMachine:
-    machine = vm._instance.machine
-    assert isinstance(machine, LibvirtMachine)
-    return machine
 
 
 def ssh_cat(vm: VM, path: str) -> str:

@@ -15,16 +15,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from guests import machine_of, pool_on_network
 from rig import import_libvirt
 
 libvirt = import_libvirt()
 
 from pytest_vmfixtures.accel import AccelChoice  # noqa: E402
 from pytest_vmfixtures.backends.base import MachineConfig  # noqa: E402
-from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine  # noqa: E402
+from pytest_vmfixtures.backends.libvirt import LibvirtBackend  # noqa: E402
 from pytest_vmfixtures.backends.libvirt.snapshot import CLEAN_SNAPSHOT  # noqa: E402
 from pytest_vmfixtures.errors import BootError, GuestError, SnapshotError  # noqa: E402
-from pytest_vmfixtures.guest import VM  # noqa: E402
 from pytest_vmfixtures.images.cache import Cache  # noqa: E402
 from pytest_vmfixtures.images.catalog import BUILTIN_IMAGES_DIR  # noqa: E402
 from pytest_vmfixtures.pool import Pool  # noqa: E402
@@ -36,18 +36,7 @@ CONFIG = MachineConfig("tiny")  # boots in seconds; the contract tests run debia
 @pytest.fixture(scope="module")
 def snap_pool(pool_factory: Callable[..., tuple[Pool, Runtime]], primary_uri: str,
               nat_network: str) -> Iterator[tuple[Pool, Runtime]]:
-    pool, runtime = pool_factory([primary_uri], network=nat_network)
-    try:
-        yield pool, runtime
-    finally:
-        pool.close()
-        runtime.close()
-
-
-def machine_of(vm: VM) -> LibvirtMachine:
-    machine = vm._instance.machine
-    assert isinstance(machine, LibvirtMachine)
-    return machine
+    yield from pool_on_network(pool_factory, primary_uri, nat_network)
 
 
 def ours(pool: Pool, runtime: Runtime) -> list[str]:

@@ -9,7 +9,6 @@ state is a libvirt snapshot, a revert goes back to it, and stopping leaves no do
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,21 +32,12 @@ def cloud_image(bios_cloud_image: BuiltImage) -> BuiltImage:
     return bios_cloud_image
 
 
-@pytest.fixture
-def backend(cache: Cache, accel: object) -> Iterator[LibvirtBackend]:
-    runtime = Runtime(cache.root, "test-driver")
-    made = LibvirtBackend(runtime, accel, [TEST_DRIVER], mode="snapshot", network="default")  # type: ignore[arg-type]
-    try:
-        yield made
-    finally:
-        made.close()
-        runtime.close()
 
 
-def test_a_guest_on_libvirts_test_driver_goes_through_the_whole_portable_flow(backend: LibvirtBackend,
+def test_a_guest_on_libvirts_test_driver_goes_through_the_whole_portable_flow(test_driver_backend: LibvirtBackend,
                                                                                cloud_image: BuiltImage) -> None:
-    assert backend.capabilities == frozenset()  # no monitor, agent, console, saved state or forwarded port there
-    machine = backend.boot(cloud_image, MachineConfig(cloud_image.name), "portable-1")
+    assert test_driver_backend.capabilities == frozenset()  # no monitor, agent, console, saved state or forwarded port there
+    machine = test_driver_backend.boot(cloud_image, MachineConfig(cloud_image.name), "portable-1")
     conn = machine.host.conn
     disk = Path(machine.overlay)
     try:
@@ -55,10 +45,10 @@ def test_a_guest_on_libvirts_test_driver_goes_through_the_whole_portable_flow(ba
         assert disk.exists() and disk.name.startswith("disk.")  # its own copy, in the guest's private directory
         assert machine.ssh_host and machine.ssh_host != "127.0.0.1"  # from interfaceAddresses, not a forward
         assert "no serial console here" in machine.console_log.read_text()
-        backend.take_clean(machine)
+        test_driver_backend.take_clean(machine)
         assert [s.getName() for s in machine.domain.listAllSnapshots()] == [CLEAN_SNAPSHOT]
         machine.domain.suspend()  # a change libvirt's test driver can see
-        backend.revert_clean(machine)
+        test_driver_backend.revert_clean(machine)
         assert machine.state() == "running"
     finally:
         name = machine.domain_name
