@@ -15,13 +15,14 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
 from .backends.base import ALL_CAPABILITIES, Machine, MachineConfig
+from .changes import DIFF_SCRIPT, Changes, check_patterns, default_patterns, parse
 from .channels.agent import AgentError
 from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
@@ -62,6 +63,7 @@ class VM:
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
         capabilities: frozenset[str] = ALL_CAPABILITIES,
         revert_in_place: Callable[[Instance], None] | None = None,
+        changes_ignore: tuple[str, ...] = (),
     ) -> None:
         """``revert_in_place``: where the hypervisor has no saved state to restore ("saved_state" not in
         ``capabilities``), reset puts this very instance back into its clean snapshot instead of swapping."""
@@ -74,6 +76,7 @@ class VM:
         self._fresh_instance = fresh_instance
         self._discard = discard
         self._revert_in_place = revert_in_place
+        self._changes_ignore = changes_ignore  # vm_changes_ignore: on top of changes.DEFAULT_IGNORE
         self._guest_os = guest_os
         self._os: GuestOS | None = None
         self.boot_timeout = boot_timeout
@@ -266,6 +269,20 @@ class VM:
             instance.ssh.transfer(direction, source, target, self.command_timeout if timeout is None else timeout)
         except SSHError as exc:
             raise self._died(exc) from exc
+
+    def changes(self, ignore: Iterable[str] = ()) -> Changes:
+        """What this test changed in the guest's filesystems and packages since its clean state.
+
+        ``ignore``: glob patterns of absolute paths to leave out (a path whose parent directory matches is
+        left out too), on top of the defaults and the ``vm_changes_ignore`` ini key. Asking changes nothing:
+        a guest nobody used stays clean. See docs/destructive-tests.md, "What did the test leave behind?".
+        """
+        patterns = check_patterns(ignore, "vm.changes(ignore=...)")
+        before = self.state
+        result = self.run(DIFF_SCRIPT, timeout=max(self.command_timeout, 120.0))
+        if before == GuestState.READY and self.state == GuestState.DIRTY:
+            self.state = GuestState.READY  # reading changes nothing: the guest needs no revert for it
+        return parse(self.name, result, default_patterns() + self._changes_ignore + patterns)
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self, name: str) -> None:

@@ -17,6 +17,7 @@ from .command import DEFAULT_COMMAND_TIMEOUT
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
 from .fixtures import FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
+from .guest import VM
 from .images.byo import is_byo
 from .images.cache import default_cache_dir
 from .images.catalog import available_recipes, load_recipe
@@ -30,12 +31,14 @@ from .options import (
     image_matrix,
     parse_accel,
     parse_backend,
+    parse_changes_ignore,
     parse_libvirt_mode,
     parse_positive,
     parse_qemu_binaries,
     parse_ram_state,
     parse_standby,
 )
+from .reports import add_changes_sections
 from .runtime import Runtime
 from .session import Settings, VMSession, arch_problem, builtin_dirs, describe_settings, missing_tools
 
@@ -67,6 +70,8 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-provision-key", "vm_provision_key", "string", "", "extra text in the ready state's cache key (change it to provision anew)"),
     ("--vm-artifacts", "vm_artifacts", "string", "", "where failed tests' console logs, screendumps and journals go"),
     ("--vm-keep-on-failure", "vm_keep_on_failure", "bool", False, "keep a failed test's guest running after the run; prints how to ssh in"),
+    ("--vm-report-changes", "vm_report_changes", "bool", False,
+     "add a 'vm changes' section to each failed guest test's report: what the test changed in its guest (vm.changes())"),
 ]
 
 
@@ -97,6 +102,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             group.addoption(option, default=None, dest=ini, help=help_text)
         parser.addini(ini, help=help_text, type=kind, default=default)  # type: ignore[arg-type]
+    parser.addini("vm_changes_ignore", type="linelist", default=[],
+                  help="glob patterns of guest paths vm.changes() leaves out, one a line, on top of its defaults")
 
 
 def _value(config: pytest.Config, ini: str) -> Any:
@@ -133,6 +140,8 @@ def _settings(config: pytest.Config) -> Settings:
             libvirt_pool=str(_value(config, "vm_libvirt_pool") or DEFAULT_LIBVIRT_POOL),
             libvirt_mode=parse_libvirt_mode(str(_value(config, "vm_libvirt_mode") or ""), uris or [DEFAULT_LIBVIRT_URI]),
             libvirt_network=str(_value(config, "vm_libvirt_network") or DEFAULT_LIBVIRT_NETWORK),
+            changes_ignore=parse_changes_ignore(config.getini("vm_changes_ignore")),
+            report_changes=bool(_value(config, "vm_report_changes")),
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -262,6 +271,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             tail = tail or "(nothing on the console)"
             report.sections.append((f"Captured stdout {report.when}: vm {guest.name} console, last 30 lines", tail))
             item.user_properties.append((f"vm {guest.name} console ({report.when})", tail))
+        if report.when != "teardown" and item.config.stash[SESSION_KEY].settings.report_changes:
+            held: list[VM] = item.stash.get(HELD_KEY, [])
+            add_changes_sections(report, item, held)
     return report
 
 

@@ -35,6 +35,7 @@ from .backends.base import (
     config_inputs,
     digest_of,
 )
+from .changes import take_baseline
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, read_guest_os
@@ -48,7 +49,7 @@ from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
 
-STATE_FORMAT = 3  # 3: the boot's console log is kept with the state
+STATE_FORMAT = 4  # 3: the boot's console log is kept with the state; 4: the guest's RAM holds vm.changes()' baseline
 STANDBY_AUTO = -1  # Pool(standby=): one spare per slot, two once it is hot (see Slot.spares_wanted)
 HOT_AFTER = 3  # takes of a slot after which a second spare is kept: tests shorter than one spare's restore
 Progress = Callable[[str], None]
@@ -191,6 +192,7 @@ class Pool:
         ready: Callable[[VM], None] = lambda vm: None,
         progress: Progress = lambda message: None,
         resolve: Callable[[str], BuiltImage | None] = lambda name: None,
+        changes_ignore: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend
         self.cache = cache
@@ -205,6 +207,7 @@ class Pool:
         self.ready = ready
         self.progress = progress
         self.resolve = resolve
+        self.changes_ignore = changes_ignore
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vmfixtures-pool")
         self._slots: dict[MachineConfig, Slot] = {}
         self._images: dict[str, BuiltImage] = {}
@@ -309,6 +312,7 @@ class Pool:
                 channel = "the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")
                 self.progress(f"{config.label}: commands go through {channel}")
             self.provision(vm)
+            facts.update(take_baseline(lambda script, timeout: vm.run(script, timeout=timeout), config.label, self.progress))
             # Fewer RAM pages to save and restore: drop the page cache, close sessions.
             vm.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
             instance.close_channels()
@@ -374,6 +378,7 @@ class Pool:
             command_timeout=self.command_timeout,
             capabilities=capabilities_of(self.backend),
             revert_in_place=(lambda instance: self.revert_in_place(instance, image)) if in_place else None,
+            changes_ignore=self.changes_ignore,
         )
 
     def acquire(self, config: MachineConfig) -> VM:
