@@ -91,11 +91,11 @@ def ignored(path: str, patterns: Iterable[str]) -> bool:
 
 @dataclass(frozen=True)
 class PackageChanges:
-    """Package names, sorted: installed, removed (purged or removed), or at another version."""
+    """Package names, sorted lists: installed, removed (purged or removed), or at another version."""
 
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    modified: tuple[str, ...] = ()
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.modified)
@@ -103,11 +103,14 @@ class PackageChanges:
 
 @dataclass(frozen=True)
 class Changes:
-    """What a test changed in the guest's filesystems since its clean state (see ``VM.changes``)."""
+    """What a test changed in the guest's filesystems since its clean state (see ``VM.changes``).
 
-    added: tuple[str, ...] = ()
-    modified: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
+    ``added``, ``modified`` and ``removed`` are sorted lists of absolute paths, directories included.
+    """
+
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
     packages: PackageChanges = field(default_factory=PackageChanges)
 
     def __bool__(self) -> bool:
@@ -295,8 +298,8 @@ def parse(name: str, result: CommandResult, patterns: Iterable[str]) -> Changes:
         if kind.startswith("P") or not ignored(path, patterns):
             found[kind].add(path)
     return Changes(
-        added=tuple(sorted(found["A"])),
-        modified=tuple(sorted(found["C"])),
-        removed=tuple(sorted(found["D"])),
-        packages=PackageChanges(tuple(sorted(found["PA"])), tuple(sorted(found["PD"])), tuple(sorted(found["PC"]))),
+        added=sorted(found["A"]),
+        modified=sorted(found["C"]),
+        removed=sorted(found["D"]),
+        packages=PackageChanges(sorted(found["PA"]), sorted(found["PD"]), sorted(found["PC"])),
     )

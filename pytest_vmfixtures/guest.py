@@ -279,7 +279,14 @@ class VM:
         """
         patterns = check_patterns(ignore, "vm.changes(ignore=...)")
         before = self.state
-        result = self.run(DIFF_SCRIPT, timeout=max(self.command_timeout, 120.0))
+        try:
+            result = self.run(DIFF_SCRIPT, timeout=max(self.command_timeout, 120.0))
+        except GuestError as exc:
+            if self.state == GuestState.DEAD:
+                raise  # as vm.run says it
+            first = (str(exc).strip().splitlines() or ["no answer"])[0]
+            raise GuestError(f"{self.name}: vm.changes() cannot tell what changed: the guest runs no commands "
+                             f"any more ({first})") from exc
         if before == GuestState.READY and self.state == GuestState.DIRTY:
             self.state = GuestState.READY  # reading changes nothing: the guest needs no revert for it
         return parse(self.name, result, default_patterns() + self._changes_ignore + patterns)
