@@ -45,7 +45,7 @@ def test_added_modified_removed(vm_factory, image: str) -> None:
     assert not changes.packages
     assert changes
     lines = str(changes).splitlines()
-    assert lines[:3] == ["C /etc/group", "C /etc/nsswitch.conf", "C /etc/shells"]
+    assert lines[:4] == ["C /etc/group", "C /etc/nsswitch.conf", "D /etc/profile", "C /etc/shells"]  # path order
     assert {"A /etc/vmfx-new", "A /etc/vmfx-dir/sub/f", "D /etc/profile", "C /var/run"} <= set(lines)
     assert vm.changes() == changes, "asking again gives the same answer"
     # ignore=: the path and everything under it; globs; the ini key's patterns add to these.
