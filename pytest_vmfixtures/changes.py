@@ -18,6 +18,7 @@ modified. The scripts need only sh, find, awk and md5sum, from coreutils or busy
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import shlex
 import time
@@ -206,23 +207,39 @@ _IN_RAM = """awk -v d="$d" '$2 == d && ($3 == "tmpfs" || $3 == "devtmpfs" || $3 
 _MOUNTS = "awk '$3 ~ /^(" + "|".join(LOCAL_FS) + ")$/ { print $2 }' /proc/mounts | sort -u"
 
 
-def baseline_script(dirs: Iterable[str] = BASELINE_DIRS, roots: Iterable[str] | None = None) -> str:
+def _below(paths: Iterable[str]) -> str:
+    """An awk regular expression matching every path below one of ``paths`` (plain absolute paths)."""
+    escaped = [p.rstrip("/").replace(".", "\\.").replace("/", "\\/") for p in paths]
+    return "^(" + "|".join(escaped) + ")\\/" if escaped else "^$"
+
+
+def _prefixes() -> tuple[str, ...]:
+    """The default patterns that are plain paths: what lies below them is neither hashed nor compared."""
+    return tuple(p for p in default_patterns() if not any(c in p for c in "*?["))
+
+
+def baseline_script(dirs: Iterable[str] = BASELINE_DIRS, roots: Iterable[str] | None = None,
+                    skip: Iterable[str] | None = None) -> str:
     """The baseline script; ``roots`` (the tests' own, on the host): scan these directories rather than the
-    local filesystems, and keep the baseline in the first of ``dirs`` whether or not it is a tmpfs."""
+    local filesystems, and keep the baseline in the first of ``dirs`` whether or not it is a tmpfs.
+    ``skip``: paths whose contents get no content hash (None: the default patterns')."""
     return _TOOLS + _BASELINE.format(
         dirs=" ".join(dirs), name=BASELINE_NAME, limit=HASH_LIMIT,
         in_ram=_IN_RAM if roots is None else "true",
         dpkg_info="/var/lib/dpkg/info" if roots is None else "/nonexistent",
-        skip_hash=r"^\/(tmp|var\/tmp|var\/log|var\/cache)\/" if roots is None else "^$",
+        skip_hash=_below(_prefixes() if skip is None else skip),
         mounts=_MOUNTS if roots is None else "printf '%s\\n' " + " ".join(shlex.quote(r) for r in roots),
     )
 
 
-def diff_script(dirs: Iterable[str] = BASELINE_DIRS) -> str:
-    return _TOOLS + _DIFF.format(dirs=" ".join(dirs), name=BASELINE_NAME, end=END)
+def diff_script(dirs: Iterable[str] = BASELINE_DIRS, skip: Iterable[str] | None = None) -> str:
+    """The comparison; ``skip``: paths whose contents are not compared at all (None: the default patterns')."""
+    return _TOOLS + _DIFF.format(dirs=" ".join(dirs), name=BASELINE_NAME, end=END,
+                                 skip=_below(_prefixes() if skip is None else skip))
 
 
 BASELINE_SCRIPT = baseline_script()
+BASELINE_DIGEST = hashlib.sha256(BASELINE_SCRIPT.encode()).hexdigest()[:16]  # part of every saved state's key
 
 _DIFF = r"""
 B=
@@ -235,6 +252,7 @@ T=$B/tmp.$$
 vmfx_list $(cat "$B/mounts") | awk -F'\t' '
   function rest(line,  i) {{ for (i = 1; i <= 8; i++) line = substr(line, index(line, "\t") + 1); return line }}
   {{ p = rest($0); m = $1 "\t" $2 "\t" $3 "\t" $4 "\t" ($1 == "f" ? $5 : "") "\t" $8 }}
+  p ~ /{skip}/ {{ next }}
   NR == FNR {{ bm[p] = m; bt[p] = $6 "\t" $7; next }}
   /^VMFX-ERROR/ {{ print; next }}
   {{ if (!(p in bm)) {{ print "A\t" p; next }}

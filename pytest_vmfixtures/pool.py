@@ -35,7 +35,7 @@ from .backends.base import (
     config_inputs,
     digest_of,
 )
-from .changes import take_baseline
+from .changes import BASELINE_DIGEST, take_baseline
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, read_guest_os
@@ -49,7 +49,7 @@ from .runtime import Runtime
 
 log = logging.getLogger("pytest_vmfixtures")
 
-STATE_FORMAT = 4  # 3: the boot's console log is kept with the state; 4: the guest's RAM holds vm.changes()' baseline
+STATE_FORMAT = 3  # 3: the boot's console log is kept with the state
 STANDBY_AUTO = -1  # Pool(standby=): one spare per slot, two once it is hot (see Slot.spares_wanted)
 HOT_AFTER = 3  # takes of a slot after which a second spare is kept: tests shorter than one spare's restore
 Progress = Callable[[str], None]
@@ -241,6 +241,7 @@ class Pool:
             "config": config_inputs(config),
             "backend": self.backend.state_inputs(image, config),
             "provision": self.provision_key,
+            "changes": BASELINE_DIGEST,  # the state's RAM holds vm.changes()' baseline: a new script, new states
         }
         if image.seed is not None:  # the seed carries the guest's keys: new keys, new state
             inputs["seed"] = image.recipe_digest

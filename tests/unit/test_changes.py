@@ -100,8 +100,13 @@ def test_scripts_on_a_directory(tmp_path: Path, shell: str) -> None:
     for name in ("gone", "edited", "touched", "mode", "same-size"):
         (root / "etc" / name).write_text(name)
     (root / "etc" / "link").symlink_to("gone")
-    said = _run(shell, baseline_script([str(ram)], [str(root)]))
-    assert "9 paths" in said  # root, etc, sub, five files, a link
+    (root / "var" / "log").mkdir(parents=True)
+    (root / "var" / "log" / "syslog").write_text("log")
+    skip = [f"{root}/var/log"]  # as the defaults' /var/log: below it nothing is hashed or compared
+    said = _run(shell, baseline_script([str(ram)], [str(root)], skip))
+    assert "12 paths" in said  # root, etc, sub, five files, a link, var, var/log, syslog
+    assert f"{root}/var/log/syslog" not in (ram / "vmfx-changes" / "hashes").read_text()
+    assert f"{root}/etc/touched" in (ram / "vmfx-changes" / "hashes").read_text()
     time.sleep(1.1)  # times move by at least a second
     (root / "etc" / "gone").unlink()
     (root / "etc" / "edited").write_text("edited, longer")
@@ -114,13 +119,15 @@ def test_scripts_on_a_directory(tmp_path: Path, shell: str) -> None:
     (root / "opt" / "x").mkdir(parents=True)
     (root / "etc" / "brief").write_text("made and removed")
     (root / "etc" / "brief").unlink()
-    out = _run(shell, diff_script([str(ram)]))
+    (root / "var" / "log" / "syslog").write_text("more log")
+    (root / "var" / "log" / "new.log").write_text("new")
+    out = _run(shell, diff_script([str(ram)], skip))
     changes = parse("g", _result(out), ())
     r = str(root)
     assert changes.added == [f"{r}/opt", f"{r}/opt/x"]
     assert changes.modified == [f"{r}/etc/edited", f"{r}/etc/link", f"{r}/etc/mode", f"{r}/etc/same-size"]
     assert changes.removed == [f"{r}/etc/gone"]
-    assert parse("g", _result(_run(shell, diff_script([str(ram)]))), ()) == changes
+    assert parse("g", _result(_run(shell, diff_script([str(ram)], skip))), ()) == changes
     assert not list(ram.glob("*/tmp.*")), "the comparison leaves nothing behind"
 
 
