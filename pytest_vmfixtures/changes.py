@@ -132,10 +132,12 @@ class Changes:
 # -- the guest side ------------------------------------------------------------
 # POSIX sh + find/stat/awk/md5sum from coreutils, findutils and mawk/gawk, or all from busybox. The awk
 # programs contain no single quote (they sit inside single quotes). Listing format, one line per path,
-# tab-separated: type mode uid gid size mtime ctime link-target path.
+# tab-separated: path type mode uid gid size mtime ctime link-target. SKIP: directories not descended into
+# (plain paths: the defaults' that have no glob), so what lies below them is neither listed nor hashed.
 
 _TOOLS = r"""
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+SKIP="{skip}"
 BB=; command -v busybox >/dev/null 2>&1 && BB=busybox
 for t in awk cat sort xargs md5sum mkdir rm; do
   command -v $t >/dev/null 2>&1 || { [ -n "$BB" ] && eval "$t() { busybox $t \"\$@\"; }"; }
@@ -145,10 +147,11 @@ for t in awk md5sum xargs; do
   command -v $t >/dev/null 2>&1 || [ -n "$BB" ] || { echo "VMFX-ERROR the guest has no $t (and no busybox) any more"; exit 0; }
 done
 vmfx_list() {
+  X=; for s in $SKIP; do X="$X -path $s -prune -o"; done
   if find / -maxdepth 0 -printf '' >/dev/null 2>&1; then
-    find "$@" -xdev -printf '%y\t%m\t%U\t%G\t%s\t%Ts\t%Cs\t%l\t%p\n' 2>/dev/null
+    find "$@" -xdev $X -printf '%p\t%y\t%m\t%U\t%G\t%s\t%Ts\t%Cs\t%l\n' 2>/dev/null
   elif [ -n "$BB" ]; then
-    busybox find "$@" -xdev -exec busybox stat -c '%f	%u	%g	%s	%Y	%Z	%N' {} + 2>/dev/null | awk -F'\t' '
+    busybox find "$@" -xdev $X -exec busybox stat -c '%f	%u	%g	%s	%Y	%Z	%N' {} + 2>/dev/null | awk -F'\t' '
       function hex(s,  i, n) { n = 0; s = tolower(s)
         for (i = 1; i <= length(s); i++) n = n * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
         return n }
@@ -158,7 +161,7 @@ vmfx_list() {
         target = ""
         if (ty == "l") { k = index(name, "\047 -> \047"); target = substr(name, k + 6, length(name) - k - 6)
           name = substr(name, 2, k - 2) }
-        printf "%s\t%o\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", ty, m % 4096, $2, $3, $4, $5, $6, target, name }'
+        printf "%s\t%s\t%o\t%s\t%s\t%s\t%s\t%s\t%s\n", name, ty, m % 4096, $2, $3, $4, $5, $6, target }'
   else
     echo "VMFX-ERROR the guest has no find that can list files any more (and no busybox)"
   fi
@@ -196,8 +199,8 @@ ALL=1
     cat {dpkg_info}/*.md5sums | awk '{{ p = substr($0, 35); print substr($0, 1, 32) "  /" p
       if (p ~ /^(bin|sbin|lib|lib32|lib64|libx32)\//) print substr($0, 1, 32) "  /usr/" p }}'
   fi
-  awk -F'\t' -v all=$ALL '$1 == "f" && $5 <= {limit} && (all || $9 !~ /^\/usr\//) &&
-    $9 !~ /{skip_hash}/ {{ printf "%s%c", $9, 0 }}' "$B/files" | xargs -0 -r $MD5
+  awk -F'\t' -v all=$ALL '$2 == "f" && $6 <= {limit} && (all || $1 !~ /^\/usr\//) {{ printf "%s%c", $1, 0 }}' \
+    "$B/files" | xargs -0 -r $MD5
 }} > "$B/hashes" 2>/dev/null
 touch "$B/ok" 2>/dev/null || : > "$B/ok"
 echo "$B $(wc -l < "$B/files") paths"
@@ -207,10 +210,11 @@ _IN_RAM = """awk -v d="$d" '$2 == d && ($3 == "tmpfs" || $3 == "devtmpfs" || $3 
 _MOUNTS = "awk '$3 ~ /^(" + "|".join(LOCAL_FS) + ")$/ { print $2 }' /proc/mounts | sort -u"
 
 
-def _below(paths: Iterable[str]) -> str:
-    """An awk regular expression matching every path below one of ``paths`` (plain absolute paths)."""
-    escaped = [p.rstrip("/").replace(".", "\\.").replace("/", "\\/") for p in paths]
-    return "^(" + "|".join(escaped) + ")\\/" if escaped else "^$"
+def _tools(skip: Iterable[str] | None) -> str:
+    paths = _prefixes() if skip is None else tuple(skip)
+    if any(c in p for p in paths for c in " \t\n*?[\"$`\\"):
+        raise ValueError(f"directories to skip must be plain paths: {paths}")
+    return _TOOLS.replace("{skip}", " ".join(paths))
 
 
 def _prefixes() -> tuple[str, ...]:
@@ -222,20 +226,18 @@ def baseline_script(dirs: Iterable[str] = BASELINE_DIRS, roots: Iterable[str] | 
                     skip: Iterable[str] | None = None) -> str:
     """The baseline script; ``roots`` (the tests' own, on the host): scan these directories rather than the
     local filesystems, and keep the baseline in the first of ``dirs`` whether or not it is a tmpfs.
-    ``skip``: paths whose contents get no content hash (None: the default patterns')."""
-    return _TOOLS + _BASELINE.format(
+    ``skip``: directories not descended into (None: the default patterns that are plain paths)."""
+    return _tools(skip) + _BASELINE.format(
         dirs=" ".join(dirs), name=BASELINE_NAME, limit=HASH_LIMIT,
         in_ram=_IN_RAM if roots is None else "true",
         dpkg_info="/var/lib/dpkg/info" if roots is None else "/nonexistent",
-        skip_hash=_below(_prefixes() if skip is None else skip),
         mounts=_MOUNTS if roots is None else "printf '%s\\n' " + " ".join(shlex.quote(r) for r in roots),
     )
 
 
 def diff_script(dirs: Iterable[str] = BASELINE_DIRS, skip: Iterable[str] | None = None) -> str:
-    """The comparison; ``skip``: paths whose contents are not compared at all (None: the default patterns')."""
-    return _TOOLS + _DIFF.format(dirs=" ".join(dirs), name=BASELINE_NAME, end=END,
-                                 skip=_below(_prefixes() if skip is None else skip))
+    """The comparison; ``skip`` as for :func:`baseline_script` (both must skip the same)."""
+    return _tools(skip) + _DIFF.format(dirs=" ".join(dirs), name=BASELINE_NAME, end=END)
 
 
 BASELINE_SCRIPT = baseline_script()
@@ -250,15 +252,13 @@ if [ -z "$B" ]; then
 fi
 T=$B/tmp.$$
 vmfx_list $(cat "$B/mounts") | awk -F'\t' '
-  function rest(line,  i) {{ for (i = 1; i <= 8; i++) line = substr(line, index(line, "\t") + 1); return line }}
-  {{ p = rest($0); m = $1 "\t" $2 "\t" $3 "\t" $4 "\t" ($1 == "f" ? $5 : "") "\t" $8 }}
-  p ~ /{skip}/ {{ next }}
-  NR == FNR {{ bm[p] = m; bt[p] = $6 "\t" $7; next }}
+  {{ p = $1; m = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9 }}
+  NR == FNR {{ bm[p] = m; bt[p] = $7 "\t" $8; next }}
   /^VMFX-ERROR/ {{ print; next }}
   {{ if (!(p in bm)) {{ print "A\t" p; next }}
     seen[p] = 1
     if (m != bm[p]) print "C\t" p
-    else if ($1 == "f" && $6 "\t" $7 != bt[p]) print "H\t" p }}
+    else if ($2 == "f" && $7 "\t" $8 != bt[p]) print "H\t" p }}
   END {{ for (p in bm) if (!(p in seen)) print "D\t" p }}' "$B/files" - > "$T.diff"
 awk -F'\t' '$1 == "H" {{ printf "%s%c", $2, 0 }}' "$T.diff" | xargs -0 -r $MD5 > "$T.now" 2>/dev/null
 awk -F'\t' '
