@@ -101,13 +101,14 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=default_cache_dir())
     parser.add_argument("--boots", type=int, default=1)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--boot-timeout", type=float, default=600.0, help="seconds a cold boot may take (a loaded machine: more)")
     parser.add_argument("--output", type=Path, default=HERE / "changes.json")
     args = parser.parse_args()
     accel = choose_accel("auto", probe_host())
     cache = Cache(args.cache)
     runtime = Runtime(args.cache, "bench-changes")
     pool = Pool(QemuBackend(runtime, accel), cache, runtime, [BUILTIN_IMAGES_DIR], accel=accel.accel, standby=0,
-                progress=lambda m: print(f"  {m}", flush=True))
+                boot_timeout=args.boot_timeout, progress=lambda m: print(f"  {m}", flush=True))
     config = MachineConfig(args.image)
     try:
         results = measure(pool, config, args.boots, args.calls, summary)
