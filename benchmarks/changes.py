@@ -118,7 +118,10 @@ def main() -> None:
     for name, row in results.items():
         print(f"{name:<22} {row['p50']:>7.2f}s {row['p95']:>7.2f}s {row['n']:>4}")
     for name, value, op, limit in targets(results):
-        met = value is not None and (value <= limit if op == "<=" else value >= limit)
+        if value is None:
+            print(f"{name:<44} {'-':>7}  goal {op} {limit:g}  not measured")
+            continue
+        met = value <= limit if op == "<=" else value >= limit
         print(f"{name:<44} {value:>7.2f}  goal {op} {limit:g}  {'met' if met else 'MISSED'}")
     args.output.write_text(json.dumps({"image": args.image, "accel": accel.accel, "scenarios": results}, indent=2) + "\n")
     print(f"\nwritten to {args.output}")
