@@ -13,6 +13,9 @@ Prints a table and writes benchmarks/results.json (per scenario: p50, p95, n, un
   warm_start_stream, revert_stream, many_{ready,memory}_{mapped,stream}
                        the states' RAM read from the stream beside mapped from a file (the default), and N
                        guests of one state at once: time to all ready, host memory (see mapped.py)
+  changes_first_boot, changes_baseline, changes_call
+                       vm.changes(): what its baseline adds to making a clean state, beside that first boot,
+                       and a call after a test changed a few files (see changes.py)
   {state,warm_start,revert}_<MiB>_{builtin,cloud}
                        a cloud image (firmware boot, cloud-init seed) beside the built-in image at the same
                        memory size, in the same run (see cloud.py); --only-cloud runs just these
@@ -44,6 +47,7 @@ from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import changes  # noqa: E402
 import cloud  # noqa: E402
 import libvirt_baseline  # noqa: E402
 import mapped  # noqa: E402
@@ -181,6 +185,8 @@ def main() -> None:
     parser.add_argument("--stream-tests", type=int, default=31, help="destructive tests run again from a stream state (0 skips)")
     parser.add_argument("--cloud-tests", type=int, default=20, help="destructive tests per guest in the cloud comparison (0 skips it)")
     parser.add_argument("--cloud-memory-mb", type=int, default=1024, help="memory of both guests in the cloud comparison")
+    parser.add_argument("--changes-calls", type=int, default=10, help="vm.changes() calls to time (0 skips the changes scenarios)")
+    parser.add_argument("--changes-boots", type=int, default=1, help="cold boots with a vm.changes() baseline to time")
     parser.add_argument("--only-cloud", action="store_true", help="run only the cloud comparison (written to cloud.json)")
     parser.add_argument("--output", type=Path, default=None, help="default: results.json (cloud.json with --only-cloud)")
     args = parser.parse_args()
@@ -219,6 +225,8 @@ def main() -> None:
             results |= mapped.measure(pool, config, args.warm, args.guests, warm_starts, first_run, summary)
         if args.cloud_tests:
             results |= cloud_scenarios(pool, args)
+        if args.changes_calls:
+            results |= changes.measure(pool, config, args.changes_boots, args.changes_calls, summary)
     finally:
         pool.close()
         runtime.close()
@@ -294,6 +302,7 @@ def check_targets(
         ("QEMU peak RSS p95 - guest RAM (MiB)", None if "qemu_peak_rss" not in results else
          (p("qemu_peak_rss", "p95") or 0) - memory_mb, "<=", 150),
         *cloud.targets(results, cloud_memory_mb),
+        *changes.targets(results),
     ]
     return {
         name: {"value": value, "goal": f"{op} {limit:g}",

@@ -15,13 +15,14 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
 from .backends.base import ALL_CAPABILITIES, Machine, MachineConfig
+from .changes import DIFF_SCRIPT, Changes, check_patterns, default_patterns, parse
 from .channels.agent import AgentError
 from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
@@ -63,6 +64,7 @@ class VM:
         capabilities: frozenset[str] = ALL_CAPABILITIES,
         revert_in_place: Callable[[Instance], None] | None = None,
         named_snapshots: tuple[Callable[[Instance, str], None], Callable[[Instance, str], None]] | None = None,
+        changes_ignore: tuple[str, ...] = (),
     ) -> None:
         """``revert_in_place``: where the hypervisor has no saved state to restore ("saved_state" not in
         ``capabilities``), reset puts this very instance back into its clean snapshot instead of swapping.
@@ -78,6 +80,7 @@ class VM:
         self._discard = discard
         self._revert_in_place = revert_in_place
         self._named_snapshots = named_snapshots
+        self._changes_ignore = changes_ignore  # vm_changes_ignore: on top of changes.DEFAULT_IGNORE
         self._guest_os = guest_os
         self._os: GuestOS | None = None
         self.boot_timeout = boot_timeout
@@ -286,6 +289,25 @@ class VM:
             instance.ssh.transfer(direction, source, target, self.command_timeout if timeout is None else timeout)
         except SSHError as exc:
             raise self._died(exc) from exc
+
+    def changes(self, ignore: Iterable[str] = ()) -> Changes:
+        """What this test changed in the guest's filesystems and packages since its clean state.
+
+        ``ignore``: absolute path globs left out (with what lies below them), on top of the defaults and the
+        ``vm_changes_ignore`` ini key. Asking changes nothing: a guest nobody used stays clean."""
+        patterns = check_patterns(ignore, "vm.changes(ignore=...)")
+        before = self.state
+        try:
+            result = self.run(DIFF_SCRIPT, timeout=max(self.command_timeout, 120.0))
+        except GuestError as exc:
+            if self.state == GuestState.DEAD:
+                raise  # as vm.run says it
+            first = (str(exc).strip().splitlines() or ["no answer"])[0]
+            raise GuestError(f"{self.name}: vm.changes() cannot tell what changed: the guest runs no commands "
+                             f"any more ({first})") from exc
+        if before == GuestState.READY and self.state == GuestState.DIRTY:
+            self.state = GuestState.READY  # reading changes nothing: the guest needs no revert for it
+        return parse(self.name, result, default_patterns() + self._changes_ignore + patterns)
 
     # -- snapshots -----------------------------------------------------------
     def snapshot(self, name: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from .accel import ACCELS
 from .arch import ARCHES, by_name
 from .backends.base import CAPABILITIES, NETWORKS
+from .changes import check_patterns
 from .images.byo import check_spec
 
 DEFAULT_IMAGE = "debian-12"
@@ -210,6 +211,14 @@ def parse_count(option: str, value: Any, alternative: str = "") -> int:
     if number < 0:
         raise OptionError(f"{option} must be 0 or more, got {value!r}")
     return number
+
+
+def parse_changes_ignore(values: Iterable[str]) -> tuple[str, ...]:
+    """The ``vm_changes_ignore`` ini key: absolute glob patterns, one a line."""
+    try:
+        return check_patterns([v.strip() for v in values if v.strip()], "vm_changes_ignore")
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def image_matrix(cli: Iterable[str], ini: Iterable[str]) -> list[str]:

@@ -12,10 +12,12 @@ import pytest
 from . import hookspecs
 from .accel import AccelChoice
 from .backends.base import Backend
+from .changes_report import add_changes_sections
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
 from .fixtures import EVIDENCE_KEY, FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
+from .guest import VM
 from .images.byo import is_byo
 from .images.cache import default_cache_dir
 from .images.catalog import available_recipes
@@ -29,6 +31,7 @@ from .options import (
     image_matrix,
     parse_accel,
     parse_backend,
+    parse_changes_ignore,
     parse_choice,
     parse_libvirt_mode,
     parse_positive,
@@ -72,6 +75,8 @@ _OPTIONS: list[tuple[str, str, str, Any, str]] = [
     ("--vm-unavailable", "vm_unavailable", "string", "error",
      "when this host cannot run the run's guests (no QEMU, say): error (stop the run, naming the fix) or skip "
      "(skip the tests that need a guest, run the rest)"),
+    ("--vm-report-changes", "vm_report_changes", "bool", False,
+     "add a 'vm changes' section to each failed guest test's report: what the test changed in its guest (vm.changes())"),
 ]
 
 
@@ -102,6 +107,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             group.addoption(option, default=None, dest=ini, help=help_text)
         parser.addini(ini, help=help_text, type=kind, default=default)  # type: ignore[arg-type]
+    parser.addini("vm_changes_ignore", type="linelist", default=[],
+                  help="glob patterns of guest paths vm.changes() leaves out, one a line, on top of its defaults")
 
 
 def _value(config: pytest.Config, ini: str) -> Any:
@@ -139,6 +146,8 @@ def _settings(config: pytest.Config) -> Settings:
             libvirt_mode=parse_libvirt_mode(str(_value(config, "vm_libvirt_mode") or ""), uris or [DEFAULT_LIBVIRT_URI]),
             libvirt_network=str(_value(config, "vm_libvirt_network") or DEFAULT_LIBVIRT_NETWORK),
             unavailable=parse_choice("--vm-unavailable", str(_value(config, "vm_unavailable")), UNAVAILABLE),
+            changes_ignore=parse_changes_ignore(config.getini("vm_changes_ignore")),
+            report_changes=bool(_value(config, "vm_report_changes")),
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -268,6 +277,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             tail = tail or "(nothing on the console)"
             report.sections.append((f"Captured stdout {report.when}: vm {guest.name} console, last 30 lines", tail))
             item.user_properties.append((f"vm {guest.name} console ({report.when})", tail))
+        if report.when != "teardown" and item.config.stash[SESSION_KEY].settings.report_changes:
+            held: list[VM] = item.stash.get(HELD_KEY, [])
+            add_changes_sections(report, item, held)
     evidence = item.stash.get(EVIDENCE_KEY, [])
     if report.when == "teardown" and evidence:  # collected in the guest fixtures' teardown, before the revert
         add_sections(report, evidence)

@@ -34,6 +34,7 @@ from .backends.base import (
     config_inputs,
     digest_of,
 )
+from .changes import BASELINE_DIGEST, take_baseline
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .errors import GuestError, SnapshotError, VMError
 from .guest import VM, GuestState, read_guest_os
@@ -147,9 +148,8 @@ class Slot:
                 spare.result(timeout)
 
     def spares_wanted(self) -> int:
-        """How many clean instances to keep restoring ahead: ``--vm-standby``, or for ``auto`` one, and
-        two once the slot is hot (a run of short tests outpaces one spare's restore and warm-up; measured
-        with benchmarks/bench.py: revert p50 0.35 -> 0.18 s on two cores under TCG)."""
+        """Clean instances to keep restoring ahead: ``--vm-standby``, or for ``auto`` one, and two once the slot
+        is hot (short tests outpace one spare's restore and warm-up: revert p50 0.35 -> 0.18 s, benchmarks/)."""
         if self.pool.standby != STANDBY_AUTO:
             return self.pool.standby
         return 2 if self._taken >= HOT_AFTER else 1
@@ -193,6 +193,7 @@ class Pool:
         ready: Callable[[VM], None] = lambda vm: None,
         progress: Progress = lambda message: None,
         resolve: Callable[[str], BuiltImage | None] = lambda name: None,
+        changes_ignore: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend
         self.cache = cache
@@ -207,6 +208,7 @@ class Pool:
         self.ready = ready
         self.progress = progress
         self.resolve = resolve
+        self.changes_ignore = changes_ignore
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vmfixtures-pool")
         self._slots: dict[MachineConfig, Slot] = {}
         self._images: dict[str, BuiltImage] = {}
@@ -241,6 +243,7 @@ class Pool:
             "config": config_inputs(config),
             "backend": self.backend.state_inputs(image, config),
             "provision": self.provision_key,
+            "changes": BASELINE_DIGEST,  # the state's RAM holds vm.changes()' baseline: a new script, new states
         }
         if image.seed is not None:  # the seed carries the guest's keys: new keys, new state
             inputs["seed"] = image.recipe_digest
@@ -255,8 +258,7 @@ class Pool:
             self.cache.write_manifest(directory, {"kind": "state", "config": config_inputs(config), **facts}, files)
 
         def verify(directory: Path) -> str | None:
-            # The state's disk layer names the image disk it was made over: a state of another file
-            # (an image now booted from its cached copy, a cache moved since) is made anew.
+            # A state whose disk layer sits on another file than the image's disk (a cache moved since) is made anew.
             backing = qcow2.backing_file(directory / "disk.qcow2")
             if backing is not None and not (backing.exists() and os.path.samefile(backing, image.disk)):
                 return f"its disk layer sits on {backing}, not on {image.disk}"
@@ -289,11 +291,8 @@ class Pool:
         self.progress(f"saved ready state of {config.describe()} ({time.monotonic() - started:.0f} s in all)")
         return facts
 
-    def _boot_provisioned(
-        self, image: BuiltImage, config: MachineConfig, name: str, started: float,
-    ) -> tuple[Instance, dict[str, object]]:
-        """A cold-booted, provisioned guest with its page cache dropped and its channels closed, and what
-        its first boot found; a guest that fails on the way is stopped."""
+    def _boot_provisioned(self, image: BuiltImage, config: MachineConfig, name: str, started: float) -> tuple[Instance, dict[str, object]]:
+        """A cold-booted, provisioned guest (page cache dropped, channels closed) and what its first boot found."""
         facts: dict[str, object] = {}
         accel = self.accel_for(image)
         machine = self.backend.boot(image, config, name)
@@ -305,11 +304,12 @@ class Pool:
             vm.state = GuestState.DIRTY
             if image.seed is not None:
                 facts.update(settle_first_boot(instance, image, self.boot_timeout, accel))
-                channel = "the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")
-                self.progress(f"{config.label}: commands go through {channel}")
+                self.progress(f"{config.label}: commands go through "
+                              + ("the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")))
             self.provision(vm)
-            # Fewer RAM pages to save and restore: drop the page cache, close sessions.
-            vm.run(screen_login(image) + "sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
+            facts.update(take_baseline(lambda script, timeout: vm.run(script, timeout=timeout), config.label, self.progress))
+            # Fewer RAM pages to save: drop file contents; the dentry and inode caches the baseline filled stay.
+            vm.run(screen_login(image) + "sync; echo 1 > /proc/sys/vm/drop_caches", timeout=120)
             instance.close_channels()
         except BaseException:
             instance.close()
@@ -375,6 +375,7 @@ class Pool:
             capabilities=capabilities_of(self.backend),
             revert_in_place=(lambda instance: self.revert_in_place(instance, image)) if in_place else None,
             named_snapshots=named_snapshot_calls(self._snapshots()) if in_place else None,
+            changes_ignore=self.changes_ignore,
         )
 
     def acquire(self, config: MachineConfig) -> VM:

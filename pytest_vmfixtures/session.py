@@ -55,6 +55,8 @@ class Settings:
     qemu_binaries: dict[str, str] = field(default_factory=dict)  # QEMU target -> emulator, besides x86's
     ram_state: str = "auto"  # the QEMU backend's states: mapped or stream RAM (options.RAM_STATES)
     unavailable: str = "error"  # a host that cannot run the run's guests: stop the run, or skip their tests
+    changes_ignore: tuple[str, ...] = ()  # vm_changes_ignore: vm.changes() leaves these out, on top of its defaults
+    report_changes: bool = False  # --vm-report-changes: a "vm changes" section in failed tests' reports
 
 
 def provision_fingerprint(config: pytest.Config, extra: str) -> str:
@@ -143,6 +145,7 @@ class VMSession:
                 ready=lambda vm: hook.pytest_vm_ready(vm=vm),
                 progress=self.progress,
                 resolve=lambda name: hook.pytest_vm_image_resolve(config=self.config, name=name),
+                changes_ignore=self.settings.changes_ignore,
             )
         return self._pool
 

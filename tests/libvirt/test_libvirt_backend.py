@@ -140,6 +140,20 @@ def test_revert_swaps_in_a_clean_guest(two_hosts: tuple[Pool, Runtime]) -> None:
         pool.release(vm)
 
 
+def test_changes_through_a_libvirt_saved_state(two_hosts: tuple[Pool, Runtime]) -> None:
+    """vm.changes()' baseline is in the saved RAM: every guest restored from the libvirt save image has it."""
+    pool, _ = two_hosts
+    vm = pool.acquire(CONFIG)
+    try:
+        vm.run("echo x > /etc/vmfx-libvirt && rm /etc/profile", check=True)
+        changes = vm.changes()
+        assert (changes.added, changes.modified, changes.removed) == (["/etc/vmfx-libvirt"], [], ["/etc/profile"])
+        vm.reset()
+        assert str(vm.changes()) == "no changes"
+    finally:
+        pool.release(vm)
+
+
 def test_guests_spread_least_loaded_first(pool_factory: PoolFactory, primary_uri: str, second_uri: str) -> None:
     pool, runtime = pool_factory([primary_uri, second_uri], standby=0)  # no spares: only our guests count
     instances = []

@@ -73,6 +73,20 @@ def test_revert_restores_a_destroyed_file_in_the_same_domain(snap_pool: tuple[Po
         pool.release(vm)
 
 
+def test_changes_are_measured_from_the_clean_snapshot(snap_pool: tuple[Pool, Runtime]) -> None:
+    """vm.changes()' baseline was taken before the clean snapshot, so the in-place revert brings it back."""
+    pool, _ = snap_pool
+    vm = pool.acquire(CONFIG)
+    try:
+        vm.run("echo x > /etc/vmfx-snap && chmod 600 /etc/shells && rm /etc/profile", check=True)
+        changes = vm.changes()
+        assert (changes.added, changes.modified, changes.removed) == (["/etc/vmfx-snap"], ["/etc/shells"], ["/etc/profile"])
+        vm.reset()
+        assert str(vm.changes()) == "no changes"
+    finally:
+        pool.release(vm)
+
+
 def test_concurrent_guests_each_have_their_own_domain_and_snapshot(snap_pool: tuple[Pool, Runtime]) -> None:
     pool, _ = snap_pool
     a = pool.acquire(CONFIG)  # the idle guest of the test before

@@ -1,0 +1,136 @@
+"""vm.changes()' parts that need no guest: patterns, the Changes value, parsing, and the guest-side scripts
+run on the host against a directory (with dash and with busybox's find, stat and awk)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_vmfixtures.changes import (
+    DEFAULT_IGNORE,
+    END,
+    Changes,
+    PackageChanges,
+    baseline_script,
+    check_patterns,
+    default_patterns,
+    diff_script,
+    ignored,
+    parse,
+)
+from pytest_vmfixtures.command import CommandResult
+from pytest_vmfixtures.errors import GuestError
+from pytest_vmfixtures.options import OptionError, parse_changes_ignore
+
+
+def test_patterns_must_be_absolute_strings() -> None:
+    assert check_patterns("/opt/*", "w") == ("/opt/*",)
+    assert check_patterns(["/a", "/b/*"], "w") == ("/a", "/b/*")
+    with pytest.raises(ValueError, match=r"^w: pattern 'opt/\*' is not an absolute glob"):
+        check_patterns(["/a", "opt/*"], "w")
+    with pytest.raises(ValueError, match=r"^w: pattern b'/x' is not a string"):
+        check_patterns([b"/x"], "w")
+    with pytest.raises(ValueError, match="got 3"):
+        check_patterns(3, "w")
+    with pytest.raises(OptionError, match="^vm_changes_ignore: pattern 'var/log' is not an absolute glob"):
+        parse_changes_ignore(["/ok", "var/log"])
+    assert parse_changes_ignore(["", " /srv/* "]) == ("/srv/*",)
+
+
+def test_a_pattern_covers_what_is_below_it() -> None:
+    assert ignored("/var/log/apt/history.log", ["/var/log"])
+    assert ignored("/etc/vmfx-x", ["/etc/vmfx-*"])
+    assert not ignored("/var/logs", ["/var/log"])
+    assert not ignored("/etc", ["/etc/*"])
+    assert all(pattern.startswith("/") and why for pattern, why in DEFAULT_IGNORE)
+    assert "/var/lib/dpkg" in default_patterns()
+
+
+def test_changes_value() -> None:
+    none = Changes()
+    assert not none and str(none) == "no changes"
+    changes = Changes(added=["/b"], modified=["/a"], removed=["/c"], packages=PackageChanges(added=["x"], modified=["y"]))
+    assert changes
+    assert str(changes).splitlines() == ["C /a", "A /b", "D /c", "package added: x", "package version changed: y"]
+    assert Changes(packages=PackageChanges(removed=["z"]))
+    assert Changes(added=["/x"]) == Changes(added=["/x"])
+
+
+def _result(stdout: str, code: int = 0, stderr: str = "") -> CommandResult:
+    return CommandResult("changes", code, stdout, stderr)
+
+
+def test_parse() -> None:
+    out = f"A\t/etc/new\nC\t/var/log/syslog\nD\t/etc/old\nPA\tfoo\nPD\tbar\nPC\tbaz\n{END}\n"
+    changes = parse("g", _result(out), default_patterns())
+    assert changes == Changes(["/etc/new"], [], ["/etc/old"], PackageChanges(["foo"], ["bar"], ["baz"]))
+    with pytest.raises(GuestError, match="^g: vm.changes\\(\\) has no baseline"):
+        parse("g", _result("VMFX-NOBASELINE\n"), ())
+    with pytest.raises(GuestError, match=r"^g: vm.changes\(\) cannot tell what changed: the guest has no awk"):
+        parse("g", _result("VMFX-ERROR the guest has no awk (and no busybox) any more\n"), ())
+    with pytest.raises(GuestError, match=r"shell tools failed \(sh: 1: find: not found\)$"):
+        parse("g", _result("", 127, "sh: 1: find: not found\n"), ())
+
+
+SHELLS = {
+    "dash": ["dash", "-c"],
+    # busybox's sh, and its find (which has no -printf) and stat: the tiny image's tools
+    "busybox": ["busybox", "sh", "-c", 'find() { busybox find "$@"; }; awk() { busybox awk "$@"; }; eval "$0"'],
+}
+
+
+def _run(shell: str, script: str) -> str:
+    if shutil.which(SHELLS[shell][0]) is None:
+        pytest.skip(f"{SHELLS[shell][0]} is not installed")
+    proc = subprocess.run([*SHELLS[shell], script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_scripts_on_a_directory(tmp_path: Path, shell: str) -> None:
+    root, ram = tmp_path / "root", tmp_path / "ram"
+    (root / "etc" / "sub").mkdir(parents=True)
+    ram.mkdir()
+    for name in ("gone", "edited", "touched", "mode", "same-size"):
+        (root / "etc" / name).write_text(name)
+    (root / "etc" / "link").symlink_to("gone")
+    (root / "var" / "log").mkdir(parents=True)
+    (root / "var" / "log" / "syslog").write_text("log")
+    skip = [f"{root}/var/log"]  # as the defaults' /var/log: below it nothing is hashed or compared
+    said = _run(shell, baseline_script([str(ram)], [str(root)], skip))
+    assert "10 paths" in said  # root, etc, sub, five files, a link, var (not var/log: skipped)
+    assert f"{root}/var/log/syslog" not in (ram / "vmfx-changes" / "hashes").read_text()
+    assert f"{root}/etc/touched" in (ram / "vmfx-changes" / "hashes").read_text()
+    time.sleep(1.1)  # times move by at least a second
+    (root / "etc" / "gone").unlink()
+    (root / "etc" / "edited").write_text("edited, longer")
+    (root / "etc" / "same-size").write_text("SAME-SIZE")
+    os.utime(root / "etc" / "touched")
+    (root / "etc" / "touched").write_text("touched")  # the same content again: no change
+    (root / "etc" / "mode").chmod(0o600)
+    (root / "etc" / "link").unlink()
+    (root / "etc" / "link").symlink_to("edited")
+    (root / "opt" / "x").mkdir(parents=True)
+    (root / "etc" / "brief").write_text("made and removed")
+    (root / "etc" / "brief").unlink()
+    (root / "var" / "log" / "syslog").write_text("more log")
+    (root / "var" / "log" / "new.log").write_text("new")
+    out = _run(shell, diff_script([str(ram)], skip))
+    changes = parse("g", _result(out), ())
+    r = str(root)
+    assert changes.added == [f"{r}/opt", f"{r}/opt/x"]
+    assert changes.modified == [f"{r}/etc/edited", f"{r}/etc/link", f"{r}/etc/mode", f"{r}/etc/same-size"]
+    assert changes.removed == [f"{r}/etc/gone"]
+    assert parse("g", _result(_run(shell, diff_script([str(ram)], skip))), ()) == changes
+    assert not list(ram.glob("*/tmp.*")), "the comparison leaves nothing behind"
+
+
+def test_no_baseline_is_said(tmp_path: Path) -> None:
+    out = _run("dash", diff_script([str(tmp_path)]))
+    assert out.strip() == "VMFX-NOBASELINE"
