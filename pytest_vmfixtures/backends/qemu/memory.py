@@ -106,8 +106,8 @@ def allocate(path: Path, memory_mb: int) -> None:
     free_mb = vfs.f_bavail * vfs.f_frsize >> 20
     if free_mb < memory_mb:
         raise GuestError(
-            f"cannot reserve {memory_mb} MiB for the guest's RAM file {path}: only {free_mb} MiB free there; free "
-            f"space (it is returned when the state is saved) or use --vm-ram-state=stream"
+            f"cannot reserve {memory_mb} MiB for the guest's RAM file {path}: No space left on device (only {free_mb} "
+            f"MiB free there); free space (it is returned when the state is saved) or use --vm-ram-state=stream"
         )
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
