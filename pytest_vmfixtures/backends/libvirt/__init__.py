@@ -52,9 +52,8 @@ from .connection import CLIENT, Host, HostUnreachable, is_session, log_dir, shar
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, TEMPLATE, render_domain
 from .machine import LibvirtMachine
-from .save import StateCopy
 from .ssh_route import ssh_route
-from .storage import HostStorage, qcow2_virtual_size
+from .storage import HostStorage, StateCopy, qcow2_virtual_size
 
 __all__ = [
     "CLIENT",

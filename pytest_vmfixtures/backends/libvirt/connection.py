@@ -25,9 +25,8 @@ from ...options import is_qemu_uri
 from ...runtime import session_alive
 from .calls import bounded, libvirt, libvirt_qemu, version_string
 from .drivers import compiled_in, driver_for
-from .save import StateCopy
 from .ssh_route import ssh_route
-from .storage import HostStorage
+from .storage import HostStorage, StateCopy
 
 log = logging.getLogger("pytest_vmfixtures")
 
