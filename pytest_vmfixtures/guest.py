@@ -25,9 +25,10 @@ from .backends.base import ALL_CAPABILITIES, Machine, MachineConfig
 from .channels.agent import AgentError
 from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
+from .consolelog import console_tail
 from .errors import CommandTimeout, GuestError, QMPError, SnapshotError
 from .images.image import BuiltImage, GuestOS
-from .instance import Instance, console_tail, retarget, warm_up
+from .instance import Instance, retarget, warm_up
 from .waiting import Deadline, wait_for
 
 log = logging.getLogger("pytest_vmfixtures")

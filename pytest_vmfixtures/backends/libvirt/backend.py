@@ -15,7 +15,6 @@ from typing import Any
 from ...accel import AccelChoice
 from ...errors import BootError, GuestError, SnapshotError
 from ...images.image import BuiltImage
-from ...options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ...runtime import Runtime, session_alive
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import TB_SIZE_MB, firmware_inputs, free_port, hotplug_lan, kernel_args_key
@@ -39,6 +38,7 @@ from .placement import Placement
 from .save import load_through_monitor, rewrap, save_domain, stream_offset
 from .snapshot import revert_clean, revert_named, take_clean, take_named
 from .storage import StateCopy, drop_files, host_files
+from .uris import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 
 log = logging.getLogger("pytest_vmfixtures")
 

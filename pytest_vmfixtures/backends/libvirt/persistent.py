@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ...accel import AccelChoice
+from ...consolelog import console_tail
 from ...errors import BootError, ImageError
 from ...images.cache import Cache
 from ...images.image import BuiltImage
-from ...instance import console_tail
 from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import MachineConfig

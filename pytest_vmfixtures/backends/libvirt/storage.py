@@ -41,11 +41,11 @@ from xml.sax.saxutils import escape
 from ...errors import GuestError, ImageError
 from ...images import qcow2
 from ...images.image import BuiltImage
-from ...options import DEFAULT_LIBVIRT_POOL
 from ...waiting import Deadline
 from ..base import SavedState
 from ..common import NVRAM_NAME, create_nvram, create_overlay, find_ovmf, run_qemu_img
 from .calls import libvirt
+from .uris import DEFAULT_LIBVIRT_POOL
 
 log = logging.getLogger("pytest_vmfixtures")
 
