@@ -16,8 +16,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "pytest_vmfixtures"
 ROOT = "pytest_vmfixtures"
 MAX_LINES = 450
-# Kept so hooks and suites written against 0.1 still import; each only re-exports from images/.
-COMPAT_SHIMS = {f"{ROOT}.image", f"{ROOT}.cache", f"{ROOT}.catalog"}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -188,11 +186,6 @@ def test_no_module_uses_another_modules_private_names() -> None:
 def test_no_module_is_long() -> None:
     lengths = {path.relative_to(PACKAGE).as_posix(): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
     assert {name: lines for name, lines in lengths.items() if lines > MAX_LINES} == {}
-
-
-def test_compat_shims_only_re_export() -> None:
-    for shim in COMPAT_SHIMS:
-        assert {t for t in MODULES[shim] if not _within(t, f"{ROOT}.images")} == set(), shim
 
 
 # The checks above must be able to fail: each is run once on a small package made to break it.

@@ -37,7 +37,8 @@ connection into the local console.log (console.py); SSH reaches the guest's
 forwarded port on the host's loopback, through ``ssh -W`` for ``qemu+ssh://``
 hosts (ssh_route.py).
 
-The modules: backend.py (LibvirtBackend: placement, start, save, restore),
+The modules: backend.py (LibvirtBackend: start, save, restore), placement.py (which
+host a guest goes to, the guests placed), uris.py (defaults, which URIs are QEMU's),
 snapshot.py and persistent.py (snapshot mode: see docs/libvirt.md), network.py (its libvirt network),
 machine.py (LibvirtMachine), connection.py (a libvirtd per URI, which host
 gets a guest, reaping), domain.py (the XML), save.py (the save image format,
