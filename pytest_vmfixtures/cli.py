@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .backends.libvirt.uris import DEFAULT_LIBVIRT_POOL
 from .errors import VMError
 from .images.byo import is_byo
 from .images.cache import Cache, default_cache_dir, ensure_image, image_key
 from .images.catalog import BUILTIN_IMAGES_DIR, available_recipes, load_recipe
 from .images.prune import created_at, plan, remove, tree_size
 from .images.recipe import Recipe
-from .options import BACKENDS, DEFAULT_LIBVIRT_POOL, image_matrix
+from .options import BACKENDS, image_matrix
 
 PROG = "pytest-vmfixtures"
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from .accel import choose_accel, guest_accel, kvm_problem, probe_host
 from .arch import ARCHES, is_native, missing_firmware
+from .backends.libvirt.uris import DEFAULT_LIBVIRT_POOL
 from .images.byo import is_byo
 from .images.catalog import BUILTIN_IMAGES_DIR
-from .options import DEFAULT_IMAGE, DEFAULT_LIBVIRT_POOL
+from .options import DEFAULT_IMAGE
 from .runtime import pid_alive, session_lock_held
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"

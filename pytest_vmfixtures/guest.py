@@ -26,9 +26,10 @@ from .changes import DIFF_SCRIPT, Changes, check_patterns, default_patterns, par
 from .channels.agent import AgentError
 from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
+from .consolelog import console_tail
 from .errors import CommandTimeout, GuestError, QMPError, SnapshotError
 from .images.image import BuiltImage, GuestOS
-from .instance import Instance, console_tail, retarget, warm_up
+from .instance import Instance, retarget, warm_up
 from .waiting import Deadline, wait_for
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -68,8 +69,7 @@ class VM:
     ) -> None:
         """``revert_in_place``: where the hypervisor has no saved state to restore ("saved_state" not in
         ``capabilities``), reset puts this very instance back into its clean snapshot instead of swapping.
-        ``named_snapshots``: where there is no QMP, how to take and revert to a test's own snapshot (the
-        hypervisor's snapshot API), else None."""
+        ``named_snapshots``: without QMP, how to take and revert to a test's own snapshot (hypervisor API)."""
         self.name = name
         self.capabilities = capabilities  # what the hypervisor offers this guest (backends.base.CAPABILITIES)
         self._image = image

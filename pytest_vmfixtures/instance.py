@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import paramiko
 
@@ -20,22 +19,12 @@ from .backends.base import Machine, SnapshotReverting
 from .channels.agent import Agent
 from .channels.ssh import SSH, SSHError
 from .command import new_tag
+from .consolelog import console_tail
 from .errors import BootError, CommandTimeout, VMError
 from .images.image import BuiltImage
 from .waiting import wait_for
 
 log = logging.getLogger("pytest_vmfixtures")
-
-CONSOLE_TAIL_LINES = 50
-
-
-def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
-    try:
-        data = path.read_bytes()[-64 * 1024 :]
-    except OSError:
-        return "(no console log)"
-    text = data.decode("utf-8", errors="replace").replace("\r", "")
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def diagnose_console(text: str, accel: str, seeded: bool = False) -> str:

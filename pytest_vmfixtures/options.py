@@ -14,6 +14,7 @@ from typing import Any
 from .accel import ACCELS
 from .arch import ARCHES, by_name
 from .backends.base import CAPABILITIES, NETWORKS
+from .backends.libvirt.uris import is_qemu_uri
 from .changes import check_patterns
 from .images.byo import check_spec
 
@@ -23,14 +24,9 @@ DEFAULT_CPUS = 1
 MARKER_KEYS = ("image", "images", "memory_mb", "cpus", "network", "sha256", "user", "firmware", "needs")
 BACKENDS = ("qemu", "libvirt")
 RAM_STATES = ("auto", "mapped", "stream")  # how the QEMU backend's states keep guest RAM (backends/qemu/memory.py)
-DEFAULT_LIBVIRT_URI = "qemu:///system"
-DEFAULT_LIBVIRT_POOL = "vmfixtures"  # on remote libvirt hosts, for the copied images and states
 # How the libvirt backend keeps a clean guest: QEMU's saved state restored into new domains (QEMU
 # driver only), or a hypervisor snapshot of each guest's own domain (every driver).
 LIBVIRT_MODES = ("saved-state", "snapshot")
-DEFAULT_LIBVIRT_NETWORK = "default"  # snapshot mode: the libvirt network guests are reached on
-# libvirt drivers that are not QEMU: they have no QMP, no QEMU save format, no agent pass-through.
-NON_QEMU_SCHEMES = ("esx", "vpx", "gsx", "hyperv", "vbox", "vmwarews", "vmwareplayer", "vmwarefusion", "test")
 
 
 class OptionError(ValueError):
@@ -169,11 +165,6 @@ def parse_backend(value: str) -> str:
 
 def parse_ram_state(value: str) -> str:
     return parse_choice("--vm-ram-state", value, RAM_STATES)
-
-
-def is_qemu_uri(uri: str) -> bool:
-    """Whether ``uri`` names libvirt's QEMU driver (``qemu:///system``, ``qemu+ssh://host/system``)."""
-    return uri.partition(":")[0].partition("+")[0].lower() not in NON_QEMU_SCHEMES
 
 
 def parse_libvirt_mode(value: str | None, uris: Iterable[str]) -> str:

@@ -12,8 +12,10 @@ import pytest
 from . import hookspecs
 from .accel import AccelChoice
 from .backends.base import Backend
+from .backends.libvirt.uris import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from .changes_report import add_changes_sections
 from .command import DEFAULT_COMMAND_TIMEOUT
+from .consolelog import console_tail
 from .doctor import LIBVIRT_KVM, WARN, run_checks, summary
 from .errors import ImageError
 from .fixtures import EVIDENCE_KEY, FAILED_KEY, HELD_KEY, SESSION_KEY, _vm_image, marker_spec, vm, vm_factory, vm_network  # noqa: F401
@@ -21,12 +23,8 @@ from .guest import VM
 from .images.byo import is_byo
 from .images.cache import default_cache_dir
 from .images.catalog import available_recipes
-from .instance import console_tail
 from .options import (
     DEFAULT_IMAGE,
-    DEFAULT_LIBVIRT_NETWORK,
-    DEFAULT_LIBVIRT_POOL,
-    DEFAULT_LIBVIRT_URI,
     OptionError,
     image_matrix,
     parse_accel,

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import pytest
 
 from .arch import by_name
+from .backends.libvirt.uris import is_qemu_uri
 from .doctor import image_tool_needs, is_cached
 from .errors import ImageError, VMError
 from .images.byo import is_byo
 from .images.cache import Cache
 from .images.catalog import load_recipe
 from .images.tools import have_tool
-from .options import is_qemu_uri
 from .session import Settings, arch_problem, missing_tools
 
 UNAVAILABLE = ("error", "skip")
@@ -76,7 +76,7 @@ def _network_problem(settings: Settings) -> str | None:
     import libvirt  # type: ignore[import-untyped]
 
     from .backends.libvirt.network import network_problem
-    from .options import DEFAULT_LIBVIRT_URI
+    from .backends.libvirt.uris import DEFAULT_LIBVIRT_URI
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
     for uri in [u for u in settings.libvirt_uris or [DEFAULT_LIBVIRT_URI] if is_qemu_uri(u)]:

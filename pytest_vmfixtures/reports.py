@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
+from .consolelog import console_tail
 from .evidence import Evidence
-from .instance import console_tail
 
 log = logging.getLogger("pytest_vmfixtures")
 

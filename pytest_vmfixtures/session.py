@@ -24,10 +24,10 @@ import pytest
 from .accel import AccelChoice, choose_accel, probe_host
 from .arch import Arch, missing_firmware
 from .backends.base import Backend
+from .backends.libvirt.uris import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from .command import DEFAULT_COMMAND_TIMEOUT
 from .images.cache import Cache
 from .images.catalog import BUILTIN_IMAGES_DIR
-from .options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from .pool import Pool
 from .runtime import Runtime
 

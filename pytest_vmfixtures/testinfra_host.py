@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from .command import CommandResult
 from .errors import MissingExtra
-
-if TYPE_CHECKING:
-    from .guest import VM
 
 EXTRA = "pip install 'pytest-vmfixtures[testinfra]'"
 MIN_TESTINFRA = (10, 0)
+
+
+class Runs(Protocol):
+    """What a testinfra host needs of the VM handle (guest.VM): its name and its ``run``."""
+
+    name: str
+
+    def run(self, command: str, timeout: float | None = None, check: bool = False) -> CommandResult: ...
 
 
 def _testinfra() -> tuple[Any, Any]:
@@ -42,7 +48,7 @@ def _testinfra() -> tuple[Any, Any]:
     return host.Host, base
 
 
-def make_host(vm: VM) -> Any:
+def make_host(vm: Runs) -> Any:
     """A ``testinfra.host.Host`` for ``vm`` (one per handle; it follows the handle across reverts)."""
     host_class, base = _testinfra()
     backend = _backend_class(base)(vm)
@@ -60,7 +66,7 @@ def _backend_class(base: Any) -> type:
 
         NAME = "vmfixtures"
 
-        def __init__(self, vm: VM) -> None:
+        def __init__(self, vm: Runs) -> None:
             super().__init__(vm.name)
             self.vm = vm
 

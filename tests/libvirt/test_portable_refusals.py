@@ -29,4 +29,4 @@ def test_a_kernel_boot_image_is_refused_before_any_copy(test_driver_backend: Lib
     assert not list(test_driver_backend.runtime.run_dir.glob("*/disk.*"))  # no per-guest copy, left or made
     now = set((cache.root / "converted").iterdir()) if (cache.root / "converted").is_dir() else set()
     assert now == converted  # and no conversion of a disk that cannot boot there
-    assert test_driver_backend._machines == {}
+    assert test_driver_backend.placement.machines() == []

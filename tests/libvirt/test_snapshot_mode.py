@@ -132,7 +132,7 @@ def test_nothing_is_left_behind(snap_pool: tuple[Pool, Runtime]) -> None:
     backend = pool.backend
     assert isinstance(backend, LibvirtBackend)
     uri = backend.hosts[0].uri
-    overlays = [Path(m.overlay) for m in list(backend._machines.values())]
+    overlays = [Path(m.overlay) for m in backend.placement.machines()]
     pool.close()
     conn = libvirt.open(uri)
     try:
@@ -195,7 +195,7 @@ def test_a_failed_start_leaves_no_domain(cache: Cache, accel: AccelChoice, prima
         try:
             with pytest.raises(BootError, match=f"no address on network '{nat_network}'"):
                 backend.boot(pool.image("tiny"), CONFIG, runtime.new_name("tiny"))
-            assert backend._machines == {}
+            assert backend.placement.machines() == []
             conn = backend.hosts[0].conn
             assert [d.name() for d in conn.listAllDomains(0) if f"-{runtime.session_id}-" in str(d.name())] == []
             assert not list(runtime.run_dir.glob("*/overlay.qcow2"))

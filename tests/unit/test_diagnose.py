@@ -1,4 +1,4 @@
-"""instance.diagnose_console / console_tail: what a boot log most likely says, in one line."""
+"""instance.diagnose_console / consolelog.console_tail: what a boot log most likely says, in one line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures.instance import console_tail, diagnose_console
+from pytest_vmfixtures.consolelog import console_tail
+from pytest_vmfixtures.instance import diagnose_console
 
 PANIC_LOG = """\
 [    0.000000] Linux version 6.1.0-27-cloud-amd64

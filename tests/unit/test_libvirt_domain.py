@@ -13,9 +13,9 @@ import pytest
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
-from pytest_vmfixtures.backends.libvirt.backend import hosts_for
 from pytest_vmfixtures.backends.libvirt.connection import Host
 from pytest_vmfixtures.backends.libvirt.domain import domain_xml
+from pytest_vmfixtures.backends.libvirt.placement import hosts_for
 from pytest_vmfixtures.errors import ImageError
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
 

@@ -14,9 +14,10 @@ from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt.domain import domain_xml
 from pytest_vmfixtures.backends.libvirt.snapshot import non_qemu_domain_xml
+from pytest_vmfixtures.backends.libvirt.uris import NON_QEMU_SCHEMES, is_qemu_uri
 from pytest_vmfixtures.errors import ImageError
 from pytest_vmfixtures.images.image import BuiltImage
-from pytest_vmfixtures.options import NON_QEMU_SCHEMES, OptionError, is_qemu_uri, parse_libvirt_mode
+from pytest_vmfixtures.options import OptionError, parse_libvirt_mode
 
 # -- the option -----------------------------------------------------------------
 

@@ -37,7 +37,8 @@ connection into the local console.log (console.py); SSH reaches the guest's
 forwarded port on the host's loopback, through ``ssh -W`` for ``qemu+ssh://``
 hosts (ssh_route.py).
 
-The modules: backend.py (LibvirtBackend: placement, start, save, restore),
+The modules: backend.py (LibvirtBackend: start, save, restore), placement.py (which
+host a guest goes to, the guests placed), uris.py (defaults, which URIs are QEMU's),
 snapshot.py and persistent.py (snapshot mode: see docs/libvirt.md), network.py (its libvirt network),
 machine.py (LibvirtMachine), connection.py (a libvirtd per URI, which host
 gets a guest, reaping), domain.py (the XML), save.py (the save image format,
@@ -52,9 +53,8 @@ from .connection import CLIENT, Host, HostUnreachable, is_session, log_dir, shar
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, TEMPLATE, render_domain
 from .machine import LibvirtMachine
-from .save import StateCopy
 from .ssh_route import ssh_route
-from .storage import HostStorage, qcow2_virtual_size
+from .storage import HostStorage, StateCopy, qcow2_virtual_size
 
 __all__ = [
     "CLIENT",

@@ -7,29 +7,17 @@ import functools
 import itertools
 import logging
 import random
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ...accel import AccelChoice
-from ...errors import BootError, GuestError, ImageError, SnapshotError
+from ...errors import BootError, GuestError, SnapshotError
 from ...images.image import BuiltImage
-from ...options import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 from ...runtime import Runtime, session_alive
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import (
-    NVRAM_NAME,
-    TB_SIZE_MB,
-    create_nvram,
-    create_overlay,
-    find_ovmf,
-    firmware_inputs,
-    free_port,
-    hotplug_lan,
-    kernel_args_key,
-)
+from ..common import TB_SIZE_MB, firmware_inputs, free_port, hotplug_lan, kernel_args_key
 from .calls import bounded, libvirt, require_libvirt
 from .connection import (
     CLIENT,
@@ -37,9 +25,7 @@ from .connection import (
     Host,
     HostUnreachable,
     connect,
-    connection_lost,
     drop_domain,
-    pick_host,
     reap,
     sweep,
     versions_differ,
@@ -47,30 +33,17 @@ from .connection import (
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
 from .machine import LibvirtMachine
-from .persistent import boot_persistent, network_problems, relearn_address, snapshot_capabilities
-from .save import StateCopy, load_through_monitor, rewrap, save_domain, stream_offset
+from .persistent import SnapshotContext, boot_persistent, network_problems, relearn_address, snapshot_capabilities
+from .placement import Placement
+from .save import load_through_monitor, rewrap, save_domain, stream_offset
 from .snapshot import revert_clean, revert_named, take_clean, take_named
-from .storage import guest_files
+from .storage import StateCopy, drop_files, host_files
+from .uris import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 
 log = logging.getLogger("pytest_vmfixtures")
 
 PORT_ATTEMPTS = 5
 REMOTE_PORTS = (20000, 60000)  # ports on a remote host cannot be probed from here: pick, retry if taken
-
-
-def hosts_for(image: BuiltImage, hosts: list[Host]) -> list[Host]:
-    """The hosts a guest of ``image`` may run on: any, except that your own cloud image runs only on
-    hosts that share this machine's files (its seed and NVRAM are files here; see _host_files)."""
-    if image.kernel is not None:
-        return hosts
-    local = [h for h in hosts if h.storage is None]
-    if not local:
-        raise ImageError(
-            f"{image.name} boots through firmware (your own cloud image), which the libvirt backend runs only on "
-            f"a host sharing this machine's files (qemu:///system or qemu:///session), not on "
-            f"{', '.join(h.uri for h in hosts)}: add such a --vm-libvirt-uri, or use --vm-backend qemu"
-        )
-    return local
 
 
 class LibvirtBackend:
@@ -95,8 +68,8 @@ class LibvirtBackend:
         self.pool_name = pool
         self.progress = progress
         self.hosts: list[Host] = []
-        self._lock = threading.Lock()
-        self._machines: dict[str, LibvirtMachine] = {}
+        self.placement = Placement(self.hosts, progress)
+        self.snapshots = SnapshotContext(self.placement, runtime, accel, qemu_img, progress, network, boot_timeout)
         self._copy_ids = itertools.count()
         self._segments: dict[LanSegment, Host] = {}  # each private network's first member's host
         check_template()
@@ -148,56 +121,11 @@ class LibvirtBackend:
             **(firmware_inputs(image.firmware) if image.kernel is None else {}),
         }
 
-    # -- placement ---------------------------------------------------------
-    def _pick_host(self, name: str, image: BuiltImage) -> Host:
-        with self._lock:
-            return pick_host(hosts_for(image, self.hosts), name)
-
-    def _release_host(self, host: Host, name: str) -> None:
-        with self._lock:
-            host.machines.discard(name)
-
-    def _forget(self, machine: LibvirtMachine) -> None:
-        with self._lock:
-            self._machines.pop(machine.placed_as, None)
-            if machine.state_copy is not None:
-                machine.state_copy.busy = False
-        self._release_host(machine.host, machine.placed_as)
-
     def load(self) -> dict[str, int]:
         """Running guests per URI."""
-        with self._lock:
-            return {h.uri: h.running for h in self.hosts}
+        return self.placement.load()
 
     # -- starting ------------------------------------------------------------
-    def domain_xml(
-        self, image: BuiltImage, config: MachineConfig, domain_name: str, host: Host, paths: dict[str, object],
-        ssh_port: int, incoming: bool, domain_uuid: str | None = None, network: str | None = None,
-        mac: str | None = None,
-    ) -> str:
-        return domain_xml(self.accel, image, config, domain_name, host, paths, ssh_port, incoming, domain_uuid,
-                          network, mac)
-
-    def _host_files(self, host: Host, image: BuiltImage, backing: Path, overlay_name: str, files: Path,
-                    state: SavedState | None) -> dict[str, object]:
-        """Where the host finds this guest's kernel, initrd and (new) overlay; remote hosts get copies first.
-
-        A guest of your own cloud image (local hosts only, see _pick_host) has its seed, and with
-        UEFI OVMF's code and an NVRAM of its own: a qcow2 overlay over OVMF's variable-store
-        template at a cold boot, over the variables frozen with the state at a restore.
-        """
-        if host.storage is not None:
-            return guest_files(host.storage, image, backing, overlay_name, files, state, self.qemu_img, self.progress)
-        # A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
-        create_overlay(self.qemu_img, backing, files / overlay_name, "qcow2" if state is not None else image.disk_format)
-        paths: dict[str, object] = {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
-                                    "console": files / "console.log", "seed": image.seed}
-        if image.kernel is None and image.firmware == "uefi":
-            nvram = files / NVRAM_NAME
-            create_nvram(self.qemu_img, nvram, state.directory if state is not None else None)
-            paths.update(ovmf_code=find_ovmf()[0], nvram=nvram)
-        return paths
-
     def _start(
         self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, state: SavedState | None,
     ) -> LibvirtMachine:
@@ -207,23 +135,12 @@ class LibvirtBackend:
         """
         domain_name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{name}"
         while True:
-            host = self._pick_host(domain_name, image)
+            host = self.placement.pick(domain_name, image)
             try:
                 return self._start_on(host, image, config, name, domain_name, backing, state)
             except Exception as exc:
-                if not self._mark_if_down(host, exc):
+                if not self.placement.mark_if_down(host, exc):
                     raise
-
-    def _mark_if_down(self, host: Host, exc: BaseException) -> bool:
-        """Whether ``exc`` came from losing ``host``; if so no more guests go there."""
-        if not connection_lost(host.conn):
-            return False
-        with self._lock:
-            if not host.down:
-                host.down = f"connection lost ({exc})"
-                log.warning("libvirt at %s stopped answering; placing guests on the other hosts", host.uri)
-                self.progress(f"libvirt at {host.uri} stopped answering; placing guests on the other hosts")
-        return True
 
     def _start_on(
         self, host: Host, image: BuiltImage, config: MachineConfig, name: str, domain_name: str, backing: Path,
@@ -233,7 +150,7 @@ class LibvirtBackend:
         overlay_name = f"{domain_name}.qcow2" if host.storage is not None else "overlay.qcow2"
         paths: dict[str, object] = {}
         try:
-            paths = self._host_files(host, image, backing, overlay_name, files, state)
+            paths = host_files(host.storage, image, backing, overlay_name, files, state, self.qemu_img, self.progress)
             if state is not None:
                 start_restored_console(state, files / "console.log")
             last_error = ""
@@ -245,7 +162,8 @@ class LibvirtBackend:
                     if host.storage is not None and state is not None:
                         domain, xml, copy = self._restore_copy(host, image, config, paths, port, state)
                     else:
-                        xml = self.domain_xml(image, config, domain_name, host, paths, port, incoming=state is not None)
+                        xml = domain_xml(self.accel, image, config, domain_name, host, paths, port,
+                                         incoming=state is not None)
                         paused = state is not None or host.storage is not None
                         create = functools.partial(host.conn.createXML, xml, libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
                         domain = bounded(f"{name}: starting on {host.uri}", create, 120.0, undo=drop_domain)
@@ -255,31 +173,21 @@ class LibvirtBackend:
                         continue  # the port was taken between our choice and QEMU's bind
                     break
                 nvram = paths.get("nvram")
-                machine = LibvirtMachine(self, host, domain, name, files, port, xml, image.agent, backing,
-                                         str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
+                machine = LibvirtMachine(host, domain, name, files, port, xml, image.agent, backing,
+                                         str(paths["overlay"]), nvram if isinstance(nvram, Path) else None,
+                                         on_stop=self.placement.forget)
                 machine.placed_as = domain_name
                 machine.state_copy = copy
-                with self._lock:
-                    self._machines[domain_name] = machine
+                self.placement.register(machine)
                 if host.storage is not None:
                     self._attach_console(machine, resume=state is None)
                 return machine
             raise BootError(f"libvirt did not start {domain_name} on {host.uri}", console_tail=last_error,
                             command_line=["libvirt", host.uri, domain_name])
         except BaseException:
-            self._release_host(host, domain_name)
-            self._drop_overlay(host, overlay_name, files)
+            self.placement.release(host, domain_name)
+            drop_files(host.storage, overlay_name, files)
             raise
-
-    def _drop_overlay(self, host: Host, overlay_name: str, files: Path) -> None:
-        """Remove what a guest that did not start was given: its overlay, and its NVRAM if it had one."""
-        if host.storage is not None:
-            with contextlib.suppress(Exception):
-                host.storage.delete(overlay_name)
-        else:
-            for name in (overlay_name, NVRAM_NAME):
-                with contextlib.suppress(OSError):
-                    (files / name).unlink()
 
     def _attach_console(self, machine: LibvirtMachine, resume: bool) -> None:
         """Stream a remote guest's console here before it runs, so its first words are kept."""
@@ -302,7 +210,7 @@ class LibvirtBackend:
         """
         assert host.storage is not None
         copy = self._free_copy(host, state, image, config, paths)
-        xml = self.domain_xml(image, config, copy.name, host, paths, port, incoming=False, domain_uuid=copy.uuid)
+        xml = domain_xml(self.accel, image, config, copy.name, host, paths, port, incoming=False, domain_uuid=copy.uuid)
         try:
             restore = functools.partial(host.conn.restoreFlags, copy.path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
             bounded(f"{copy.name}: restoring on {host.uri}", restore, 300.0)
@@ -315,7 +223,7 @@ class LibvirtBackend:
     def _free_copy(
         self, host: Host, state: SavedState, image: BuiltImage, config: MachineConfig, paths: dict[str, object],
     ) -> StateCopy:
-        with self._lock:
+        with self.placement.lock:
             copies = host.copies.setdefault(state.key, [])
             for copy in copies:
                 if not copy.busy:
@@ -326,18 +234,19 @@ class LibvirtBackend:
             copies.append(copy)  # busy while it uploads
         assert host.storage is not None
         try:
-            header_xml = self.domain_xml(image, config, name, host, paths, 22, incoming=False, domain_uuid=copy.uuid)
+            header_xml = domain_xml(self.accel, image, config, name, host, paths, 22, incoming=False,
+                                    domain_uuid=copy.uuid)
             chunks, size = rewrap(state.memory, header_xml)
             copy.path = host.storage.upload(f"{name}.save", chunks, size)
         except BaseException:
-            with self._lock:
+            with self.placement.lock:
                 copies.remove(copy)
             raise
         return copy
 
     def boot(self, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
         if self.snapshot_mode:
-            return boot_persistent(self, image, config, name)
+            return boot_persistent(self.snapshots, image, config, name)
         return self._start(image, config, name, image.disk, None)
 
     # -- snapshot mode (persistent.py, snapshot.py) ----------------------------------
@@ -346,14 +255,14 @@ class LibvirtBackend:
 
     def revert_clean(self, machine: Machine) -> None:
         revert_clean(self._own(machine))
-        relearn_address(self, self._own(machine))
+        relearn_address(self.snapshots, self._own(machine))
 
     def take_named(self, machine: Machine, name: str) -> None:
         take_named(self._own(machine), name)
 
     def revert_named(self, machine: Machine, name: str) -> None:
         revert_named(self._own(machine), name)
-        relearn_address(self, self._own(machine))
+        relearn_address(self.snapshots, self._own(machine))
 
     @staticmethod
     def _own(machine: Machine) -> LibvirtMachine:
@@ -377,7 +286,7 @@ class LibvirtBackend:
                 raise SnapshotError(f"{name}: the restored guest is {machine.state()}, not running")
         except BaseException as exc:
             machine.stop()
-            self._mark_if_down(machine.host, exc)
+            self.placement.mark_if_down(machine.host, exc)
             raise
         return machine
 
@@ -391,8 +300,7 @@ class LibvirtBackend:
     def keep(self, machine: Machine) -> None:
         """close() leaves it running; it carries this run's pid, so a later run's reaper ends it."""
         if isinstance(machine, LibvirtMachine):
-            with self._lock:
-                self._machines.pop(machine.placed_as, None)
+            self.placement.keep(machine)
 
     def attach_lan(self, machine: Machine, segment: LanSegment, mac: str) -> None:
         # libvirt cannot hot-plug an mcast interface, so the NIC goes in through the monitor;
@@ -401,7 +309,7 @@ class LibvirtBackend:
             raise GuestError(f"{machine.name}: private networks (vm_network) plug a NIC in through QEMU's monitor, "
                              "which snapshot mode does not use; mark such tests @pytest.mark.vm(needs=[\"qmp\"])")
         if isinstance(machine, LibvirtMachine):
-            with self._lock:
+            with self.placement.lock:
                 first = self._segments.setdefault(segment, machine.host)
             if first.machine != machine.host.machine:
                 raise GuestError(
@@ -412,9 +320,7 @@ class LibvirtBackend:
         hotplug_lan(machine, segment, mac)
 
     def close(self) -> None:
-        with self._lock:
-            machines = list(self._machines.values())
-        for machine in machines:
+        for machine in self.placement.machines():
             with contextlib.suppress(Exception):
                 machine.stop()
         for host in self.hosts:
@@ -428,5 +334,5 @@ class LibvirtBackend:
         for host in self.hosts:
             with contextlib.suppress(Exception):
                 host.conn.close()
-        self.hosts = []
+        self.hosts = self.placement.hosts = []
 

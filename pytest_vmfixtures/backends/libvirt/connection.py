@@ -21,13 +21,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ...errors import GuestError
-from ...options import is_qemu_uri
 from ...runtime import session_alive
 from .calls import bounded, libvirt, libvirt_qemu, version_string
 from .drivers import compiled_in, driver_for
-from .save import StateCopy
 from .ssh_route import ssh_route
-from .storage import HostStorage
+from .storage import HostStorage, StateCopy
+from .uris import is_qemu_uri
 
 log = logging.getLogger("pytest_vmfixtures")
 

@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .calls import libvirt
 from .channels import LibvirtAgentTransport, LibvirtQMP
 from .connection import Host, connection_lost, drop_domain, log_dir
 from .console import ConsolePump
-from .save import StateCopy
 from .ssh_route import ssh_route
-
-if TYPE_CHECKING:
-    from .backend import LibvirtBackend
+from .storage import StateCopy
 
 
 class LibvirtMachine:
     """A transient libvirt domain and the files it owns."""
 
     def __init__(
-        self, backend: LibvirtBackend, host: Host, domain: Any, name: str, files: Path, ssh_port: int, xml: str,
+        self, host: Host, domain: Any, name: str, files: Path, ssh_port: int, xml: str,
         has_agent: bool, backing: Path, overlay: str, nvram: Path | None = None,
+        *, on_stop: Callable[[LibvirtMachine], None],
     ) -> None:
-        self.backend = backend
+        """``on_stop``: called once from stop(), after the domain is dropped (the placement forgets it)."""
+        self._on_stop = on_stop
         self.host = host
         self.domain = domain
         self.domain_name = str(domain.name())
@@ -114,7 +114,7 @@ class LibvirtMachine:
         drop_domain(self.domain)  # a persistent one (snapshot mode) undefined too, with its snapshots
         if self.console is not None:
             self.console.close()
-        self.backend._forget(self)
+        self._on_stop(self)
         if self.host.storage is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 self.host.storage.delete(Path(self.overlay).name)

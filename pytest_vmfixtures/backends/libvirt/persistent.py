@@ -10,26 +10,30 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ...accel import AccelChoice
+from ...consolelog import console_tail
 from ...errors import BootError, ImageError
 from ...images.cache import Cache
 from ...images.image import BuiltImage
-from ...instance import console_tail
+from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import MachineConfig
 from ..common import mac_for
 from .calls import bounded, libvirt
 from .connection import CLIENT, DOMAIN_PREFIX, Host, drop_domain, is_qemu_host
 from .convert import converted_disk
+from .domain import domain_xml
 from .drivers import driver_for, require_firmware_boot
 from .machine import LibvirtMachine
 from .network import guest_address, network_problem
+from .placement import Placement
 from .snapshot import console_missing, non_qemu_domain_xml
-
-if TYPE_CHECKING:
-    from .backend import LibvirtBackend
+from .storage import drop_files, host_files
 
 # What a guest keeps per driver. The QEMU driver passes agent commands through and writes the
 # console to a file; no driver offers QEMU's saved state, its monitor or a forwarded port.
@@ -54,47 +58,61 @@ def network_problems(hosts: list[Host], network: str) -> str | None:
     return None
 
 
-def boot_persistent(backend: LibvirtBackend, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
+@dataclass(frozen=True)
+class SnapshotContext:
+    """What snapshot mode's boots need of the backend: its placement, the run and the network's settings."""
+
+    placement: Placement
+    runtime: Runtime
+    accel: AccelChoice
+    qemu_img: str
+    progress: Callable[[str], None]
+    network: str
+    boot_timeout: float
+
+
+def boot_persistent(ctx: SnapshotContext, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
     """Define and start a persistent domain on the network; returns once the guest has an address there."""
-    domain_name = f"{DOMAIN_PREFIX}{backend.runtime.session_id}-{CLIENT}-{name}"
-    host = backend._pick_host(domain_name, image)
-    files, _socks = backend.runtime.machine_dirs(name)
+    domain_name = f"{DOMAIN_PREFIX}{ctx.runtime.session_id}-{CLIENT}-{name}"
+    host = ctx.placement.pick(domain_name, image)
+    files, _socks = ctx.runtime.machine_dirs(name)
     mac = mac_for(domain_name)  # one per domain: the network's DHCP tells guests apart by it
     machine: LibvirtMachine | None = None
     domain: Any = None
     try:
         if is_qemu_host(host):
-            paths = backend._host_files(host, image, image.disk, "overlay.qcow2", files, None)
-            xml = backend.domain_xml(image, config, domain_name, host, paths, 22, incoming=False,
-                                     network=backend.network, mac=mac)
+            paths = host_files(host.storage, image, image.disk, "overlay.qcow2", files, None, ctx.qemu_img,
+                               ctx.progress)
+            xml = domain_xml(ctx.accel, image, config, domain_name, host, paths, 22, incoming=False,
+                             network=ctx.network, mac=mac)
         else:  # the image's disk converted to the driver's format (once, cached), copied for this guest
             require_firmware_boot(image, driver_for(host.uri))  # refused before gigabytes are converted and copied
-            disk = guest_disk(backend, image, host, files)
+            disk = guest_disk(ctx, image, host, files)
             paths = {"overlay": disk}
-            xml = non_qemu_domain_xml(host.uri, image, config, str(disk), domain_name, mac=mac, network=backend.network)
+            xml = non_qemu_domain_xml(host.uri, image, config, str(disk), domain_name, mac=mac, network=ctx.network)
         domain = bounded(f"{name}: defining it on {host.uri}", lambda: host.conn.defineXML(xml), 60.0, undo=drop_domain)
         nvram = paths.get("nvram")
-        machine = LibvirtMachine(backend, host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
-                                 image.disk, str(paths["overlay"]), nvram if isinstance(nvram, Path) else None)
+        machine = LibvirtMachine(host, domain, name, files, 22, xml, image.agent and is_qemu_host(host),
+                                 image.disk, str(paths["overlay"]), nvram if isinstance(nvram, Path) else None,
+                                 on_stop=ctx.placement.forget)
         machine.ssh_proxy = None
-        with backend._lock:
-            backend._machines[domain_name] = machine
+        ctx.placement.register(machine)
         if not is_qemu_host(host):
             console_missing(machine, str(host.conn.getType()))
         bounded(f"{name}: starting on {host.uri}", domain.create, 120.0)
-        machine.ssh_host = _wait_address(backend, machine, mac)
+        machine.ssh_host = _wait_address(ctx, machine, mac)
         machine.nic_mac = mac
         return machine
     except libvirt.libvirtError as exc:
-        _drop_failed_boot(backend, host, domain_name, files, machine, domain)
+        _drop_failed_boot(ctx, host, domain_name, files, machine, domain)
         raise BootError(f"libvirt did not start {domain_name} on {host.uri}", console_tail=exc.get_error_message(),
                         command_line=["libvirt", host.uri, domain_name]) from exc
     except BaseException:
-        _drop_failed_boot(backend, host, domain_name, files, machine, domain)
+        _drop_failed_boot(ctx, host, domain_name, files, machine, domain)
         raise
 
 
-def guest_disk(backend: LibvirtBackend, image: BuiltImage, host: Host, files: Path) -> Path:
+def guest_disk(ctx: SnapshotContext, image: BuiltImage, host: Host, files: Path) -> Path:
     """This guest's own copy of the image's disk in the format of ``host``'s driver (its snapshot lives in
     it, so guests cannot share one); the conversion is made once per image and format and cached.
 
@@ -102,8 +120,8 @@ def guest_disk(backend: LibvirtBackend, image: BuiltImage, host: Host, files: Pa
     a remote one (ESXi, Hyper-V) needs the disk on its own storage first (docs/libvirt.md).
     """
     driver = driver_for(host.uri)
-    converted = converted_disk(Cache(backend.runtime.cache_dir), image, driver.disk_format, backend.qemu_img, backend.progress)
-    backend.runtime.record_use(converted)  # images prune keeps it while this run lasts
+    converted = converted_disk(Cache(ctx.runtime.cache_dir), image, driver.disk_format, ctx.qemu_img, ctx.progress)
+    ctx.runtime.record_use(converted)  # images prune keeps it while this run lasts
     target = files / f"disk.{driver.disk_format}"
     try:
         subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(converted), str(target)], check=True,
@@ -117,28 +135,28 @@ def guest_disk(backend: LibvirtBackend, image: BuiltImage, host: Host, files: Pa
     return target
 
 
-def _drop_failed_boot(backend: LibvirtBackend, host: Host, domain_name: str, files: Path,
+def _drop_failed_boot(ctx: SnapshotContext, host: Host, domain_name: str, files: Path,
                       machine: LibvirtMachine | None, domain: Any) -> None:
     if machine is not None:
         machine.stop()
         return
     if domain is not None:
         drop_domain(domain)
-    backend._release_host(host, domain_name)
-    backend._drop_overlay(host, "overlay.qcow2", files)
+    ctx.placement.release(host, domain_name)
+    drop_files(host.storage, "overlay.qcow2", files)
     for copy in files.glob("disk.*"):  # a non-QEMU driver's disk copy (guest_disk)
         with contextlib.suppress(OSError):
             copy.unlink()
 
 
-def relearn_address(backend: LibvirtBackend, machine: LibvirtMachine) -> None:
+def relearn_address(ctx: SnapshotContext, machine: LibvirtMachine) -> None:
     """After a revert: the guest's address on the network as the hypervisor sees it now (a revert rewinds
     the guest's DHCP client; the address it had may be another guest's by now, or it may take a new one)."""
     if machine.nic_mac is not None:
-        machine.ssh_host = _wait_address(backend, machine, machine.nic_mac)
+        machine.ssh_host = _wait_address(ctx, machine, machine.nic_mac)
 
 
-def _wait_address(backend: LibvirtBackend, machine: LibvirtMachine, mac: str) -> str:
+def _wait_address(ctx: SnapshotContext, machine: LibvirtMachine, mac: str) -> str:
     """The guest's address on the network, once its DHCP client has one (the boot is then well on its way)."""
     tried: dict[str, str] = {}
 
@@ -150,9 +168,9 @@ def _wait_address(backend: LibvirtBackend, machine: LibvirtMachine, mac: str) ->
 
     def error(message: str) -> BootError:
         sources = "; ".join(f"{k}: {v}" for k, v in tried.items()) or "none asked"
-        return BootError(f"{machine.name}: no address on network {backend.network!r} ({message}; {sources})",
+        return BootError(f"{machine.name}: no address on network {ctx.network!r} ({message}; {sources})",
                          console_tail=console_tail(machine.console_log), command_line=machine.command_line)
 
-    return wait_for(f"{machine.name}'s address on {backend.network}", attempt, backend.boot_timeout,
+    return wait_for(f"{machine.name}'s address on {ctx.network}", attempt, ctx.boot_timeout,
                     interval=0.5, max_interval=2.0, error=error)
 

@@ -22,18 +22,14 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ...errors import SnapshotError
 from ...waiting import wait_for
 from ..common import run_qemu_img
 from .calls import bounded, libvirt
+from .machine import LibvirtMachine
 from .storage import HostStorage
-
-if TYPE_CHECKING:
-    from .machine import LibvirtMachine
 
 SAVE_MAGIC = b"LibvirtQemudSave"
 SAVE_HEADER = struct.Struct("<16s5I56x")
@@ -88,16 +84,6 @@ def rewrap(path: Path, xml: str) -> tuple[Iterator[bytes], int]:
                 yield chunk
 
     return chunks(), len(head) + path.stat().st_size - offset
-
-
-@dataclass
-class StateCopy:
-    """A remote host's copy of a saved RAM state, under its own UUID; one guest restores from it at a time."""
-
-    uuid: str
-    name: str  # of the domain restored from it, and (+ ".save") of its volume
-    path: str
-    busy: bool = True
 
 
 def load_through_monitor(machine: LibvirtMachine, memory: Path, offset: int) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 from ...errors import SnapshotError
@@ -21,9 +20,7 @@ from ...images.image import BuiltImage
 from ..base import MachineConfig
 from .calls import bounded, libvirt
 from .drivers import driver_for, portable_domain_xml, require_firmware_boot
-
-if TYPE_CHECKING:
-    from .machine import LibvirtMachine
+from .machine import LibvirtMachine
 
 CLEAN_SNAPSHOT = "vmfx-clean"
 NAMED_PREFIX = "vmfx-named-"  # a test's own snapshots (vm.snapshot): removed at the next clean revert

@@ -41,11 +41,11 @@ from xml.sax.saxutils import escape
 from ...errors import GuestError, ImageError
 from ...images import qcow2
 from ...images.image import BuiltImage
-from ...options import DEFAULT_LIBVIRT_POOL
 from ...waiting import Deadline
 from ..base import SavedState
-from ..common import run_qemu_img
+from ..common import NVRAM_NAME, create_nvram, create_overlay, find_ovmf, run_qemu_img
 from .calls import libvirt
+from .uris import DEFAULT_LIBVIRT_POOL
 
 log = logging.getLogger("pytest_vmfixtures")
 
@@ -57,6 +57,16 @@ MISMATCHES = 3  # a shared copy found wrong this many times in one run (someone 
 RUN_OWNED = re.compile(r"^vmfx-(\d+-[0-9a-f]{8})-([0-9a-f]{8})-")  # session id, client tag
 
 Progress = Callable[[str], None]
+
+
+@dataclass
+class StateCopy:
+    """A remote host's copy of a saved RAM state, under its own UUID; one guest restores from it at a time."""
+
+    uuid: str
+    name: str  # of the domain restored from it, and (+ ".save") of its volume
+    path: str
+    busy: bool = True
 
 
 def file_chunks(path: Path) -> Iterator[bytes]:
@@ -354,3 +364,35 @@ def state_disk(storage: HostStorage, state: SavedState, base: str, files: Path, 
             rebased.unlink()
     storage.state_disks[known] = path
     return path
+
+
+def host_files(storage: HostStorage | None, image: BuiltImage, backing: Path, overlay_name: str, files: Path,
+               state: SavedState | None, qemu_img: str, progress: Progress) -> dict[str, object]:
+    """Where the host finds this guest's kernel, initrd and (new) overlay; remote hosts (``storage``) get copies first.
+
+    A guest of your own cloud image (local hosts only, see placement.hosts_for) has its seed, and with
+    UEFI OVMF's code and an NVRAM of its own: a qcow2 overlay over OVMF's variable-store
+    template at a cold boot, over the variables frozen with the state at a restore.
+    """
+    if storage is not None:
+        return guest_files(storage, image, backing, overlay_name, files, state, qemu_img, progress)
+    # A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
+    create_overlay(qemu_img, backing, files / overlay_name, "qcow2" if state is not None else image.disk_format)
+    paths: dict[str, object] = {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
+                                "console": files / "console.log", "seed": image.seed}
+    if image.kernel is None and image.firmware == "uefi":
+        nvram = files / NVRAM_NAME
+        create_nvram(qemu_img, nvram, state.directory if state is not None else None)
+        paths.update(ovmf_code=find_ovmf()[0], nvram=nvram)
+    return paths
+
+
+def drop_files(storage: HostStorage | None, overlay_name: str, files: Path) -> None:
+    """Remove what a guest that did not start was given: its overlay, and its NVRAM if it had one."""
+    if storage is not None:
+        with contextlib.suppress(Exception):
+            storage.delete(overlay_name)
+    else:
+        for name in (overlay_name, NVRAM_NAME):
+            with contextlib.suppress(OSError):
+                (files / name).unlink()

@@ -23,8 +23,8 @@ from ...waiting import wait_for
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
 from ..common import NVRAM_NAME, TB_SIZE_MB, create_nvram, create_overlay, firmware_inputs, free_port, hotplug_lan, kernel_args_key
 from . import memory
-from .balloon import wait_for_reports
-from .command import BALLOON_DEVICE, MachinePaths, build_command_line, guest_arch, reports_free_pages
+from .balloon import BALLOON_DEVICE, reports_free_pages, wait_for_reports
+from .command import MachinePaths, build_command_line, guest_arch
 from .memory import RamFile
 from .riscv import rearm_timers
 

@@ -1,6 +1,6 @@
 """Free page reporting before a save: the saved state of a cloud guest holds only the memory it uses.
 
-Firmware-booted guests get a virtio balloon with free page reporting (command.reports_free_pages).
+Firmware-booted guests get a virtio balloon with free page reporting (reports_free_pages, used by command.build_command_line).
 The guest reports free 2 MiB blocks in batches about 2 s apart, and QEMU discards each reported block:
 it reads as zero from then on, which the migration stream stores as a flag per page instead of 4 KiB.
 The pool drops the guest's caches just before the save, and that freed memory is reported only in the
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ...errors import WaitTimeout
+from ...images.image import BuiltImage
 from ...waiting import wait_for
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -24,6 +25,20 @@ log = logging.getLogger("pytest_vmfixtures")
 QUIET_SECONDS = 3.0  # longer than the guest's 2 s between report batches
 DEADLINE_SECONDS = 30.0  # a guest reports all of its free memory within about 30 s (Linux's page_reporting.c)
 SHRINK_KIB = 1024  # less than this is noise (QEMU's own allocations), not reports
+
+BALLOON_DEVICE = "virtio-balloon-pci,id=balloon0,free-page-reporting=on"
+
+
+def reports_free_pages(image: BuiltImage) -> bool:
+    """Whether the guest gets a virtio balloon that reports the pages it frees (see command.build_command_line).
+
+    Only firmware-booted guests (your own cloud images): their kernel command line is the vendor's, so
+    KERNEL_ARGS' ``init_on_free=1`` cannot zero freed pages there. With free page reporting the guest
+    hands freed 2 MiB blocks back and QEMU discards them, so they read as zero and the saved state
+    stores them as zero pages, next to nothing. A kernel without virtio_balloon or page reporting
+    ignores the device.
+    """
+    return image.firmware_boot
 
 
 def resident_kib(pid: int) -> int | None:

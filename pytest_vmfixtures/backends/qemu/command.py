@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ...accel import AccelChoice
 from ...arch import ARCHES, Arch, by_name
@@ -12,10 +11,9 @@ from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
 from ..common import NVRAM_NAME, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, kernel_command_line, mac_for, opt
+from .balloon import BALLOON_DEVICE, reports_free_pages
+from .memory import RamFile
 from .riscv import gdb_arguments
-
-if TYPE_CHECKING:
-    from .memory import RamFile
 
 __all__ = ["OVMF_CANDIDATES", "MachinePaths", "build_command_line", "find_ovmf", "guest_arch", "opt"]
 
@@ -62,21 +60,6 @@ class MachinePaths:
     @property
     def gdb(self) -> Path:
         return self.socks / "gdb"
-
-
-BALLOON_DEVICE = "virtio-balloon-pci,id=balloon0,free-page-reporting=on"
-
-
-def reports_free_pages(image: BuiltImage) -> bool:
-    """Whether the guest gets a virtio balloon that reports the pages it frees (see build_command_line).
-
-    Only firmware-booted guests (your own cloud images): their kernel command line is the vendor's, so
-    KERNEL_ARGS' ``init_on_free=1`` cannot zero freed pages there. With free page reporting the guest
-    hands freed 2 MiB blocks back and QEMU discards them, so they read as zero and the saved state
-    stores them as zero pages, next to nothing. A kernel without virtio_balloon or page reporting
-    ignores the device.
-    """
-    return image.firmware_boot
 
 
 def guest_arch(image: BuiltImage) -> Arch:

@@ -32,7 +32,7 @@ from pathlib import Path
 from ...errors import GuestError, SnapshotError
 from ...images.image import BuiltImage
 from ..base import Monitor, SavedState
-from .command import reports_free_pages
+from .balloon import reports_free_pages
 
 RAM_NAME = "ram"  # in a mapped state's directory: the guest's RAM
 RAM_FINGERPRINT = "ram.json"  # its size and modification time when it was saved
