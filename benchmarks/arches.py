@@ -35,7 +35,8 @@ from pytest_vmfixtures.pool import Pool
 from pytest_vmfixtures.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import cold_boots, summary, warm_starts  # noqa: E402
+from bench import cold_boots, warm_starts  # noqa: E402
+from stats import summary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GOAL_REVERT_S = {"aarch64": 1.0}

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,22 +50,9 @@ import changes  # noqa: E402
 import cloud  # noqa: E402
 import libvirt_baseline  # noqa: E402
 import mapped  # noqa: E402
+from stats import summary  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def summary(values: list[float], unit: str = "s") -> dict[str, object]:
-    return {"p50": percentile(values, 0.5), "p95": percentile(values, 0.95), "n": len(values), "unit": unit,
-            "mean": statistics.fmean(values), "samples": [round(v, 4) for v in values]}
 
 
 def first_run(instance) -> None:  # type: ignore[no-untyped-def]

@@ -86,7 +86,7 @@ def targets(results: dict[str, dict[str, object]]) -> list[tuple[str, float | No
 
 
 def main() -> None:
-    from bench import summary  # the other scenarios' percentiles
+    from stats import summary  # the other scenarios' percentiles
 
     from pytest_vmfixtures.accel import choose_accel, probe_host
     from pytest_vmfixtures.backends.qemu import QemuBackend
