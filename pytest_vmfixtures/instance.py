@@ -258,6 +258,21 @@ TTY1_LOGIN = (
 )
 
 
+# Under a loaded emulator udev may announce the serial port after systemd's 90 s device timeout, and the
+# serial getty then fails for want of it: the state would be saved without a login prompt on the console.
+# By the time the state is saved the port is there, so such a getty is started again.
+SERIAL_LOGIN_RETRY = (
+    "[ -d /run/systemd/system ] && for u in $(systemctl list-units --failed --plain --no-legend "
+    "'serial-getty@*' 2>/dev/null | awk '{print $1}'); do systemctl reset-failed \"$u\"; systemctl start \"$u\"; "
+    "done >/dev/null 2>&1; "
+)
+
+
+def login_prompts(image: BuiltImage) -> str:
+    """The commands that leave a login prompt on the guest's console (and screen) in the saved state."""
+    return screen_login(image) + SERIAL_LOGIN_RETRY
+
+
 def screen_login(image: BuiltImage) -> str:
     """The command that puts a login prompt on a built-in x86 image's screen ("" elsewhere: cloud images have their own)."""
     try:

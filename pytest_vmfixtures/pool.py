@@ -43,7 +43,7 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, named_snapshot_calls, retarget, screen_login, settle_first_boot, wait_ssh_ready, warm_up
+from .instance import Instance, bind_channels, login_prompts, named_snapshot_calls, retarget, settle_first_boot, wait_ssh_ready, warm_up
 from .restoring import StateRefused, close_if_made, restore_held
 from .runtime import Runtime
 
@@ -309,7 +309,7 @@ class Pool:
             self.provision(vm)
             facts.update(take_baseline(lambda script, timeout: vm.run(script, timeout=timeout), config.label, self.progress))
             # Fewer RAM pages to save: drop file contents; the dentry and inode caches the baseline filled stay.
-            vm.run(screen_login(image) + "sync; echo 1 > /proc/sys/vm/drop_caches", timeout=120)
+            vm.run(login_prompts(image) + "sync; echo 1 > /proc/sys/vm/drop_caches", timeout=120)
             instance.close_channels()
         except BaseException:
             instance.close()

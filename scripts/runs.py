@@ -40,6 +40,7 @@ class Run:
     skipped: int = 0
     errors: int = 0
     skips: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
     verdict: str = ""
     why: str = ""
 
@@ -63,10 +64,12 @@ def read_junit(run: Run, path: Path) -> str | None:
     for suite in suites:
         for case in suite.iter("testcase"):
             kinds = {child.tag for child in case}
-            if "failure" in kinds:
-                run.failed += 1
-            elif "error" in kinds:
-                run.errors += 1
+            if "failure" in kinds or "error" in kinds:
+                if "failure" in kinds:
+                    run.failed += 1
+                else:
+                    run.errors += 1
+                run.failures.append(f"{case.get('classname', '')}::{case.get('name', '')}: {first_line(case)}")
             elif "skipped" in kinds:
                 run.skipped += 1
                 reason = case.find("skipped")
@@ -75,6 +78,15 @@ def read_junit(run: Run, path: Path) -> str | None:
             else:
                 run.passed += 1
     return None
+
+
+def first_line(case: ET.Element) -> str:
+    """The first line of a failed or erroring test case's message (its exception), cut at 300 characters."""
+    element = case.find("failure")
+    if element is None:
+        element = case.find("error")
+    message = element.get("message", "") if element is not None else ""
+    return (message.strip().splitlines() or ["(no message)"])[0][:300]
 
 
 def judge(run: Run, results: Path, ci: bool) -> None:
@@ -126,6 +138,7 @@ def table(runs: list[Run]) -> str:
     for run in runs:
         if run.why:
             lines.append(f"{run.name}: {run.verdict}: {run.why}")
+        lines.extend(f"    failed {failure}" for failure in run.failures)
         if run.skipped > run.allowed_skips or (run.skips and run.verdict == "FAIL"):
             lines.extend(f"    skipped {skip}" for skip in run.skips)
     return "\n".join(lines)

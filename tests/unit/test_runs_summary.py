@@ -95,6 +95,13 @@ def test_skipped_tests_are_named_when_they_fail_a_run(tmp_path: Path) -> None:
     assert "skipped t::skip0: no rig" in table
 
 
+def test_failed_tests_are_named_with_their_message_under_the_table(tmp_path: Path) -> None:
+    junit(tmp_path / "r.xml", passed=1, failed=1, errors=1)
+    _, table, _ = summarize(tmp_path, ["r\t1\t0\t3\t1\t"])
+    assert "    failed t::bad0: x" in table.splitlines()
+    assert "    failed t::err0: e" in table.splitlines()
+
+
 @pytest.mark.parametrize(("output", "count"), [
     ("a.py::t1\na.py::t2\n\n2 tests collected in 0.1s\n", 2),
     ("========== 813 tests collected in 3.20s ==========\n", 813),

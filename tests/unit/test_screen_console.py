@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pytest_vmfixtures.backends.common import KERNEL_ARGS, kernel_args_key, kernel_command_line
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
-from pytest_vmfixtures.instance import screen_login
+from pytest_vmfixtures.instance import login_prompts, screen_login
 
 
 def built_in_image() -> BuiltImage:
@@ -41,3 +41,13 @@ def test_a_login_prompt_goes_on_built_in_x86_images_only() -> None:
     assert screen_login(replace(image, arch="aarch64")) == ""  # no display to show it on
     cloud = replace(image, kernel=None, initrd=None, firmware="uefi", seed=Path("/cache/seeds/s/seed.iso"))
     assert screen_login(cloud) == ""  # a cloud image has its own gettys
+
+
+def test_a_serial_getty_that_timed_out_at_boot_is_started_before_the_save() -> None:
+    """Under load udev can announce the serial port after systemd gave up on it; the saved state gets its getty."""
+    arm = replace(built_in_image(), arch="aarch64")
+    cloud = replace(arm, kernel=None, initrd=None, firmware="uefi", seed=Path("/cache/seeds/s/seed.iso"))
+    for image in (built_in_image(), arm, cloud):
+        command = login_prompts(image)
+        assert "--failed" in command and "'serial-getty@*'" in command and "systemctl start" in command
+    assert login_prompts(built_in_image()).startswith(screen_login(built_in_image()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,9 +152,42 @@ def _drop_failed_boot(ctx: SnapshotContext, host: Host, domain_name: str, files:
 
 def relearn_address(ctx: SnapshotContext, machine: LibvirtMachine) -> None:
     """After a revert: the guest's address on the network as the hypervisor sees it now (a revert rewinds
-    the guest's DHCP client; the address it had may be another guest's by now, or it may take a new one)."""
+    the guest's DHCP client; the address it had may be another guest's by now, or it may take a new one),
+    and the guest answering there.
+
+    A revert starts a new QEMU whose new tap device joins the network's bridge; where the bridge runs STP
+    (libvirt's stock ``default`` network does) the port forwards nothing for a few seconds, and a
+    connection tried then fails at once with "no route to host". So the revert ends once the guest's
+    TCP stack answers at its SSH port, with a refusal (a test may have reverted to a snapshot without an
+    SSH server) as good as an accept."""
     if machine.nic_mac is not None:
         machine.ssh_host = _wait_address(ctx, machine, machine.nic_mac)
+        _wait_answering(machine, REACHABLE_TIMEOUT)
+
+
+REACHABLE_TIMEOUT = 60.0
+
+
+def _wait_answering(machine: LibvirtMachine, timeout: float) -> None:
+    last: list[str] = []
+
+    def attempt() -> bool | None:
+        try:
+            with socket.create_connection((machine.ssh_host, machine.ssh_port), timeout=1.0):
+                return True
+        except ConnectionRefusedError:
+            return True
+        except OSError as exc:
+            last[:] = [str(exc)]
+            return None
+
+    def error(message: str) -> BootError:
+        return BootError(f"{machine.name}: not answering at {machine.ssh_host}:{machine.ssh_port} after the revert "
+                         f"({message}; last: {last[0] if last else 'nothing'})",
+                         console_tail=console_tail(machine.console_log), command_line=machine.command_line)
+
+    wait_for(f"{machine.name} answering at {machine.ssh_host}", attempt, timeout, interval=0.2, max_interval=1.0,
+             error=error)
 
 
 def _wait_address(ctx: SnapshotContext, machine: LibvirtMachine, mac: str) -> str:
