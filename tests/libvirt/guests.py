@@ -25,3 +25,9 @@ def machine_of(vm: VM) -> LibvirtMachine:
     machine = vm._instance.machine
     assert isinstance(machine, LibvirtMachine)
     return machine
+
+
+def ssh_output(vm: VM, command: str) -> str:
+    """What ``command`` prints, run over the guest's own SSH connection (not the agent), as text."""
+    _stdin, stdout, _stderr = vm.ssh.exec_command(command, timeout=60)
+    return str(stdout.read().decode())

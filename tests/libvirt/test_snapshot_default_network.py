@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from guests import pool_on_network  # noqa: E402
+from guests import pool_on_network, ssh_output  # noqa: E402
 from rig import import_libvirt  # noqa: E402
 
 libvirt = import_libvirt()
 
 from pytest_vmfixtures.backends.base import MachineConfig  # noqa: E402
 from pytest_vmfixtures.backends.libvirt import LibvirtMachine  # noqa: E402
-from pytest_vmfixtures.guest import VM  # noqa: E402
 from pytest_vmfixtures.pool import Pool  # noqa: E402
 from pytest_vmfixtures.runtime import Runtime  # noqa: E402
 
@@ -64,11 +63,6 @@ def stock_pool(pool_factory: Callable[..., tuple[Pool, Runtime]], primary_uri: s
         yield pool
 
 
-def ssh_echo(vm: VM, word: str) -> str:
-    _stdin, stdout, _stderr = vm.ssh.exec_command(f"echo {word}", timeout=60)
-    return stdout.read().decode()
-
-
 def test_ssh_after_many_reverts_with_the_ssh_server_killed_first(stock_pool: Pool) -> None:
     vm = stock_pool.acquire(CONFIG)
     try:
@@ -77,7 +71,7 @@ def test_ssh_after_many_reverts_with_the_ssh_server_killed_first(stock_pool: Poo
         vm.run("pkill -x dropbear; pkill -x sshd; true", check=True)  # through the agent: SSH is gone now
         for n in range(REVERTS):
             vm.reset()
-            assert ssh_echo(vm, f"revert-{n}") == f"revert-{n}\n"
+            assert ssh_output(vm, f"echo revert-{n}") == f"revert-{n}\n"
             vm.run(f"echo {n} > /root/dirty", check=True)  # used again: the next reset reverts for real
     finally:
         stock_pool.release(vm)
@@ -94,7 +88,7 @@ def test_named_snapshots_through_libvirts_snapshot_api(stock_pool: Pool) -> None
         vm.run("echo two > /root/step", check=True)
         vm.revert("one")
         assert vm.run("cat /root/step", check=True).stdout == "one\n"
-        assert ssh_echo(vm, "after-named-revert") == "after-named-revert\n"
+        assert ssh_output(vm, "echo after-named-revert") == "after-named-revert\n"
         names = sorted(str(s.getName()) for s in machine.domain.listAllSnapshots(0))
         assert len(names) == 2 and any(name.endswith("one") for name in names)
         vm.reset()  # back to clean: the test's snapshot goes with the test

@@ -12,14 +12,13 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
-from guests import machine_of, pool_on_network  # noqa: E402
+from guests import machine_of, pool_on_network, ssh_output  # noqa: E402
 from rig import import_libvirt  # noqa: E402
 
 libvirt = import_libvirt()
 
 from pytest_vmfixtures.backends.base import MachineConfig  # noqa: E402
 from pytest_vmfixtures.errors import GuestError  # noqa: E402
-from pytest_vmfixtures.guest import VM  # noqa: E402
 from pytest_vmfixtures.pool import Pool  # noqa: E402
 from pytest_vmfixtures.runtime import Runtime  # noqa: E402
 
@@ -34,11 +33,6 @@ def ident_pool(pool_factory: Callable[..., tuple[Pool, Runtime]], primary_uri: s
         yield pool
 
 
-def ssh_cat(vm: VM, path: str) -> str:
-    _stdin, stdout, _stderr = vm.ssh.exec_command(f"cat {path}", timeout=60)
-    return stdout.read().decode()
-
-
 def test_ssh_to_a_guest_whose_address_another_took_is_refused(ident_pool: Pool) -> None:
     a = ident_pool.acquire(CONFIG)
     b = ident_pool.acquire(CONFIG)
@@ -47,19 +41,19 @@ def test_ssh_to_a_guest_whose_address_another_took_is_refused(ident_pool: Pool) 
         assert address != machine_of(b).ssh_host
         a.run("echo a > /root/who", check=True)  # commands go through each domain's own agent channel
         b.run("echo b > /root/who", check=True)
-        assert ssh_cat(a, "/root/who") == "a\n"
+        assert ssh_output(a, "cat /root/who") == "a\n"
         a.run(f"ip addr del {address}/24 dev {NIC}", check=True)
         b.run(f"ip addr add {address}/24 dev {NIC} && arping -U -c 2 -I {NIC} {address} >/dev/null 2>&1; true",
               check=True)
         subprocess.run(["ip", "neigh", "flush", "to", address], check=False, timeout=30)  # the host asks who has it
         a._instance.close_channels()  # a new SSH session, as after a revert or a dropped connection
         with pytest.raises(GuestError, match="reached another machine"):
-            ssh_cat(a, "/root/who")
+            ssh_output(a, "cat /root/who")
     finally:
         ident_pool.release(a)
         ident_pool.release(b)
     again = ident_pool.acquire(CONFIG)  # one of the two, reverted: itself again, at its own address
     try:
-        assert ssh_cat(again, "/root/who") == ""  # its NIC checked on connect: the guest it is, reverted
+        assert ssh_output(again, "cat /root/who") == ""  # its NIC checked on connect: the guest it is, reverted
     finally:
         ident_pool.release(again)

@@ -10,6 +10,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from disk_images import built_in_image
 
 from pytest_vmfixtures.accel import AccelChoice
 from pytest_vmfixtures.backends.base import MachineConfig
@@ -36,15 +37,6 @@ def cloud_image(firmware: str, agent: bool = True) -> BuiltImage:
         built_at=0.0, builder_version="byo-1", firmware=firmware, seed=seeds / "seed.iso",
     )
 
-
-def built_in_image() -> BuiltImage:
-    directory = Path("/cache/images/debian-12-0123")
-    return BuiltImage(
-        directory=directory, name="debian-12", recipe_digest="r", disk=directory / "disk.qcow2", disk_sha256="0" * 64,
-        kernel=directory / "vmlinuz", initrd=directory / "initrd.img", cmdline="root=/dev/vda rw console=ttyS0",
-        user="root", client_key=directory / "client_key", host_key="ssh-ed25519 AAAA", arch="x86_64",
-        os=GuestOS("debian", "12", "systemd", "apt"), agent=True, built_at=0.0, builder_version="1",
-    )
 
 
 def render(image: BuiltImage, incoming: bool = False, accel: str = "tcg") -> str:

@@ -5,19 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from disk_images import built_in_image
+
 from pytest_vmfixtures.backends.common import KERNEL_ARGS, kernel_args_key, kernel_command_line
-from pytest_vmfixtures.images.image import BuiltImage, GuestOS
 from pytest_vmfixtures.instance import login_prompts, screen_login
-
-
-def built_in_image() -> BuiltImage:
-    directory = Path("/cache/images/debian-12-0123")
-    return BuiltImage(
-        directory=directory, name="debian-12", recipe_digest="r", disk=directory / "disk.qcow2", disk_sha256="0" * 64,
-        kernel=directory / "vmlinuz", initrd=directory / "initrd.img", cmdline="root=/dev/vda rw console=ttyS0",
-        user="root", client_key=directory / "client_key", host_key="ssh-ed25519 AAAA", arch="x86_64",
-        os=GuestOS("debian", "12", "systemd", "apt"), agent=True, built_at=0.0, builder_version="1",
-    )
 
 
 def test_the_screen_console_comes_first_so_the_serial_port_stays_dev_console() -> None:
