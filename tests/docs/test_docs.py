@@ -121,16 +121,17 @@ def test_the_resolver_catches_a_moved_name() -> None:
 
 # -- the host packages getting-started lists ----------------------------------------------------------------
 
-def test_getting_started_installs_what_doctor_checks_for_debian_12() -> None:
-    text = (ROOT / "docs" / "getting-started.md").read_text()
+@pytest.mark.parametrize("page", ["docs/getting-started.md", "README.md"])
+def test_the_install_line_installs_what_doctor_checks_for_debian_12(page: str) -> None:
+    text = (ROOT / page).read_text()
     joined = re.sub(r"\\\n\s*", " ", text)
     lines = re.findall(r"apt(?:-get)? install ([^\n`]*)", joined)
-    assert lines, "docs/getting-started.md no longer shows an apt install line"
+    assert lines, f"{page} no longer shows an apt install line"
     listed = {word for line in lines for word in line.split() if re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", word)}
     needed = {package for package, _ in doctor.image_tool_needs(rootless=True, images=["debian-12"]).values()}
     needed |= {ARCHES[load_recipe("debian-12").architecture].qemu_package, "qemu-utils"}
     missing = sorted(needed - listed - {"util-linux", "apt", "dpkg"})
-    assert not missing, f"docs/getting-started.md's apt install line lacks {missing}, which doctor checks for debian-12"
+    assert not missing, f"{page}'s apt install line lacks {missing}, which doctor checks for debian-12"
 
 
 # -- the messages troubleshooting.md quotes ----------------------------------------------------------------
