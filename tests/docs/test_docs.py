@@ -184,7 +184,7 @@ class CodeText:
         return fragment in self.text or any(fragment[:i] in self.ends and self._filled(fragment[i:])
                                             for i in range(1, len(fragment)))
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one instance per run
+    @functools.cache  # noqa: B019 - one instance per run
     def _filled(self, rest: str) -> bool:
         return rest in self.starts or any(rest[:i] in self.whole and self._filled(rest[i:]) for i in range(1, len(rest)))
 
