@@ -8,6 +8,8 @@ run of its own beside a one-test file. Other blocks are fragments and only compi
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -119,16 +121,105 @@ def test_the_resolver_catches_a_moved_name() -> None:
 
 # -- the host packages getting-started lists ----------------------------------------------------------------
 
-def test_getting_started_installs_what_doctor_checks_for_debian_12() -> None:
-    text = (ROOT / "docs" / "getting-started.md").read_text()
+@pytest.mark.parametrize("page", ["docs/getting-started.md", "README.md"])
+def test_the_install_line_installs_what_doctor_checks_for_debian_12(page: str) -> None:
+    text = (ROOT / page).read_text()
     joined = re.sub(r"\\\n\s*", " ", text)
     lines = re.findall(r"apt(?:-get)? install ([^\n`]*)", joined)
-    assert lines, "docs/getting-started.md no longer shows an apt install line"
+    assert lines, f"{page} no longer shows an apt install line"
     listed = {word for line in lines for word in line.split() if re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", word)}
     needed = {package for package, _ in doctor.image_tool_needs(rootless=True, images=["debian-12"]).values()}
     needed |= {ARCHES[load_recipe("debian-12").architecture].qemu_package, "qemu-utils"}
     missing = sorted(needed - listed - {"util-linux", "apt", "dpkg"})
-    assert not missing, f"docs/getting-started.md's apt install line lacks {missing}, which doctor checks for debian-12"
+    assert not missing, f"{page}'s apt install line lacks {missing}, which doctor checks for debian-12"
+
+
+# -- the messages troubleshooting.md quotes ----------------------------------------------------------------
+
+# A bullet that starts with a quoted message lists messages up to its first ": " outside quotes; in them these
+# stand for a value the plugin fills in.
+PLACEHOLDER = re.compile(r"""['"]?…['"]?|\b\d+\b|\b(?:NAME|N|URI|TOOL|PACKAGE|KEY|TEST|DOMAIN|DIR|PATH|URL|HOST|HINT)\b""")
+
+
+def quoted_messages(text: str) -> list[str]:
+    bullets = re.findall(r"^- (`.*?)(?=\n(?!  )|\Z)", text, re.M | re.S)
+    messages: list[str] = []
+    for bullet in bullets:
+        head, quoted = [], False
+        for i, char in enumerate(bullet := " ".join(bullet.split())):
+            quoted ^= char == "`"
+            if not quoted and bullet.startswith(": ", i):
+                break
+            head.append(char)
+        messages += re.findall(r"`([^`]+)`", "".join(head))
+    return messages
+
+
+def code_strings() -> list[str]:
+    """The string pieces of pytest_vmfixtures' source: each constant, split where a value is put in (an
+    f-string's field, a %-format for logging)."""
+    pieces: list[str] = []
+    for path in sorted((ROOT / "pytest_vmfixtures").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "\0" for v in node.values)
+                pieces += text.split("\0")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                pieces += re.split(r"%[-#0 +]*\d*(?:\.\d+)?[sdrfgx]", node.value)
+    return pieces
+
+
+class CodeText:
+    """Whether a piece of a message can come out of the code: as it stands in one string, or put together
+    from strings where one ends in a field and the next fills it (f"waiting for {what}" and f"SSH on {name}")."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.text = "\0".join(pieces)
+        self.whole = set(pieces)
+        self.starts = {p[:i] for p in pieces for i in range(1, len(p) + 1)}
+        self.ends = {p[i:] for p in pieces for i in range(len(p))}
+
+    def __contains__(self, fragment: object) -> bool:
+        assert isinstance(fragment, str)
+        return fragment in self.text or any(fragment[:i] in self.ends and self._filled(fragment[i:])
+                                            for i in range(1, len(fragment)))
+
+    @functools.cache  # noqa: B019 - one instance per run
+    def _filled(self, rest: str) -> bool:
+        return rest in self.starts or any(rest[:i] in self.whole and self._filled(rest[i:]) for i in range(1, len(rest)))
+
+
+
+@functools.cache
+def code_text() -> CodeText:
+    return CodeText(code_strings())
+
+
+def missing_pieces(message: str) -> list[str]:
+    return [f for f in (f.strip() for f in PLACEHOLDER.split(message)) if len(f) >= 3 and f not in code_text()]
+
+
+TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+
+
+def test_troubleshooting_quotes_messages() -> None:
+    """The page's layout is what the check below reads: losing it would quietly check nothing."""
+    assert len(quoted_messages(TROUBLESHOOTING.read_text())) >= 150
+
+
+@pytest.mark.parametrize("message", quoted_messages(TROUBLESHOOTING.read_text()))
+def test_a_message_troubleshooting_md_quotes_is_in_the_code(message: str) -> None:
+    missing = missing_pieces(message)
+    assert not missing, (f"docs/troubleshooting.md quotes `{message}`, but pytest_vmfixtures/ has no string with "
+                         f"{missing}: write the message as the code prints it (… for a value it fills in)")
+
+
+def test_the_message_check_catches_a_changed_message() -> None:
+    assert missing_pieces("--vm-accel '…' is not one of …") == []
+    assert missing_pieces("NAME: timed out after N s waiting for SSH on NAME") == []
+    assert missing_pieces("--vm-accel '…' is not among …") == ["is not among"]
+    assert missing_pieces("NAME: timed out after N s waiting for an SSH login on NAME") == ["s waiting for an SSH login on"]
+    assert quoted_messages("- `a: b` / `c`: d `e`\n  `f`\n- text `g`\n- `h` (\n  `i`): j\n") == ["a: b", "c", "h", "i"]
 
 
 # -- the complete examples, against a real guest ------------------------------------------------------------
