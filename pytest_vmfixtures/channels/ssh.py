@@ -217,7 +217,7 @@ class SSH:
                     raise SSHError(f"{self.name}: SSH connection dropped while {command!r} ran")
                 if deadline is not None and deadline.expired():
                     chan.close()
-                    self._kill(tag)
+                    self.kill(tag)
                     raise CommandTimeout(command, timeout or 0.0, _text(out), _text(err))
             code = chan.recv_exit_status()
         except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -227,7 +227,8 @@ class SSH:
             chan.close()
         return CommandResult(command, code, _text(out), _text(err), time.monotonic() - started)
 
-    def _kill(self, tag: str) -> None:
+    def kill(self, tag: str) -> bool:
+        """Kill the processes carrying ``tag`` (best effort, about 10 s at most); whether the kill ran."""
         try:
             script = kill_script(tag)
             if self.sudo:
@@ -236,9 +237,11 @@ class SSH:
             deadline = Deadline(10)  # recv_exit_status() has no timeout: a wedged guest must not hang here
             while not stdout.channel.exit_status_ready() and not deadline.expired():
                 time.sleep(0.02)
+            done = stdout.channel.exit_status_ready()
             stdout.channel.close()
-        except (paramiko.SSHException, OSError, EOFError):
-            pass  # the timeout error is what the user needs; this was best effort
+            return done
+        except (paramiko.SSHException, OSError, EOFError, SSHError):
+            return False  # the caller's error is what the user needs; this was best effort
 
     def transfer(self, direction: str, source: str, target: str, timeout: float) -> None:
         """SFTP ``put`` or ``get`` of ``source`` to ``target``, or CommandTimeout after ``timeout`` seconds.
