@@ -17,7 +17,7 @@ import paramiko
 from .arch import by_name
 from .backends.base import Machine, SnapshotReverting
 from .channels.agent import Agent, AgentError
-from .channels.ssh import SSH, SSHError
+from .channels.ssh import SSH, HostKeyError, SSHError
 from .command import CommandResult, new_tag
 from .consolelog import console_tail
 from .errors import BootError, CommandLost, CommandTimeout, VMError
@@ -209,6 +209,8 @@ def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
             instance.ssh.connect(timeout=5)
             if instance.ssh.exec("true", new_tag(), 30).ok:
                 return True
+        except HostKeyError as exc:  # waiting does not make a key verify
+            raise boot_error(machine, str(exc), accel, instance.seeded) from exc
         except (SSHError, CommandTimeout):
             instance.ssh.close()
         return None

@@ -27,6 +27,11 @@ class SSHError(GuestError):
     """SSH to the guest failed or dropped."""
 
 
+class HostKeyError(SSHError):
+    """A host key did not verify (the guest's pinned key, or the hypervisor's on an ``ssh -W`` route); not retried."""
+
+
+
 def parse_host_key(line: str) -> paramiko.PKey:
     """Parse an ``ssh-ed25519 AAAA...`` public key line."""
     try:
@@ -137,10 +142,16 @@ class SSH:
         except paramiko.BadHostKeyException as exc:
             client.close()
             self.close()
-            raise SSHError(f"{self.name}: host key mismatch on {host_id}; refusing to connect") from exc
+            raise HostKeyError(f"{self.name}: host key mismatch on {host_id}; refusing to connect") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
             how = f" (through {self.proxy}: {self._proxy.errors()})" if self._proxy else ""
+            if self._proxy and "Host key verification failed" in how:
+                self.close()
+                raise HostKeyError(
+                    f"{self.name}: the hypervisor's ssh host key is unknown or changed ({self.proxy}): check the key "
+                    "and add it to ~/.ssh/known_hosts (ssh-keyscan), or name a file holding it with known_hosts=FILE "
+                    "in the libvirt URI") from exc
             self.close()
             raise SSHError(f"{self.name}: SSH to {host_id} failed: {exc}{how}") from exc
         transport = client.get_transport()

@@ -31,13 +31,12 @@ def test_only_unix_socket_uris_share_this_machines_files(uri: str, shared: bool)
 
 
 def test_ssh_reaches_a_remote_guest_through_the_hypervisor() -> None:
-    assert ssh_route("qemu+ssh://ci@hv1:2222/system", 40123) == (
-        "ssh -o BatchMode=yes -W 127.0.0.1:40123 -p 2222 -l ci hv1"
-    )
-    assert ssh_route("qemu+libssh2://hv2/system", 40000) == "ssh -o BatchMode=yes -W 127.0.0.1:40000 hv2"
-    # libvirt's own keyfile and no_verify parameters apply to the guest's route too.
-    assert ssh_route("qemu+ssh://hv1/system?keyfile=/k/id&no_verify=1", 1) == (
-        "ssh -o BatchMode=yes -W 127.0.0.1:1 -i /k/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null hv1"
+    checked = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes"
+    assert ssh_route("qemu+ssh://ci@hv1:2222/system", 40123) == f"{checked} -W 127.0.0.1:40123 -p 2222 -l ci hv1"
+    assert ssh_route("qemu+libssh2://hv2/system", 40000) == f"{checked} -W 127.0.0.1:40000 hv2"
+    # libvirt's keyfile and known_hosts parameters apply to the guest's route too; its no_verify=1 does not.
+    assert ssh_route("qemu+ssh://hv1/system?keyfile=/k/id&no_verify=1&known_hosts=/k/hosts", 1) == (
+        f"{checked} -W 127.0.0.1:1 -i /k/id -o UserKnownHostsFile=/k/hosts hv1"
     )
 
 
