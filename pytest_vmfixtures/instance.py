@@ -82,7 +82,7 @@ class Instance:
         try:
             if not self.agent.connected:
                 self.agent.connect(10.0)
-            return self.agent.exec(command, tag, timeout, kill_elsewhere=self.shell.kill)
+            return self.agent.exec(command, tag, timeout, kill_elsewhere=self.shell.kill, elsewhere="SSH")
         except (AgentError, CommandLost):
             self.agent.close()
             self.agent = None

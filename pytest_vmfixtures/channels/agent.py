@@ -202,15 +202,15 @@ class Agent:
 
     # -- commands ---------------------------------------------------------
     def exec(self, command: str, tag: str, timeout: float | None, channel_timeout: float = 30.0,
-             kill_elsewhere: Callable[[str], bool] | None = None) -> CommandResult:
+             kill_elsewhere: Callable[[str], bool] | None = None, elsewhere: str = "another channel") -> CommandResult:
         """Run ``command``; AgentError only if it provably never started (the caller may use another channel).
 
         A ``guest-ping`` goes first: an agent stopped or frozen before the command is found there, when
         nothing has been sent yet, rather than by a ``guest-exec`` that gets no answer (which may have run).
 
         Once the agent has started it, a lost agent raises :class:`CommandLost` (the command is killed
-        through the agent or else through ``kill_elsewhere``, never run twice); past ``timeout`` it is
-        killed the same way and :class:`CommandTimeout` is raised.
+        through the agent or else through ``kill_elsewhere``, the channel named ``elsewhere``; never run twice);
+        past ``timeout`` it is killed the same way and :class:`CommandTimeout` is raised.
         """
         started = time.monotonic()
         try:  # a stopped or frozen agent is found here, before anything that could run was sent
@@ -224,11 +224,11 @@ class Agent:
         except AgentRefused:
             raise
         except AgentError as exc:  # sent, but no answer: it may have started
-            raise self._lost(command, tag, f"no answer to guest-exec: {exc}", kill_elsewhere) from exc
+            raise self._lost(command, tag, f"no answer to guest-exec: {exc}", (kill_elsewhere, elsewhere)) from exc
         deadline = Deadline(timeout) if timeout is not None else None
         delay = 0.002
         while True:
-            status = self._status(pid, command, tag, deadline, channel_timeout, kill_elsewhere)
+            status = self._status(pid, command, tag, deadline, channel_timeout, (kill_elsewhere, elsewhere))
             if status.get("exited"):
                 return self._result(command, status, time.monotonic() - started)
             if deadline is not None and deadline.expired():
@@ -241,11 +241,12 @@ class Agent:
             delay = min(delay * 1.5, 0.05)
 
     def _status(self, pid: int, command: str, tag: str, deadline: Deadline | None, channel_timeout: float,
-                kill_elsewhere: Callable[[str], bool] | None) -> dict[str, Any]:
+                other: tuple[Callable[[str], bool] | None, str]) -> dict[str, Any]:
         """One ``guest-exec-status``; within the command's deadline a broken channel is reconnected once."""
         for attempt in (1, 2):
             # Past the command's deadline the reply gets KILL_SECONDS more: a slow agent is not a lost one.
-            wait = channel_timeout if deadline is None else min(channel_timeout, deadline.remaining() + KILL_SECONDS)
+            wait = channel_timeout if deadline is None else max(
+                1.0, round(min(channel_timeout, deadline.remaining() + KILL_SECONDS), 1))
             try:
                 status: dict[str, Any] = self.call("guest-exec-status", {"pid": pid}, wait)
                 return status
@@ -258,13 +259,15 @@ class Agent:
             except AgentError as exc:
                 failure = exc
                 break
-        raise self._lost(command, tag, str(failure), kill_elsewhere) from failure
+        raise self._lost(command, tag, str(failure), other) from failure
 
-    def _lost(self, command: str, tag: str, reason: str, kill_elsewhere: Callable[[str], bool] | None) -> CommandLost:
-        """The error for a command the agent may have started and no longer reports on; kills what is left."""
+    def _lost(self, command: str, tag: str, reason: str, other: tuple[Callable[[str], bool] | None, str]) -> CommandLost:
+        """The error for a command the agent may have started and no longer reports on; kills what is left
+        through the agent, else through ``other`` (a kill function and the name of its channel)."""
         killed = "the guest agent" if self._kill(tag) else ""
+        kill_elsewhere, elsewhere = other
         if not killed and kill_elsewhere is not None and kill_elsewhere(tag):
-            killed = "another channel"
+            killed = elsewhere
         self.close()  # a late reply must not be read as the next request's
         return CommandLost(self.name, command, reason, killed)
 

@@ -372,7 +372,7 @@ def test_a_start_with_no_answer_is_a_lost_command_not_a_refusal(fake: FakeGuestA
     assert not isinstance(info.value, AgentError), "an AgentError would let the caller run it again over SSH"
     assert isinstance(info.value, GuestError)
     assert others == ["tag9"]
-    assert info.value.killed == "another channel"
+    assert info.value.killed == "another channel"  # the default name; VM.run names SSH
     message = str(info.value)
     assert "\n" not in message and "not run again" in message and "killed through another channel" in message
 
