@@ -12,6 +12,7 @@ from .command import CommandResult
 from .errors import (
     BootError,
     CommandError,
+    CommandLost,
     CommandTimeout,
     GuestError,
     ImageError,
@@ -30,6 +31,7 @@ __all__ = [
     "VM",
     "BootError",
     "CommandError",
+    "CommandLost",
     "CommandResult",
     "CommandTimeout",
     "GuestError",

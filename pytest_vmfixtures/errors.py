@@ -45,6 +45,22 @@ class GuestError(VMError):
     """The guest or its QEMU process went away or misbehaved mid-test."""
 
 
+class CommandLost(GuestError):
+    """The guest agent stopped answering after it started a command, so its outcome is unknown.
+
+    The command is never run a second time over another channel; ``killed`` names the channel
+    that killed what was left of it ("" if neither could).
+    """
+
+    def __init__(self, guest: str, command: str, reason: str, killed: str) -> None:
+        self.command = command
+        self.reason = reason
+        self.killed = killed
+        fate = f"killed through {killed}" if killed else "it may still be running (no channel could kill it)"
+        super().__init__(f"{guest}: the guest agent stopped answering after it started {command!r} ({reason}); "
+                         f"its outcome is unknown and it was not run again; {fate}")
+
+
 class CommandError(VMError):
     """A command run with ``check=True`` exited non-zero."""
 

@@ -27,7 +27,7 @@ from .channels.agent import AgentError
 from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
 from .consolelog import console_tail
-from .errors import CommandTimeout, GuestError, QMPError, SnapshotError
+from .errors import CommandLost, CommandTimeout, GuestError, QMPError, SnapshotError
 from .images.image import BuiltImage, GuestOS
 from .instance import Instance, retarget, warm_up
 from .waiting import Deadline, wait_for
@@ -227,17 +227,14 @@ class VM:
         timeout = self.command_timeout if timeout is None else timeout
         tag = new_tag()
         result: CommandResult | None = None
-        if instance.agent is not None:  # the agent runs commands as root, as SSH does through sudo
-            try:
-                if not instance.agent.connected:
-                    instance.agent.connect(10.0)
-                result = instance.agent.exec(command, tag, timeout)
-            except AgentError as exc:
-                if self._ended():
-                    raise self._died(exc) from exc
-                log.warning("%s: guest agent failed (%s); falling back to SSH", self.name, exc)
-                instance.agent.close()
-                instance.agent = None
+        try:  # the agent runs commands as root, as SSH does through sudo
+            result = instance.run_by_agent(command, tag, timeout)
+        except (AgentError, CommandLost) as exc:  # AgentError: it never started, so SSH may run it
+            if self._ended():
+                raise self._died(exc) from exc
+            if isinstance(exc, CommandLost):
+                raise
+            log.warning("%s: guest agent failed (%s); falling back to SSH", self.name, exc)
         if result is None:
             try:
                 result = instance.shell.exec(command, tag, timeout)

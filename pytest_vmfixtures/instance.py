@@ -16,11 +16,11 @@ import paramiko
 
 from .arch import by_name
 from .backends.base import Machine, SnapshotReverting
-from .channels.agent import Agent
-from .channels.ssh import SSH, SSHError
-from .command import new_tag
+from .channels.agent import Agent, AgentError
+from .channels.ssh import SSH, HostKeyError, SSHError
+from .command import CommandResult, new_tag
 from .consolelog import console_tail
-from .errors import BootError, CommandTimeout, VMError
+from .errors import BootError, CommandLost, CommandTimeout, VMError
 from .images.image import BuiltImage
 from .waiting import wait_for
 
@@ -72,6 +72,21 @@ class Instance:
         sudo costs a command most of a second under emulation; a root login costs nothing per command.
         """
         return self.root if self.root is not None else self.ssh
+
+    def run_by_agent(self, command: str, tag: str, timeout: float | None) -> CommandResult | None:
+        """``command`` through the guest agent; None if there is none. An agent that fails is dropped for this
+        instance, and AgentError means the command never started (another channel may run it). Once started,
+        it is never run again: a lost agent raises CommandLost, after a kill through the agent or else SSH."""
+        if self.agent is None:
+            return None
+        try:
+            if not self.agent.connected:
+                self.agent.connect(10.0)
+            return self.agent.exec(command, tag, timeout, kill_elsewhere=self.shell.kill, elsewhere="SSH")
+        except (AgentError, CommandLost):
+            self.agent.close()
+            self.agent = None
+            raise
 
     def close_channels(self) -> None:
         """Close every channel (they reconnect on next use); the machine keeps running."""
@@ -194,6 +209,8 @@ def wait_ssh_ready(instance: Instance, timeout: float, accel: str) -> None:
             instance.ssh.connect(timeout=5)
             if instance.ssh.exec("true", new_tag(), 30).ok:
                 return True
+        except HostKeyError as exc:  # waiting does not make a key verify
+            raise boot_error(machine, str(exc), accel, instance.seeded) from exc
         except (SSHError, CommandTimeout):
             instance.ssh.close()
         return None

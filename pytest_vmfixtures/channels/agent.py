@@ -19,19 +19,26 @@ import json
 import random
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..command import CommandResult, agent_environment, agent_script, kill_script
-from ..errors import CommandTimeout, GuestError
+from ..errors import CommandLost, CommandTimeout, GuestError
 from ..waiting import Deadline
 
 SYNC_MARKER = b"\xff"
 MAX_REPLY_BYTES = 256 << 20  # one reply (a command's output, base64) is far smaller; past it the agent is broken
+PING_SECONDS = 10.0  # before each command: an agent that does not answer a ping is sent nothing
+KILL_SECONDS = 5.0  # for the kill after a timeout or a lost agent: an agent that answers does it in well under that
 
 
 class AgentError(GuestError):
     """The guest agent refused a command or the channel broke."""
+
+
+class AgentRefused(AgentError):
+    """The request provably never ran: it was never sent, or the agent answered it with an error."""
 
 
 class AgentTransport(Protocol):
@@ -127,12 +134,12 @@ class Agent:
 
     def _send_raw(self, data: bytes) -> None:
         if self._sock is None:
-            raise AgentError(f"{self.name}: guest agent is not connected")
+            raise AgentRefused(f"{self.name}: guest agent is not connected")
         try:
             self._sock.sendall(data)
-        except OSError as exc:
+        except OSError as exc:  # the agent acts on a whole JSON object only: a part sent runs nothing
             self.close()
-            raise AgentError(f"{self.name}: guest agent connection lost: {exc}") from exc
+            raise AgentRefused(f"{self.name}: guest agent connection lost: {exc}") from exc
 
     def _recv(self, deadline: Deadline) -> None:
         assert self._sock is not None
@@ -190,50 +197,107 @@ class Agent:
             raise AgentError(f"{self.name}: guest agent did not answer {command!r} within {timeout:g} s") from exc
         if "error" in reply:
             error = reply["error"]
-            raise AgentError(f"{self.name}: guest agent {command!r} failed: {error.get('desc', error)}")
+            raise AgentRefused(f"{self.name}: guest agent {command!r} failed: {error.get('desc', error)}")
         return reply.get("return")
 
     # -- commands ---------------------------------------------------------
-    def exec(self, command: str, tag: str, timeout: float | None, channel_timeout: float = 30.0) -> CommandResult:
+    def exec(self, command: str, tag: str, timeout: float | None, channel_timeout: float = 30.0,
+             kill_elsewhere: Callable[[str], bool] | None = None, elsewhere: str = "another channel") -> CommandResult:
+        """Run ``command``; AgentError only if it provably never started (the caller may use another channel).
+
+        A ``guest-ping`` goes first: an agent stopped or frozen before the command is found there, when
+        nothing has been sent yet, rather than by a ``guest-exec`` that gets no answer (which may have run).
+
+        Once the agent has started it, a lost agent raises :class:`CommandLost` (the command is killed
+        through the agent or else through ``kill_elsewhere``, the channel named ``elsewhere``; never run twice);
+        past ``timeout`` it is killed the same way and :class:`CommandTimeout` is raised.
+        """
         started = time.monotonic()
-        pid = self.call(
-            "guest-exec",
-            {
-                "path": "/bin/sh",
-                "arg": ["-c", agent_script(command)],
-                "env": agent_environment(tag),
-                "capture-output": True,
-            },
-            channel_timeout,
-        )["pid"]
+        try:  # a stopped or frozen agent is found here, before anything that could run was sent
+            self.call("guest-ping", None, min(channel_timeout, PING_SECONDS))
+        except AgentError as exc:
+            raise AgentRefused(f"{self.name}: guest agent does not answer; nothing was sent: {exc}") from exc
+        try:
+            pid = self.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", agent_script(command)],
+                                           "env": agent_environment(tag), "capture-output": True},
+                            channel_timeout)["pid"]
+        except AgentRefused:
+            raise
+        except AgentError as exc:  # sent, but no answer: it may have started
+            raise self._lost(command, tag, f"no answer to guest-exec: {exc}", (kill_elsewhere, elsewhere)) from exc
         deadline = Deadline(timeout) if timeout is not None else None
         delay = 0.002
         while True:
-            status = self.call("guest-exec-status", {"pid": pid}, channel_timeout)
+            status = self._status(pid, command, tag, deadline, channel_timeout, (kill_elsewhere, elsewhere))
             if status.get("exited"):
                 return self._result(command, status, time.monotonic() - started)
             if deadline is not None and deadline.expired():
-                self._kill(tag, channel_timeout)
-                partial = self._reap(pid, channel_timeout)
+                killed = self._kill(tag)
+                partial = self._reap(pid) if killed else {}
+                if not killed and kill_elsewhere is not None:
+                    kill_elsewhere(tag)
                 raise CommandTimeout(command, timeout or 0.0, _decode(partial, "out-data"), _decode(partial, "err-data"))
             time.sleep(delay if deadline is None else min(delay, deadline.remaining()))
             delay = min(delay * 1.5, 0.05)
 
-    def _kill(self, tag: str, timeout: float) -> None:
-        pid = self.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", kill_script(tag)]}, timeout)["pid"]
-        deadline = Deadline(timeout)
-        while not deadline.expired():
-            if self.call("guest-exec-status", {"pid": pid}, timeout).get("exited"):
-                return
-            time.sleep(0.01)
-
-    def _reap(self, pid: int, timeout: float) -> dict[str, Any]:
-        deadline = Deadline(5.0)
-        while not deadline.expired():
-            status: dict[str, Any] = self.call("guest-exec-status", {"pid": pid}, timeout)
-            if status.get("exited"):
+    def _status(self, pid: int, command: str, tag: str, deadline: Deadline | None, channel_timeout: float,
+                other: tuple[Callable[[str], bool] | None, str]) -> dict[str, Any]:
+        """One ``guest-exec-status``; within the command's deadline a broken channel is reconnected once."""
+        for attempt in (1, 2):
+            # Past the command's deadline the reply gets KILL_SECONDS more: a slow agent is not a lost one.
+            wait = channel_timeout if deadline is None else max(
+                1.0, round(min(channel_timeout, deadline.remaining() + KILL_SECONDS), 1))
+            try:
+                status: dict[str, Any] = self.call("guest-exec-status", {"pid": pid}, wait)
                 return status
-            time.sleep(0.02)
+            except AgentError as exc:
+                failure = exc
+            if attempt == 2 or (deadline is not None and deadline.expired()):
+                break
+            try:
+                self.connect(min(10.0, max(1.0, deadline.remaining())) if deadline is not None else 10.0)
+            except AgentError as exc:
+                failure = exc
+                break
+        raise self._lost(command, tag, str(failure), other) from failure
+
+    def _lost(self, command: str, tag: str, reason: str, other: tuple[Callable[[str], bool] | None, str]) -> CommandLost:
+        """The error for a command the agent may have started and no longer reports on; kills what is left
+        through the agent, else through ``other`` (a kill function and the name of its channel)."""
+        killed = "the guest agent" if self._kill(tag) else ""
+        kill_elsewhere, elsewhere = other
+        if not killed and kill_elsewhere is not None and kill_elsewhere(tag):
+            killed = elsewhere
+        self.close()  # a late reply must not be read as the next request's
+        return CommandLost(self.name, command, reason, killed)
+
+    def _kill(self, tag: str) -> bool:
+        """Kill the processes carrying ``tag`` through the agent, within KILL_SECONDS; whether it was done."""
+        deadline = Deadline(KILL_SECONDS)
+        try:
+            if not self.connected:
+                self.connect(KILL_SECONDS)
+            pid = self.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", kill_script(tag)]},
+                            max(1.0, deadline.remaining()))["pid"]
+            while not deadline.expired():
+                if self.call("guest-exec-status", {"pid": pid}, max(1.0, deadline.remaining())).get("exited"):
+                    return True
+                time.sleep(0.01)
+        except AgentError:
+            pass
+        return False
+
+    def _reap(self, pid: int) -> dict[str, Any]:
+        """The killed command's last status (its partial output), or {} if the agent has none for us."""
+        deadline = Deadline(KILL_SECONDS)
+        try:
+            while not deadline.expired():
+                status: dict[str, Any] = self.call("guest-exec-status", {"pid": pid}, max(1.0, deadline.remaining()))
+                if status.get("exited"):
+                    return status
+                time.sleep(0.02)
+        except AgentError:
+            pass
         return {}
 
     @staticmethod

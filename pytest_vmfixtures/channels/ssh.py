@@ -27,6 +27,11 @@ class SSHError(GuestError):
     """SSH to the guest failed or dropped."""
 
 
+class HostKeyError(SSHError):
+    """A host key did not verify (the guest's pinned key, or the hypervisor's on an ``ssh -W`` route); not retried."""
+
+
+
 def parse_host_key(line: str) -> paramiko.PKey:
     """Parse an ``ssh-ed25519 AAAA...`` public key line."""
     try:
@@ -137,10 +142,16 @@ class SSH:
         except paramiko.BadHostKeyException as exc:
             client.close()
             self.close()
-            raise SSHError(f"{self.name}: host key mismatch on {host_id}; refusing to connect") from exc
+            raise HostKeyError(f"{self.name}: host key mismatch on {host_id}; refusing to connect") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             client.close()
             how = f" (through {self.proxy}: {self._proxy.errors()})" if self._proxy else ""
+            if self._proxy and "Host key verification failed" in how:
+                self.close()
+                raise HostKeyError(
+                    f"{self.name}: the hypervisor's ssh host key is unknown or changed ({self.proxy}): check the key "
+                    "and add it to ~/.ssh/known_hosts (ssh-keyscan), or name a file holding it with known_hosts=FILE "
+                    "in the libvirt URI") from exc
             self.close()
             raise SSHError(f"{self.name}: SSH to {host_id} failed: {exc}{how}") from exc
         transport = client.get_transport()
@@ -217,7 +228,7 @@ class SSH:
                     raise SSHError(f"{self.name}: SSH connection dropped while {command!r} ran")
                 if deadline is not None and deadline.expired():
                     chan.close()
-                    self._kill(tag)
+                    self.kill(tag)
                     raise CommandTimeout(command, timeout or 0.0, _text(out), _text(err))
             code = chan.recv_exit_status()
         except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -227,7 +238,8 @@ class SSH:
             chan.close()
         return CommandResult(command, code, _text(out), _text(err), time.monotonic() - started)
 
-    def _kill(self, tag: str) -> None:
+    def kill(self, tag: str) -> bool:
+        """Kill the processes carrying ``tag`` (best effort, about 10 s at most); whether the kill ran."""
         try:
             script = kill_script(tag)
             if self.sudo:
@@ -236,9 +248,11 @@ class SSH:
             deadline = Deadline(10)  # recv_exit_status() has no timeout: a wedged guest must not hang here
             while not stdout.channel.exit_status_ready() and not deadline.expired():
                 time.sleep(0.02)
+            done = stdout.channel.exit_status_ready()
             stdout.channel.close()
-        except (paramiko.SSHException, OSError, EOFError):
-            pass  # the timeout error is what the user needs; this was best effort
+            return done
+        except (paramiko.SSHException, OSError, EOFError, SSHError):
+            return False  # the caller's error is what the user needs; this was best effort
 
     def transfer(self, direction: str, source: str, target: str, timeout: float) -> None:
         """SFTP ``put`` or ``get`` of ``source`` to ``target``, or CommandTimeout after ``timeout`` seconds.

@@ -6,15 +6,16 @@
 #   tests/libvirt/ssh_hypervisor.sh uri
 #   tests/libvirt/ssh_hypervisor.sh stop
 #
-# Test-only: root logs in with a key made here; host keys are not verified (the URI says no_verify=1,
-# and the plugin's route to the guests follows the URI). Needs root and openssh-server.
+# Test-only: root logs in with a key made here. libvirt's own connection does not verify the host key (the URI
+# says no_verify=1); the plugin's route to the guests always does, here against the known_hosts file the URI
+# names (known_hosts=, holding this sshd's key). Needs root and openssh-server.
 set -eu
 
 BASE=${VMFX_SSHHV_DIR:-/tmp/vmfx-sshhv}
 LIBVIRTD2=${VMFX_LIBVIRTD2_DIR:-/tmp/vmfx-libvirtd2}
 ADDR=127.0.0.2
 PORT=2222
-URI="qemu+ssh://root@$ADDR:$PORT/system?socket=$LIBVIRTD2/sock/libvirt-sock&keyfile=$BASE/client_key&no_verify=1"
+URI="qemu+ssh://root@$ADDR:$PORT/system?socket=$LIBVIRTD2/sock/libvirt-sock&keyfile=$BASE/client_key&no_verify=1&known_hosts=$BASE/known_hosts"
 
 start() {
     if [ -f "$BASE/sshd.pid" ] && kill -0 "$(cat "$BASE/sshd.pid")" 2>/dev/null; then
@@ -27,6 +28,7 @@ start() {
     ssh-keygen -q -t ed25519 -N "" -f "$BASE/host_key"
     ssh-keygen -q -t ed25519 -N "" -f "$BASE/client_key"
     cp "$BASE/client_key.pub" "$BASE/authorized_keys"
+    echo "[$ADDR]:$PORT $(cut -d' ' -f1-2 "$BASE/host_key.pub")" >"$BASE/known_hosts"
     cat >"$BASE/sshd_config" <<CONF
 ListenAddress $ADDR:$PORT
 HostKey $BASE/host_key
@@ -41,7 +43,7 @@ AllowTcpForwarding yes
 CONF
     /usr/sbin/sshd -f "$BASE/sshd_config"
     i=0
-    until ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -i "$BASE/client_key" \
+    until ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$BASE/known_hosts" -i "$BASE/client_key" \
         -p "$PORT" "root@$ADDR" true 2>/dev/null; do
         i=$((i + 1))
         if [ "$i" -gt 50 ]; then

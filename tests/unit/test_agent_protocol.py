@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from pytest_vmfixtures.channels.agent import Agent, AgentError
+from pytest_vmfixtures.channels import agent as agent_module
+from pytest_vmfixtures.channels.agent import Agent, AgentError, AgentRefused
 from pytest_vmfixtures.command import TAG, kill_script
-from pytest_vmfixtures.errors import CommandTimeout, GuestError
+from pytest_vmfixtures.errors import CommandLost, CommandTimeout, GuestError
 
 Reply = bytes | list[bytes] | None  # one chunk, chunks sent apart, or no answer at all
 HANG_UP = b"<hang up>"  # in a reply: close the connection instead of sending anything more
@@ -326,13 +327,80 @@ def test_exec_refused_by_the_agent(fake: FakeGuestAgent, agent: Agent) -> None:
         agent.exec("true", "t", timeout=5)
 
 
-def test_exec_status_error_is_an_agent_error(fake: FakeGuestAgent, agent: Agent) -> None:
+def test_exec_status_error_after_the_start_is_a_lost_command(fake: FakeGuestAgent, agent: Agent) -> None:
     fake.handlers["guest-exec-status"] = lambda request: line(
         {"error": {"class": "GenericError", "desc": "Invalid parameter 'pid'"}}
     )
     agent.connect(5)
-    with pytest.raises(AgentError, match="'guest-exec-status' failed: Invalid parameter 'pid'"):
+    with pytest.raises(CommandLost, match="'guest-exec-status' failed: Invalid parameter 'pid'"):
         agent.exec("true", "t", timeout=5)
+
+
+# -- a command the agent started is never run twice (review M5) ------------------------
+
+
+@pytest.fixture
+def quick_kill(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "KILL_SECONDS", 0.5)
+
+
+def test_a_refused_start_is_an_agent_error_the_caller_may_retry_elsewhere(fake: FakeGuestAgent, agent: Agent) -> None:
+    fake.handlers["guest-exec"] = lambda request: line({"error": {"class": "GenericError", "desc": "no"}})
+    agent.connect(5)
+    others: list[str] = []
+    with pytest.raises(AgentRefused):
+        agent.exec("true", "t", timeout=5, kill_elsewhere=lambda tag: others.append(tag) or True)
+    assert others == [], "nothing ran, so nothing is killed"
+
+
+def test_an_agent_that_does_not_answer_the_ping_is_sent_nothing(fake: FakeGuestAgent, agent: Agent) -> None:
+    agent.connect(5)
+    fake.handlers["guest-ping"] = lambda request: None  # stopped or frozen before the command
+    with pytest.raises(AgentRefused, match="does not answer; nothing was sent"):
+        agent.exec("echo x >> /f", "t", timeout=5, channel_timeout=0.3)
+    assert "guest-exec" not in fake.commands(), "SSH may run it: the agent never saw it"
+
+
+def test_a_start_with_no_answer_is_a_lost_command_not_a_refusal(fake: FakeGuestAgent, agent: Agent,
+                                                                quick_kill: None) -> None:
+    fake.handlers["guest-exec"] = lambda request: None  # received (maybe run), never answered
+    agent.connect(5)
+    others: list[str] = []
+    with pytest.raises(CommandLost) as info:
+        agent.exec("echo x >> /f", "tag9", timeout=5, channel_timeout=0.3,
+                   kill_elsewhere=lambda tag: others.append(tag) or True)
+    assert not isinstance(info.value, AgentError), "an AgentError would let the caller run it again over SSH"
+    assert isinstance(info.value, GuestError)
+    assert others == ["tag9"]
+    assert info.value.killed == "another channel"  # the default name; VM.run names SSH
+    message = str(info.value)
+    assert "\n" not in message and "not run again" in message and "killed through another channel" in message
+
+
+def test_an_agent_that_stops_answering_mid_command_is_a_lost_command(fake: FakeGuestAgent, agent: Agent,
+                                                                     quick_kill: None) -> None:
+    fake.exec_script = lambda request: [{"exited": False}]
+    agent.connect(5)
+    fake.handlers["guest-exec-status"] = lambda request: (
+        line({"return": {"exited": False}}) if len(fake.commands()) < 6 else None)  # then frozen
+    fake.handlers["guest-sync-delimited"] = lambda request: None  # and it cannot be re-synchronised
+    with pytest.raises(CommandLost) as info:
+        agent.exec("sleep 100", "tag10", timeout=None, channel_timeout=0.3, kill_elsewhere=lambda tag: False)
+    assert info.value.killed == "" and "may still be running" in str(info.value)
+    assert fake.commands().count("guest-exec") == 1
+
+
+def test_a_timeout_whose_agent_kill_fails_kills_through_the_other_channel(fake: FakeGuestAgent, agent: Agent,
+                                                                          quick_kill: None) -> None:
+    fake.exec_script = lambda request: [{"exited": False}]
+    agent.connect(5)
+    fake.handlers["guest-exec"] = lambda request: (
+        None if request["arguments"]["arg"][1] == kill_script("tag11") else line({"return": {"pid": 7}}))
+    fake.handlers["guest-exec-status"] = lambda request: line({"return": {"exited": False}})
+    others: list[str] = []
+    with pytest.raises(CommandTimeout):
+        agent.exec("sleep 100", "tag11", timeout=0.3, kill_elsewhere=lambda tag: others.append(tag) or True)
+    assert others == ["tag11"]
 
 
 def test_exec_timeout_kills_by_tag_and_returns_partial_output(fake: FakeGuestAgent, agent: Agent) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,13 +34,12 @@ def test_only_unix_socket_uris_share_this_machines_files(uri: str, shared: bool)
 
 
 def test_ssh_reaches_a_remote_guest_through_the_hypervisor() -> None:
-    assert ssh_route("qemu+ssh://ci@hv1:2222/system", 40123) == (
-        "ssh -o BatchMode=yes -W 127.0.0.1:40123 -p 2222 -l ci hv1"
-    )
-    assert ssh_route("qemu+libssh2://hv2/system", 40000) == "ssh -o BatchMode=yes -W 127.0.0.1:40000 hv2"
-    # libvirt's own keyfile and no_verify parameters apply to the guest's route too.
-    assert ssh_route("qemu+ssh://hv1/system?keyfile=/k/id&no_verify=1", 1) == (
-        "ssh -o BatchMode=yes -W 127.0.0.1:1 -i /k/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null hv1"
+    checked = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes"
+    assert ssh_route("qemu+ssh://ci@hv1:2222/system", 40123) == f"{checked} -W 127.0.0.1:40123 -p 2222 -l ci hv1"
+    assert ssh_route("qemu+libssh2://hv2/system", 40000) == f"{checked} -W 127.0.0.1:40000 hv2"
+    # libvirt's keyfile and known_hosts parameters apply to the guest's route too; its no_verify=1 does not.
+    assert ssh_route("qemu+ssh://hv1/system?keyfile=/k/id&no_verify=1&known_hosts=/k/hosts", 1) == (
+        f"{checked} -W 127.0.0.1:1 -i /k/id -o UserKnownHostsFile=/k/hosts hv1"
     )
 
 
@@ -253,3 +255,101 @@ def test_a_copy_replaced_while_it_is_read_back_is_looked_up_again(libvirt_module
     assert storage.ensure("v", LocalFile(source), messages.append) == "/pool/v"
     assert bytes(pool.volumes["v"]) == b"the image" and "v" + DONE in pool.volumes
     assert not [m for m in messages if "does not hold" in m] and storage.uploads == 1
+
+
+def test_a_stalled_copy_that_cannot_be_deleted_is_an_error_not_a_loop(
+    libvirt_module: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """L5: another client's upload stopped growing and libvirt refuses to delete it (still open): the FAKE
+    pool's delete fails. Before, the wait looked again every stalled_s, forever."""
+    source = tmp_path / "good"
+    source.write_bytes(b"the image")
+    pool = FakePool()
+    pool.volumes["v"] = bytearray(b"half")
+
+    def refuse(self: FakeVolume, flags: int) -> None:
+        raise libvirt.libvirtError("storage volume 'v' is still in use")
+
+    monkeypatch.setattr(FakeVolume, "delete", refuse)
+    storage = HostStorage(FakeConn(pool), "qemu+ssh://hv/system")
+    storage.stalled_s, storage.ensure_s = 0.05, 0.5
+    with pytest.raises(GuestError, match=r"v was not ready after 0.5 s: .*virsh -c qemu\+ssh://hv/system "
+                                         r"vol-delete --pool vmfixtures v$"):
+        storage.ensure("v", LocalFile(source), lambda message: None)
+
+
+class HungDomain:
+    """A FAKE libvirt domain whose isActive and state never answer (a stuck libvirtd cannot be made on demand)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def name(self) -> str:
+        return "vmfx-hung-1"
+
+    def isActive(self) -> int:  # noqa: N802 - libvirt's names
+        self.release.wait(60)
+        return 1
+
+    def state(self) -> list[int]:
+        self.release.wait(60)
+        return [1, 0]
+
+
+def test_alive_and_state_of_a_domain_libvirt_does_not_answer_for_are_bounded(
+    libvirt_module: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_vmfixtures.backends.libvirt import machine as machine_module
+    from pytest_vmfixtures.backends.libvirt.connection import Host
+
+    monkeypatch.setattr(machine_module, "STATE_CALL_SECONDS", 0.2)
+    domain = HungDomain()
+    host = Host("qemu:///system", object(), "9.0.0", "7.2.0")
+    machine = machine_module.LibvirtMachine(host, domain, "debian-12-1", tmp_path, 40000, "<domain/>", False,
+                                            tmp_path / "disk", str(tmp_path / "overlay"), on_stop=lambda m: None)
+    try:
+        assert machine.alive() is False
+        assert machine.state() == "unknown (libvirt did not answer)"
+        assert "did not answer within 0.2 s" in machine.exit_description()
+    finally:
+        domain.release.set()
+
+
+def test_a_restore_that_completes_after_its_deadline_is_dropped_and_its_copy_freed(libvirt_module: object) -> None:
+    """L5: restoreFlags answering late leaves a paused domain nobody holds. The connection is a FAKE."""
+    from pytest_vmfixtures.backends.libvirt.backend import drop_late_restore
+    from pytest_vmfixtures.backends.libvirt.calls import bounded
+    from pytest_vmfixtures.backends.libvirt.connection import Host
+    from pytest_vmfixtures.backends.libvirt.storage import StateCopy
+
+    release, dropped = threading.Event(), threading.Event()
+
+    class LateDomain:
+        def destroy(self) -> None:
+            dropped.set()
+
+        def isPersistent(self) -> bool:  # noqa: N802
+            return False
+
+    class LateConn:
+        def restoreFlags(self, path: str, xml: str, flags: int) -> int:  # noqa: N802
+            release.wait(60)
+            return 0
+
+        def lookupByName(self, name: str) -> LateDomain:  # noqa: N802
+            assert name == "vmfx-copy-1"
+            return LateDomain()
+
+    conn = LateConn()
+    host = Host("qemu+ssh://hv/system", conn, "9.0.0", "7.2.0")
+    copy = StateCopy("uuid", "vmfx-copy-1", "/pool/vmfx-copy-1.save")
+    with pytest.raises(GuestError, match="did not answer within 0.2 s"):
+        bounded("restoring", lambda: conn.restoreFlags(copy.path, "<domain/>", 0), 0.2,
+                undo=functools.partial(drop_late_restore, host, copy))
+    assert copy.busy, "a restore may still read it"
+    release.set()
+    assert dropped.wait(60)
+    deadline = time.monotonic() + 10
+    while copy.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not copy.busy

@@ -213,8 +213,11 @@ class LibvirtBackend:
         xml = domain_xml(self.accel, image, config, copy.name, host, paths, port, incoming=False, domain_uuid=copy.uuid)
         try:
             restore = functools.partial(host.conn.restoreFlags, copy.path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
-            bounded(f"{copy.name}: restoring on {host.uri}", restore, 300.0)
+            bounded(f"{copy.name}: restoring on {host.uri}", restore, 300.0,
+                    undo=functools.partial(drop_late_restore, host, copy))
             domain = host.conn.lookupByName(copy.name)
+        except GuestError:  # past the deadline: the copy stays busy until a late restore's domain is dropped
+            raise
         except BaseException:
             copy.busy = False
             raise
@@ -282,7 +285,7 @@ class LibvirtBackend:
                 machine.domain.resume()  # through libvirt, so its idea of the domain's state stays right
             except libvirt.libvirtError as exc:
                 raise SnapshotError(f"{name}: cannot resume the restored guest: {exc.get_error_message()}") from exc
-            if machine.domain.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+            if machine.state() != "running":
                 raise SnapshotError(f"{name}: the restored guest is {machine.state()}, not running")
         except BaseException as exc:
             machine.stop()
@@ -336,3 +339,9 @@ class LibvirtBackend:
                 host.conn.close()
         self.hosts = self.placement.hosts = []
 
+
+def drop_late_restore(host: Host, copy: StateCopy, _: object) -> None:
+    """A restore that completed after its deadline left a paused domain nobody holds: drop it, free the copy."""
+    with contextlib.suppress(libvirt.libvirtError):
+        drop_domain(host.conn.lookupByName(copy.name))
+    copy.busy = False

@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from ...channels.agent import AgentError
+from ...channels.agent import AgentError, AgentRefused
 from ...errors import GuestError, QMPError
 from ...waiting import Deadline
 from .calls import bounded, libvirt, libvirt_qemu
@@ -116,7 +116,7 @@ class LibvirtAgentTransport:
 
     def call(self, command: str, arguments: dict[str, Any] | None, timeout: float) -> Any:
         if not self._connected:
-            raise AgentError(f"{self.name}: guest agent is not connected")
+            raise AgentRefused(f"{self.name}: guest agent is not connected")
         message: dict[str, Any] = {"execute": command}
         if arguments is not None:
             message["arguments"] = arguments
@@ -132,16 +132,20 @@ class LibvirtAgentTransport:
             self._connected = False
             raise AgentError(str(exc)) from exc
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() in BROKEN_AGENT:
-                self._connected = False  # no answer, or no domain: start over next time
-            raise AgentError(f"{self.name}: guest agent {command!r} failed: {exc.get_error_message()}") from exc
+            failed = f"{self.name}: guest agent {command!r} failed: {exc.get_error_message()}"
+            if exc.get_error_code() not in BROKEN_AGENT:
+                raise AgentRefused(failed) from exc  # the agent (or libvirt) answered it with an error
+            self._connected = False  # no answer, or no domain: start over next time
+            if exc.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE and "not connected" not in str(exc):
+                raise AgentError(failed) from exc  # it may have been sent and run: only "not connected" says not
+            raise AgentRefused(failed) from exc
         try:
             reply = json.loads(out)
         except (TypeError, ValueError) as exc:
             raise AgentError(f"{self.name}: guest agent sent garbage: {str(out)[:80]!r}") from exc
         if isinstance(reply, dict) and "error" in reply:
             error = reply["error"]
-            raise AgentError(f"{self.name}: guest agent {command!r} failed: {error.get('desc', error)}")
+            raise AgentRefused(f"{self.name}: guest agent {command!r} failed: {error.get('desc', error)}")
         return reply.get("return") if isinstance(reply, dict) else None
 
     def close(self) -> None:

@@ -8,12 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .calls import libvirt
+from ...errors import GuestError
+from .calls import bounded, libvirt
 from .channels import LibvirtAgentTransport, LibvirtQMP
 from .connection import Host, connection_lost, drop_domain, log_dir
 from .console import ConsolePump
 from .ssh_route import ssh_route
 from .storage import StateCopy
+
+STATE_CALL_SECONDS = 30.0  # isActive and state: libvirtd answers these at once unless it is stuck
 
 
 class LibvirtMachine:
@@ -50,6 +53,7 @@ class LibvirtMachine:
         self.snapshot: Any = None
         self._stopped = False
         self._lock = threading.Lock()
+        self.unanswered = ""  # why alive() could not tell, if libvirt did not answer it in time
 
     @property
     def uri(self) -> str:
@@ -68,9 +72,13 @@ class LibvirtMachine:
         if self._stopped:
             return False
         try:
-            return bool(self.domain.isActive())
+            return bool(bounded(f"libvirt at {self.host.uri} (is {self.domain_name} running?)", self.domain.isActive,
+                                STATE_CALL_SECONDS))
         except libvirt.libvirtError:
             return False  # a transient domain that ended is gone
+        except GuestError as exc:  # a stuck libvirtd: the machine cannot be used, and exit_description says why
+            self.unanswered = str(exc)
+            return False
 
     def after_load(self) -> None:
         """Nothing: the libvirt backend runs x86 guests, whose state loads whole."""
@@ -78,6 +86,8 @@ class LibvirtMachine:
     def exit_description(self) -> str:
         if self.alive():
             return "still running"
+        if self.unanswered:
+            return f"{self.unanswered} (libvirtd stuck or overloaded); domain {self.domain_name} may still run there"
         if connection_lost(self.host.conn):
             return (f"the connection to libvirt at {self.host.uri} was lost (libvirtd stopped or the host is "
                     f"unreachable); domain {self.domain_name} may still run there until a later run reaps it")
@@ -96,9 +106,12 @@ class LibvirtMachine:
     def state(self) -> str:
         """libvirt's view: running, paused, shut off, ..."""
         try:
-            code = self.domain.state()[0]
+            code = bounded(f"libvirt at {self.host.uri} (the state of {self.domain_name})", self.domain.state,
+                           STATE_CALL_SECONDS)[0]
         except libvirt.libvirtError:
             return "gone"
+        except GuestError:
+            return "unknown (libvirt did not answer)"
         names = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
                  libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_CRASHED: "crashed"}
         return names.get(code, f"state {code}")

@@ -12,6 +12,7 @@ import ipaddress
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from ...errors import GuestError
 from .calls import bounded, libvirt
 
 ADDRESS_CALL_SECONDS = 30.0
@@ -27,9 +28,11 @@ def network_problem(conn: Any, uri: str, network: str) -> str | None:
         return (f"{NETWORK_OPTION} {network}: {uri} has no libvirt network {network!r}, so snapshot-mode guests "
                 f"there could not be reached; define one (virsh net-define, then net-start) or name another")
     try:
-        active = bool(net.isActive())
+        active = bool(bounded(f"{uri}: is network {network!r} active", net.isActive, 30.0))
     except libvirt.libvirtError as exc:
         return f"{NETWORK_OPTION} {network}: cannot ask {uri} about it: {exc.get_error_message()}"
+    except GuestError as exc:
+        return f"{NETWORK_OPTION} {network}: {exc}"
     if not active:
         return (f"{NETWORK_OPTION} {network}: the libvirt network {network!r} at {uri} is not active, so guests "
                 f"could not be reached on it: virsh -c {uri} net-start {network}")

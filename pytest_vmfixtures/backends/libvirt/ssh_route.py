@@ -1,4 +1,8 @@
-"""How SSH reaches a guest whose port is forwarded on a remote hypervisor's loopback."""
+"""How SSH reaches a guest whose port is forwarded on a remote hypervisor's loopback.
+
+The route is ``ssh -W`` through the hypervisor with StrictHostKeyChecking=yes: a machine that answers at
+the hypervisor's address without its known key gets no session (and no image or state of ours).
+"""
 
 from __future__ import annotations
 
@@ -22,15 +26,16 @@ def ssh_route(uri: str, port: int) -> str | None:
             f"guests on {uri} forward SSH to that host's loopback, which this machine reaches through ssh: "
             f"use qemu+ssh://{host}/system for it"
         )
-    # The same credentials libvirt's own ssh uses for this URI (its keyfile and no_verify parameters).
+    # The same credentials libvirt's own ssh uses for this URI (its keyfile parameter), and the host's key
+    # always checked: against the URI's known_hosts file, else the user's; its no_verify=1 is libvirt's only.
     query = parse_qs(parts.query)
-    argv = ["ssh", "-o", "BatchMode=yes", "-W", f"127.0.0.1:{port}"]
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-W", f"127.0.0.1:{port}"]
     if parts.port:
         argv += ["-p", str(parts.port)]
     if parts.username:
         argv += ["-l", parts.username]
     if "keyfile" in query:
         argv += ["-i", query["keyfile"][0]]
-    if query.get("no_verify", ["0"])[0] == "1":
-        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    if "known_hosts" in query:
+        argv += ["-o", f"UserKnownHostsFile={query['known_hosts'][0]}"]
     return shlex.join([*argv, host])

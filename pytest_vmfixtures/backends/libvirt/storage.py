@@ -44,7 +44,7 @@ from ...images.image import BuiltImage
 from ...waiting import Deadline
 from ..base import SavedState
 from ..common import NVRAM_NAME, create_nvram, create_overlay, find_ovmf, run_qemu_img
-from .calls import libvirt
+from .calls import bounded, libvirt
 from .uris import DEFAULT_LIBVIRT_POOL
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -52,6 +52,7 @@ log = logging.getLogger("pytest_vmfixtures")
 DONE = ".done"
 CHUNK = 1 << 20
 STALLED_S = 30.0  # an upload that has not grown for this long was abandoned
+ENSURE_S = 3 * 3600.0  # a shared volume not there and finished by then (ours or another run's copy) is an error
 MISMATCHES = 3  # a shared copy found wrong this many times in one run (someone keeps replacing it): give up
 # A run's own volumes: vmfx-<pid>-<8 hex>-<client 8 hex>-...
 RUN_OWNED = re.compile(r"^vmfx-(\d+-[0-9a-f]{8})-([0-9a-f]{8})-")  # session id, client tag
@@ -117,6 +118,7 @@ class HostStorage:
     def __init__(self, conn: Any, uri: str, pool_name: str = DEFAULT_LIBVIRT_POOL) -> None:
         self.uri = uri
         self.conn = conn
+        self.pool_name = pool_name
         try:
             self.pool = conn.storagePoolLookupByName(pool_name)
         except libvirt.libvirtError:
@@ -124,10 +126,11 @@ class HostStorage:
                 f"{uri} has no storage pool {pool_name!r}, which remote hosts need for images and saved states; "
                 f"on that host: {pool_setup(pool_name)} (or name another pool with --vm-libvirt-pool)"
             ) from None
-        if not self.pool.isActive():
+        if not bounded(f"{uri}: is storage pool {pool_name!r} active", self.pool.isActive, 30.0):
             raise GuestError(f"{uri}: storage pool {pool_name!r} is not active: virsh pool-start {pool_name}")
         self.uploads = 0  # volumes this process uploaded (shared and own)
         self.stalled_s = STALLED_S
+        self.ensure_s = ENSURE_S
         self._ready: dict[str, str] = {}  # shared volumes known to be complete and right here: name -> path
         self._locks: dict[str, threading.Lock] = {}  # one per shared volume: checked or uploaded once per run
         self._locks_lock = threading.Lock()
@@ -234,7 +237,13 @@ class HostStorage:
 
     def _ensure(self, name: str, source: LocalFile, progress: Progress) -> str:
         mismatches = 0
+        deadline = Deadline(self.ensure_s)
         while True:
+            if deadline.expired():
+                raise GuestError(
+                    f"{self.uri}: {name} was not ready after {self.ensure_s:g} s: another client's copy there "
+                    f"stopped growing and libvirt would not delete it (still open?); delete it on that host: "
+                    f"virsh -c {self.uri} vol-delete --pool {self.pool_name} {name}")
             volume = self._lookup(name)
             if volume is not None and self._lookup(name + DONE) is not None:
                 verdict = self._check(name, volume, source, progress)
@@ -260,7 +269,7 @@ class HostStorage:
                     if self._lookup(name + DONE) is None:
                         raise
                 return path
-            self._wait_or_take_over(name, volume, progress)
+            self._wait_or_take_over(name, volume, progress, deadline)
 
     def _check(self, name: str, volume: Any, source: LocalFile, progress: Progress) -> int | None:
         """None if finished copy ``volume`` holds ``source``'s bytes; else it is deleted, and 1 (it was
@@ -285,12 +294,13 @@ class HostStorage:
             raise GuestError(f"{self.uri}: cannot delete {name}, a copy that does not match its sha256")
         return 1
 
-    def _wait_or_take_over(self, name: str, volume: Any, progress: Progress) -> None:
-        """Another upload of ``name`` is running or was abandoned: wait while it grows, else delete it."""
+    def _wait_or_take_over(self, name: str, volume: Any, progress: Progress, deadline: Deadline) -> None:
+        """Another upload of ``name`` is running or was abandoned: wait while it grows (until ``deadline``),
+        else delete it."""
         progress(f"waiting for another run copying {name} to {self.uri}")
         last = -1
         stalled = Deadline(self.stalled_s)
-        while self._lookup(name + DONE) is None:
+        while self._lookup(name + DONE) is None and not deadline.expired():
             try:
                 grown = int(volume.info()[2])  # libvirt looks at the file again on each call
             except libvirt.libvirtError:
