@@ -48,31 +48,16 @@ calls.py (libvirt-python, optional, and calls with a deadline).
 """
 
 from .backend import LibvirtBackend
-from .channels import LibvirtAgentTransport, LibvirtQMP
-from .connection import CLIENT, Host, HostUnreachable, is_session, log_dir, shares_files
-from .console import ConsolePump
-from .domain import DEVICES_VERSION, TEMPLATE, render_domain
+from .connection import CLIENT, shares_files
 from .machine import LibvirtMachine
 from .ssh_route import ssh_route
-from .storage import HostStorage, StateCopy, qcow2_virtual_size
+from .storage import qcow2_virtual_size
 
 __all__ = [
     "CLIENT",
-    "DEVICES_VERSION",
-    "TEMPLATE",
-    "ConsolePump",
-    "Host",
-    "HostStorage",
-    "HostUnreachable",
-    "LibvirtAgentTransport",
     "LibvirtBackend",
     "LibvirtMachine",
-    "LibvirtQMP",
-    "StateCopy",
-    "is_session",
-    "log_dir",
     "qcow2_virtual_size",
-    "render_domain",
     "shares_files",
     "ssh_route",
 ]

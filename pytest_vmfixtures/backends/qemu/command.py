@@ -10,12 +10,12 @@ from ...arch import ARCHES, Arch, by_name
 from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
-from ..common import NVRAM_NAME, OVMF_CANDIDATES, TB_SIZE_MB, find_ovmf, kernel_command_line, mac_for, opt
+from ..common import NVRAM_NAME, TB_SIZE_MB, find_ovmf, kernel_command_line, mac_for, opt
 from .balloon import BALLOON_DEVICE, reports_free_pages
 from .memory import RamFile
 from .riscv import gdb_arguments
 
-__all__ = ["OVMF_CANDIDATES", "MachinePaths", "build_command_line", "find_ovmf", "guest_arch", "opt"]
+__all__ = ["MachinePaths", "build_command_line", "guest_arch"]
 
 
 @dataclass(frozen=True)
