@@ -48,8 +48,9 @@ calls.py (libvirt-python, optional, and calls with a deadline).
 """
 
 from .backend import LibvirtBackend
-from .connection import CLIENT, shares_files
+from .connection import shares_files
 from .machine import LibvirtMachine
+from .names import CLIENT
 from .ssh_route import ssh_route
 from .storage import qcow2_virtual_size
 

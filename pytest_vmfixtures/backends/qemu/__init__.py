@@ -12,7 +12,8 @@ descriptors handed over QMP; a mapped state's RAM file QEMU opens by its path
 starts, saves, restores and stops the processes.
 """
 
-from .backend import PORT_ATTEMPTS, QemuBackend, QemuMachine
+from ..common import PORT_ATTEMPTS
+from .backend import QemuBackend, QemuMachine
 from .command import MachinePaths, build_command_line
 
 __all__ = [
