@@ -4,7 +4,8 @@ The kernel and TCG settings here are part of every saved state's key (each
 backend's ``state_inputs``), so both backends must use these very values.
 Shared mechanisms: option quoting (``opt``), the port retry (``PORT_ATTEMPTS``,
 ``port_taken``), a guest's own disks on this machine (``guest_disks``: overlay and
-UEFI NVRAM) and loading a saved state over QMP (``load_incoming``).
+UEFI NVRAM), loading a saved state over QMP (``load_incoming``) and a QEMU log's
+last lines (``log_tail``).
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def load_incoming(machine: Machine, memory: Path, offset: int = 0,
         return True
 
     wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+
+
+def log_tail(path: Path, lines: int = 10) -> str:
+    """The last ``lines`` of a QEMU log on one line (`` | `` between them), for an error message; "" if unreadable."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
 
 
 def mac_for(name: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfixtures.backends.base import SavedState
-from pytest_vmfixtures.backends.common import NVRAM_NAME, find_ovmf, guest_disks, opt, port_taken
+from pytest_vmfixtures.backends.common import NVRAM_NAME, find_ovmf, guest_disks, log_tail, opt, port_taken
 from pytest_vmfixtures.backends.libvirt.names import CLIENT, owner, run_name
 from pytest_vmfixtures.backends.libvirt.xmltext import attr, template_text, text
 from pytest_vmfixtures.errors import GuestError
@@ -99,3 +99,10 @@ def test_xml_values_are_escaped_for_attributes_and_for_text() -> None:
 def test_a_missing_template_is_a_broken_installation(tmp_path: Path) -> None:
     with pytest.raises(GuestError, match=r"template .*gone.xml is missing \(broken installation\)"):
         template_text(tmp_path / "gone.xml")
+
+
+def test_a_log_tail_is_its_last_lines_on_one_line_and_empty_when_there_is_no_log(tmp_path: Path) -> None:
+    log = tmp_path / "qemu.log"
+    log.write_text("first\nsecond\nthird\n\n")
+    assert log_tail(log, 2) == "second | third"
+    assert log_tail(tmp_path / "gone.log") == ""

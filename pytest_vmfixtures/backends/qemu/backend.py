@@ -31,6 +31,7 @@ from ..common import (
     hotplug_lan,
     kernel_args_key,
     load_incoming,
+    log_tail,
     port_taken,
 )
 from . import memory
@@ -116,11 +117,7 @@ class QemuMachine:
         return f"QEMU {what}" + (f": {last}" if last else "")
 
     def stderr_tail(self, lines: int = 10) -> str:
-        try:
-            text = self.paths.stderr.read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return log_tail(self.paths.stderr, lines)
 
     def connect_qmp(self, timeout: float) -> None:
         """Connect once QEMU accepts: the socket file appears a moment before QEMU listens on it."""
