@@ -40,7 +40,6 @@ CLEAN = "clean"
 
 
 class GuestState(enum.Enum):
-    BOOTING = "booting"
     READY = "ready"  # clean, nobody has touched it since the last revert
     DIRTY = "dirty"  # a test may have changed it
     REVERTING = "reverting"
@@ -187,7 +186,7 @@ class VM:
 
     # -- state -------------------------------------------------------------
     def _usable(self) -> Instance:
-        if self.state in (GuestState.DEAD, GuestState.REVERTING, GuestState.BOOTING):
+        if self.state in (GuestState.DEAD, GuestState.REVERTING):
             raise GuestError(f"{self.name} is {self.state.value}; it cannot be used now")
         if not self._instance.machine.alive():  # never reconnect: its port or address may be another guest's now
             raise self._died(GuestError(f"{self.name}: its machine has ended"))

@@ -1,18 +1,26 @@
-"""What both backends build a machine from.
+"""What both backends build a machine from, and the mechanisms they share (one copy of each).
 
 The kernel and TCG settings here are part of every saved state's key (each
 backend's ``state_inputs``), so both backends must use these very values.
+Shared mechanisms: option quoting (``opt``), the port retry (``PORT_ATTEMPTS``,
+``port_taken``), a guest's own disks on this machine (``guest_disks``: overlay and
+UEFI NVRAM), loading a saved state over QMP (``load_incoming``) and a QEMU log's
+last lines (``log_tail``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import GuestError
-from .base import LanSegment, Machine
+from ..errors import GuestError, SnapshotError
+from ..images.image import BuiltImage
+from ..waiting import wait_for
+from .base import LanSegment, Machine, SavedState
 
 TB_SIZE_MB = 128  # TCG translation cache: bounds QEMU's RSS beyond guest RAM
 # Pages the guest frees are zeroed, so after it drops its caches a saved state
@@ -65,6 +73,16 @@ def opt(path: object) -> str:
     return str(path).replace(",", ",,")
 
 
+# A guest's SSH port is forwarded from 127.0.0.1: chosen free, it can be taken before QEMU binds it,
+# so a start is tried this many times (on a remote host, where nothing can be probed, as often).
+PORT_ATTEMPTS = 5
+
+
+def port_taken(message: str) -> bool:
+    """Whether QEMU's (or libvirt's report of QEMU's) complaint says the forwarded port was taken."""
+    return "hostfwd" in message or "host forwarding" in message
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -91,6 +109,63 @@ def create_nvram(qemu_img: str, nvram: Path, state_directory: Path | None) -> No
         create_overlay(qemu_img, state_directory / NVRAM_NAME, nvram)
     else:
         create_overlay(qemu_img, find_ovmf()[1], nvram, "raw")
+
+
+def guest_disks(qemu_img: str, image: BuiltImage, backing: Path, overlay: Path, nvram: Path,
+                state: SavedState | None) -> Path | None:
+    """A guest's own writable files on this machine: ``overlay`` over ``backing``, and a UEFI guest's ``nvram``.
+
+    A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
+    The NVRAM is disk state too (boot entries, variables the guest wrote): a cold boot starts from
+    OVMF's template, a restore from the variables frozen with the state. Returns the NVRAM, or None.
+    """
+    create_overlay(qemu_img, backing, overlay, "qcow2" if state is not None else image.disk_format)
+    if image.kernel is None and image.firmware == "uefi":
+        create_nvram(qemu_img, nvram, state.directory if state is not None else None)
+        return nvram
+    return None
+
+
+def load_incoming(machine: Machine, memory: Path, offset: int = 0,
+                  before: Callable[[], None] | None = None) -> None:
+    """Load a saved state into ``machine``, started with ``-incoming defer``; it is left as the load left it.
+
+    QEMU gets the migration stream (``memory`` from ``offset``) as a file descriptor through the monitor;
+    ``before`` runs just before the migration starts (a mapped state's capability). The load must end
+    with the guest paused or running and its QEMU alive, else a SnapshotError says how it ended.
+    """
+    name = machine.name
+    fd = os.open(memory, os.O_RDONLY)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        machine.qmp.send_fd(fd, "state")
+    finally:
+        os.close(fd)
+    if before is not None:
+        before()
+    machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
+
+    def loaded() -> bool | None:
+        if not machine.alive():
+            raise SnapshotError(f"{name}: saved state did not load: {machine.exit_description()}")
+        status = machine.qmp.execute("query-status")["status"]
+        if status in ("inmigrate", "prelaunch"):
+            return None
+        if status not in ("paused", "running"):
+            info = machine.qmp.execute("query-migrate")
+            raise SnapshotError(f"{name}: loading the saved state ended in {status}: {info}")
+        return True
+
+    wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+
+
+def log_tail(path: Path, lines: int = 10) -> str:
+    """The last ``lines`` of a QEMU log on one line (`` | `` between them), for an error message; "" if unreadable."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
 
 
 def mac_for(name: str) -> str:

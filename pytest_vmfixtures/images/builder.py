@@ -74,9 +74,24 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
     if any(character.isspace() for character in str(out_dir)):
         # mmdebstrap splits its special hooks on whitespace.
         raise ImageError(f"cannot build in {str(out_dir)!r}: use an image directory without spaces")
+    disk = out_dir / DISK_NAME
+    host, has_agent = _make_disk(recipe, arch, out_dir, disk, progress)
+    for name in (DISK_NAME, KERNEL_NAME, INITRD_NAME, HOST_KEY_NAME, CLIENT_KEY_NAME + ".pub"):
+        (out_dir / name).chmod(0o444)
+    _describe(recipe, arch, out_dir, disk, host, has_agent).save()
+    progress(f"built {recipe.name} in {time.monotonic() - started:.0f} s")
+
+
+def _make_disk(
+    recipe: Recipe, arch: Arch, out_dir: Path, disk: Path, progress: Callable[[str], None],
+) -> tuple[Ed25519PrivateKey, bool]:
+    """Keys, the root filesystem, the kernel and initrd beside it, and ``disk`` in qcow2.
+
+    Returns the host key (its public line goes into image.json) and whether the guest has an agent.
+    The stage and the raw filesystem are removed whatever happens.
+    """
     stage = out_dir / ".stage"
     raw = out_dir / "rootfs.ext2"
-    disk = out_dir / DISK_NAME
     try:
         stage.mkdir(mode=0o700)
         client_key, host = write_keys(out_dir)
@@ -103,11 +118,16 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         raw.unlink(missing_ok=True)
-    for name in (DISK_NAME, KERNEL_NAME, INITRD_NAME, HOST_KEY_NAME, CLIENT_KEY_NAME + ".pub"):
-        (out_dir / name).chmod(0o444)
+    return host, has_agent
+
+
+def _describe(
+    recipe: Recipe, arch: Arch, out_dir: Path, disk: Path, host: Ed25519PrivateKey, has_agent: bool,
+) -> BuiltImage:
+    """What image.json says of the image just built (its disk's digest read here)."""
     with disk.open("rb") as handle:
         disk_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-    BuiltImage(
+    return BuiltImage(
         directory=out_dir,
         name=recipe.name,
         recipe_digest=recipe.digest,
@@ -130,8 +150,7 @@ def build_image(recipe: Recipe, out_dir: Path, progress: Callable[[str], None] =
         agent=has_agent,
         built_at=time.time(),
         builder_version=BUILDER_VERSION,
-    ).save()
-    progress(f"built {recipe.name} in {time.monotonic() - started:.0f} s")
+    )
 
 
 def _build_foreign(

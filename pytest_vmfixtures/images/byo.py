@@ -339,17 +339,29 @@ def make_seed(directory: Path, sha256: str, user: str) -> None:
 def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qemu-img") -> BuiltImage:
     """A bootable description of the user's image: disk verified, seed and keys made once."""
     started = time.monotonic()
+    disk, sha256 = _verified_disk(cache, spec, progress)
+    fmt = disk_info(disk, qemu_img)
+    firmware = _bootable_firmware(cache, spec, disk, fmt, qemu_img)
+    seeds = _seed_entry(cache, sha256, spec.user)
+    progress(f"image {label_for(spec.source, sha256)}: {fmt}, firmware {firmware}, ready in {time.monotonic() - started:.1f} s")
+    return _describe(spec, disk, sha256, fmt, firmware, seeds)
+
+
+def _verified_disk(cache: Cache, spec: ByoSpec, progress: Progress) -> tuple[Path, str]:
+    """The user's disk in the cache (downloaded, or copied in) and its sha256, checked against the one given."""
     if is_url(spec.source):
         if spec.sha256 is None:
             raise ImageError(f"image {spec.source!r} is a URL: give its sha256=")
         sha256 = spec.sha256.lower()
-        disk = cached_download(cache, spec.source, sha256, progress)
-    else:
-        source = Path(spec.source).expanduser().resolve()
-        if not source.is_file():
-            raise ImageError(f"image {spec.source!r}: no such file")
-        disk, sha256 = imported_copy(cache, source, spec.sha256, progress)
-    fmt = disk_info(disk, qemu_img)
+        return cached_download(cache, spec.source, sha256, progress), sha256
+    source = Path(spec.source).expanduser().resolve()
+    if not source.is_file():
+        raise ImageError(f"image {spec.source!r}: no such file")
+    return imported_copy(cache, source, spec.sha256, progress)
+
+
+def _bootable_firmware(cache: Cache, spec: ByoSpec, disk: Path, fmt: str, qemu_img: str) -> str:
+    """The firmware the disk boots with (given, or found in its first sectors), or an ImageError if it cannot."""
     scratch = cache.new_tmp("probe")
     try:
         head = read_head(disk, fmt, 34 * 512, scratch, qemu_img)
@@ -360,21 +372,30 @@ def prepare(cache: Cache, spec: ByoSpec, progress: Progress, qemu_img: str = "qe
     if problem is not None:
         raise ImageError(f"image {spec.source!r} is not a bootable disk: {problem}; give a cloud image's whole "
                          "disk (qcow2 or raw, with its partition table and bootloader), not a filesystem or an ISO")
+    return firmware
+
+
+def _seed_entry(cache: Cache, sha256: str, user: str) -> Path:
+    """The cache entry with the keys and seed ISO for guests of this disk as ``user``, made once, marked used now."""
 
     def create(directory: Path) -> None:
-        make_seed(directory, sha256, spec.user)
+        make_seed(directory, sha256, user)
         cache.write_manifest(
             directory,
-            {"kind": "seed", "image_sha256": sha256, "user": spec.user},
+            {"kind": "seed", "image_sha256": sha256, "user": user},
             [CLIENT_KEY_NAME, CLIENT_KEY_NAME + ".pub", HOST_KEY_NAME, SEED_NAME],
         )
 
     (cache.root / "seeds").mkdir(parents=True, exist_ok=True)
-    seeds = cache.entry("seeds", f"{sha256[:32]}-{spec.user}-{SEED_VERSION}", create, cache.check_manifest)
-    seed_digest = _manifest_files(seeds).get(SEED_NAME, "")
+    seeds = cache.entry("seeds", f"{sha256[:32]}-{user}-{SEED_VERSION}", create, cache.check_manifest)
     with contextlib.suppress(OSError):
         os.utime(seeds)  # most recently used, for whoever prunes the cache
-    progress(f"image {label_for(spec.source, sha256)}: {fmt}, firmware {firmware}, ready in {time.monotonic() - started:.1f} s")
+    return seeds
+
+
+def _describe(spec: ByoSpec, disk: Path, sha256: str, fmt: str, firmware: str, seeds: Path) -> BuiltImage:
+    """The image as guests see it; its identity (``recipe_digest``) is the disk, the seed and what guests get."""
+    seed_digest = _manifest_files(seeds).get(SEED_NAME, "")
     return BuiltImage(
         directory=seeds,
         name=label_for(spec.source, sha256),

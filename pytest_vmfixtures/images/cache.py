@@ -89,10 +89,6 @@ class Cache:
     def images(self) -> Path:
         return self.root / "images"
 
-    @property
-    def states(self) -> Path:
-        return self.root / "states"
-
     @contextlib.contextmanager
     def lock(
         self, key: str, timeout: float = LOCK_TIMEOUT, waiting: Callable[[], None] | None = None, shared: bool = False,

@@ -133,53 +133,77 @@ def plan(
     now = time.time() if now is None else now
     cutoff = None if older_than_days is None else now - older_than_days * DAY
     used = entries_in_use(cache)
-    candidates: list[Candidate] = []
+    images, unknown = _old_images(cache, current, used, everything)
+    disks = _unused_disks(cache, used, everything, cutoff, older_than_days)
+    gone = {path for path, _ in (*images, *disks)}
+    states = _old_states(cache, used, everything, cutoff, older_than_days, gone)
+    candidates = [Candidate(path, f"{path.parent.name}-{path.name}", reason, tree_size(path))
+                  for path, reason in (*images, *disks, *states)]
+    return candidates + _leftovers(cache), unknown
+
+
+def _old_images(
+    cache: Cache, current: Mapping[str, str], used: set[Path], everything: bool,
+) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """Images to remove (built from an older recipe, or all), and those of recipes not known here."""
+    remove: list[tuple[Path, str]] = []
     unknown: list[Path] = []
-    gone: set[Path] = set()
-
-    def add(path: Path, reason: str) -> None:
-        candidates.append(Candidate(path, f"{path.parent.name}-{path.name}", reason, tree_size(path)))
-
     for image in _entries(cache, "images", used):
         name = image.name.rsplit("-", 1)[0]
         if everything:
-            add(image, "--all")
+            remove.append((image, "--all"))
         elif name not in current:
             unknown.append(image)
-            continue
         elif current[name] != image.name:
-            add(image, f"built from an older {name} recipe")
-        else:
-            continue
-        gone.add(image)
-    # Cloud disks, seeds and disks converted for other hypervisors go when unused for the --older-than
-    # window (each use touches them), or with --all; never while a live session's guest reads them.
-    # States sitting on a disk that goes, go with it.
+            remove.append((image, f"built from an older {name} recipe"))
+    return remove, unknown
+
+
+def _unused_disks(
+    cache: Cache, used: set[Path], everything: bool, cutoff: float | None, older_than_days: float | None,
+) -> list[tuple[Path, str]]:
+    """Cloud disks, seeds and disks converted for other hypervisors, unused for the --older-than window.
+
+    Each use touches them; never one a live session's guest reads. States sitting on a disk that goes, go with it.
+    """
+    remove: list[tuple[Path, str]] = []
     for kind in ("downloads", "seeds", "converted"):
         for entry in _entries(cache, kind, used):
             if everything:
-                add(entry, "--all")
+                remove.append((entry, "--all"))
             elif cutoff is not None and entry.stat().st_mtime < cutoff:
-                add(entry, f"not used for {older_than_days:g} days")
-            else:
-                continue
-            gone.add(entry)
+                remove.append((entry, f"not used for {older_than_days:g} days"))
+    return remove
+
+
+def _old_states(
+    cache: Cache, used: set[Path], everything: bool, cutoff: float | None, older_than_days: float | None,
+    gone: set[Path],
+) -> list[tuple[Path, str]]:
+    """Saved states that are incomplete, whose image is gone (or goes: ``gone``), or made before the cutoff."""
+    remove: list[tuple[Path, str]] = []
     for state in _entries(cache, "states", used):
         backing = backing_file(state / "disk.qcow2")
         if everything:
-            add(state, "--all")
+            remove.append((state, "--all"))
         elif backing is None:
-            add(state, "incomplete: no disk layer")
+            remove.append((state, "incomplete: no disk layer"))
         elif not backing.exists() or any(backing.is_relative_to(image) for image in gone):
-            add(state, "its image is gone")
+            remove.append((state, "its image is gone"))
         elif cutoff is not None and created_at(state) < cutoff:
-            add(state, f"made more than {older_than_days:g} days ago")
+            remove.append((state, f"made more than {older_than_days:g} days ago"))
+    return remove
+
+
+def _leftovers(cache: Cache) -> list[Candidate]:
+    """What interrupted runs left in ``tmp`` (cache.entry names them <kind>--<key>-<random>)."""
+    found: list[Candidate] = []
     for leftover in sorted((cache.root / "tmp").iterdir()) if (cache.root / "tmp").is_dir() else ():
         kind, sep, rest = leftover.name.partition("--")
-        if sep:  # cache.entry names them <kind>--<key>-<random>
-            candidates.append(Candidate(leftover, f"{kind}-{rest.rsplit('-', 1)[0]}", "left by an interrupted run",
-                                        tree_size(leftover)))
-    return candidates, unknown
+        if sep:
+            found.append(Candidate(leftover, f"{kind}-{rest.rsplit('-', 1)[0]}", "left by an interrupted run",
+                                   tree_size(leftover)))
+    return found
 
 
 def _entries(cache: Cache, kind: str, used: set[Path]) -> list[Path]:

@@ -161,7 +161,8 @@ def test_a_later_sessions_reaper_undefines_a_killed_runs_domains_and_snapshots(p
     The leftover is made by hand, as a killed run would leave it but without the minute a boot takes: a
     domain under a dead pid's name, never started, with an internal snapshot of its (tiny) qcow2 disk.
     """
-    from pytest_vmfixtures.backends.libvirt.connection import CLIENT, Host, reap
+    from pytest_vmfixtures.backends.libvirt.connection import Host, reap
+    from pytest_vmfixtures.backends.libvirt.names import CLIENT
 
     dead_pid = 4_000_000  # above any pid_max: no such process
     name = f"vmfx-{dead_pid}-0123abcd-{CLIENT}-leftover-1"

@@ -16,7 +16,7 @@ from rig import import_libvirt
 
 from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt import LibvirtBackend
-from pytest_vmfixtures.backends.libvirt.connection import DOMAIN_PREFIX
+from pytest_vmfixtures.backends.libvirt.names import DOMAIN_PREFIX
 from pytest_vmfixtures.backends.libvirt.snapshot import CLEAN_SNAPSHOT
 from pytest_vmfixtures.errors import GuestError
 from pytest_vmfixtures.images.cache import Cache

@@ -16,6 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "pytest_vmfixtures"
 ROOT = "pytest_vmfixtures"
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 60  # from the first decorator to the last line, docstring included
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -188,6 +189,24 @@ def test_no_module_is_long() -> None:
     assert {name: lines for name, lines in lengths.items() if lines > MAX_LINES} == {}
 
 
+def long_functions(package: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """Every function or method longer than ``limit`` lines, as ``module:line name``."""
+    found: dict[str, int] = {}
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
+                lines = (node.end_lineno or node.lineno) - start + 1
+                if lines > limit:
+                    found[f"{path.relative_to(package).as_posix()}:{node.lineno} {node.name}"] = lines
+    return found
+
+
+def test_no_function_is_long() -> None:
+    """A long function reads better as named steps (docs/architecture.md); there is no exception list."""
+    assert long_functions() == {}
+
+
 # The checks above must be able to fail: each is run once on a small package made to break it.
 
 
@@ -255,3 +274,14 @@ def test_a_loop_and_a_relative_import_are_resolved(tmp_path: Path) -> None:
     modules = _modules(root)
     assert f"{ROOT}.images.b" in modules[f"{ROOT}.images.c"]
     assert find_cycle(modules) == [f"{ROOT}.images.a", f"{ROOT}.images.b", f"{ROOT}.images.a"]
+
+
+def test_a_long_function_is_caught_and_a_nested_one_counted_on_its_own(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES - 1))
+    package = _make_package(tmp_path, {
+        "fits.py": f"def fits():\n{body}",
+        "long.py": f"@staticmethod\ndef long():\n{body}",
+        "nested.py": f"class C:\n    def method(self):\n        def inner():\n{body.replace('    ', '            ')}\n",
+    })
+    found = long_functions(package)
+    assert found == {"long.py:2 long": MAX_FUNCTION_LINES + 1, "nested.py:2 method": MAX_FUNCTION_LINES + 1}

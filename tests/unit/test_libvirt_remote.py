@@ -13,8 +13,9 @@ import pytest
 
 from pytest_vmfixtures.backends.libvirt import qcow2_virtual_size, shares_files, ssh_route
 from pytest_vmfixtures.backends.libvirt.calls import libvirt
+from pytest_vmfixtures.backends.libvirt.names import OWNED
 from pytest_vmfixtures.backends.libvirt.save import SAVE_HEADER, SAVE_MAGIC, rewrap, stream_offset
-from pytest_vmfixtures.backends.libvirt.storage import DONE, RUN_OWNED, HostStorage, LocalFile, volume_xml
+from pytest_vmfixtures.backends.libvirt.storage import DONE, HostStorage, LocalFile, volume_xml
 from pytest_vmfixtures.channels.ssh import ProxyProcess
 from pytest_vmfixtures.errors import GuestError, ImageError, SnapshotError
 
@@ -103,10 +104,10 @@ def test_volume_xml_escapes_and_names_the_backing_store() -> None:
 
 
 def test_run_owned_volumes_name_the_process_and_the_machine() -> None:
-    match = RUN_OWNED.match("vmfx-4242-0123abcd-89abcdef-debian-12-1.qcow2")
+    match = OWNED.match("vmfx-4242-0123abcd-89abcdef-debian-12-1.qcow2")
     assert match is not None and match.groups() == ("4242-0123abcd", "89abcdef")  # the session id, the client tag
-    assert RUN_OWNED.match("vmfx-img-0123456789abcdef.qcow2") is None
-    assert RUN_OWNED.match("vmfx-state-debian-12-0123456789abcdef.qcow2") is None
+    assert OWNED.match("vmfx-img-0123456789abcdef.qcow2") is None
+    assert OWNED.match("vmfx-state-debian-12-0123456789abcdef.qcow2") is None
 
 
 def test_proxy_process_is_a_socket_to_the_command_and_is_reaped() -> None:

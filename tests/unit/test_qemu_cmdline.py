@@ -316,3 +316,46 @@ def test_mapped_ram_names_its_file_backend_on_the_machine(image: BuiltImage, tmp
     devices = option_values(build(cloud, tmp_path, paths=paths_in(tmp_path, "c"), ram=RamFile(paths.ram, shared=True)), "-device")
     assert not [d for d in devices if "balloon" in d]
     assert "-object" not in build(image, tmp_path, paths=paths_in(tmp_path, "stream"))
+
+
+def test_the_whole_argv_is_pinned(image: BuiltImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two command lines written out in full. The argv is the guest's hardware, which every saved state is
+    made for: a change here (order included) must be deliberate, and says that states may need remaking."""
+    from pytest_vmfixtures.backends.qemu import command
+
+    monkeypatch.setattr(command, "find_ovmf", lambda: (Path("/ovmf/CODE.fd"), Path("/ovmf/VARS.fd")))
+    paths = MachinePaths(Path("/run/s/m-1"), Path("/socks/m-1"))
+    built_in = replace(image, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"))
+    restore = build_command_line("qemu-system-x86_64", built_in, MachineConfig(image="debian-12"), TCG, paths, 40022,
+                                 incoming=True, name="debian-12-1")
+    assert " ".join(restore) == (
+        "qemu-system-x86_64 -name guest=debian-12-1,debug-threads=on -no-user-config -nodefaults -machine pc "
+        "-display none -m 512 -smp 1 -accel tcg,tb-size=128 "
+        "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny "
+        "-kernel /img/vmlinuz -append console=tty0 root=/dev/vda rw console=ttyS0 quiet init_on_free=1 "
+        "-initrd /img/initrd.img "
+        "-drive file=/run/s/m-1/overlay.qcow2,if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap "
+        "-device virtio-blk-pci,drive=disk0 -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 "
+        f"-device virtio-net-pci,netdev=net0,mac={mac_for('debian-12')} -device virtio-rng-pci -device VGA "
+        "-chardev file,id=serial0,path=/run/s/m-1/console.log,append=on -serial chardev:serial0 "
+        "-chardev socket,id=qmp,path=/socks/m-1/qmp,server=on,wait=off -mon chardev=qmp,mode=control "
+        "-device virtio-serial-pci -chardev socket,id=qga0,path=/socks/m-1/qga,server=on,wait=off "
+        "-device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0 -incoming defer"
+    )
+    cloud = replace(image, kernel=None, initrd=None, cmdline="", firmware="uefi", seed=Path("/seeds/seed.iso"), agent=False)
+    boot = build_command_line("qemu-system-x86_64", cloud, MachineConfig(image="debian-12"), KVM, paths, 40023, name="c-1")
+    assert " ".join(boot) == (
+        "qemu-system-x86_64 -name guest=c-1,debug-threads=on -no-user-config -nodefaults -machine pc "
+        "-display none -m 512 -smp 1 -accel kvm -cpu host "
+        "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny "
+        "-drive if=pflash,format=raw,unit=0,readonly=on,file=/ovmf/CODE.fd "
+        "-drive if=pflash,format=qcow2,unit=1,file=/run/s/m-1/nvram.qcow2 "
+        "-drive file=/run/s/m-1/overlay.qcow2,if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap "
+        "-device virtio-blk-pci,drive=disk0,bootindex=0 -device virtio-scsi-pci,id=scsi0 "
+        "-drive file=/seeds/seed.iso,if=none,id=seed0,format=raw,readonly=on,media=cdrom "
+        "-device scsi-cd,drive=seed0,bus=scsi0.0 -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40023-:22 "
+        f"-device virtio-net-pci,netdev=net0,mac={mac_for('debian-12')} -device virtio-rng-pci -device VGA "
+        "-chardev file,id=serial0,path=/run/s/m-1/console.log -serial chardev:serial0 "
+        "-chardev socket,id=qmp,path=/socks/m-1/qmp,server=on,wait=off -mon chardev=qmp,mode=control "
+        "-device virtio-balloon-pci,id=balloon0,free-page-reporting=on"
+    )

@@ -113,10 +113,10 @@ def test_a_closed_session_releases_its_lock_with_its_files(tmp_path: Path) -> No
 
 def test_libvirt_domains_carry_the_pid_namespace_in_their_client_tag() -> None:
     """Another container's domains (same hostname, other pid namespace) never match this one's reaper."""
-    from pytest_vmfixtures.backends.libvirt.connection import CLIENT
+    from pytest_vmfixtures.backends.libvirt.names import CLIENT
 
     inside = subprocess.run([*_unshare(), sys.executable, "-c",
-                             "from pytest_vmfixtures.backends.libvirt.connection import CLIENT; print(CLIENT)"],
+                             "from pytest_vmfixtures.backends.libvirt.names import CLIENT; print(CLIENT)"],
                             capture_output=True, text=True, timeout=120)
     assert inside.returncode == 0, inside.stderr[-2000:]
     assert inside.stdout.strip() not in ("", CLIENT)
@@ -126,8 +126,9 @@ def test_the_libvirt_reaper_asks_the_sessions_lock(tmp_path: Path) -> None:
     """libvirt's own test driver (test:///default) holds the domains; the session is judged by its lock, not its pid."""
     import libvirt  # the [test] extra installs it
 
-    from pytest_vmfixtures.backends.libvirt.connection import CLIENT, Host
+    from pytest_vmfixtures.backends.libvirt.connection import Host
     from pytest_vmfixtures.backends.libvirt.connection import reap as reap_domains
+    from pytest_vmfixtures.backends.libvirt.names import CLIENT
 
     run_root = tmp_path / "run"
     session = run_root / f"{os.getppid()}-0123abcd"  # a live pid (our parent's) whose session is over

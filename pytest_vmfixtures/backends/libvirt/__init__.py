@@ -41,38 +41,25 @@ The modules: backend.py (LibvirtBackend: start, save, restore), placement.py (wh
 host a guest goes to, the guests placed), uris.py (defaults, which URIs are QEMU's),
 snapshot.py and persistent.py (snapshot mode: see docs/libvirt.md), network.py (its libvirt network),
 machine.py (LibvirtMachine), connection.py (a libvirtd per URI, which host
-gets a guest, reaping), domain.py (the XML), save.py (the save image format,
-saving, loading a state), storage.py (a remote host's pool: uploads, checks,
+gets a guest, reaping), names.py (what a run's domains and volumes are called),
+domain.py (the XML), xmltext.py (escaping, templates), save.py (the save image
+format, saving; backends/common.py loads a state), storage.py (a remote host's pool: uploads, checks,
 what a guest needs there), channels.py, console.py, ssh_route.py, and
 calls.py (libvirt-python, optional, and calls with a deadline).
 """
 
 from .backend import LibvirtBackend
-from .channels import LibvirtAgentTransport, LibvirtQMP
-from .connection import CLIENT, Host, HostUnreachable, is_session, log_dir, shares_files
-from .console import ConsolePump
-from .domain import DEVICES_VERSION, TEMPLATE, render_domain
+from .connection import shares_files
 from .machine import LibvirtMachine
+from .names import CLIENT
 from .ssh_route import ssh_route
-from .storage import HostStorage, StateCopy, qcow2_virtual_size
+from .storage import qcow2_virtual_size
 
 __all__ = [
     "CLIENT",
-    "DEVICES_VERSION",
-    "TEMPLATE",
-    "ConsolePump",
-    "Host",
-    "HostStorage",
-    "HostUnreachable",
-    "LibvirtAgentTransport",
     "LibvirtBackend",
     "LibvirtMachine",
-    "LibvirtQMP",
-    "StateCopy",
-    "is_session",
-    "log_dir",
     "qcow2_virtual_size",
-    "render_domain",
     "shares_files",
     "ssh_route",
 ]

@@ -17,11 +17,18 @@ from ...errors import BootError, GuestError, SnapshotError
 from ...images.image import BuiltImage
 from ...runtime import Runtime, session_alive
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import TB_SIZE_MB, firmware_inputs, free_port, hotplug_lan, kernel_args_key
+from ..common import (
+    PORT_ATTEMPTS,
+    TB_SIZE_MB,
+    firmware_inputs,
+    free_port,
+    hotplug_lan,
+    kernel_args_key,
+    load_incoming,
+    port_taken,
+)
 from .calls import bounded, libvirt, require_libvirt
 from .connection import (
-    CLIENT,
-    DOMAIN_PREFIX,
     Host,
     HostUnreachable,
     connect,
@@ -33,16 +40,16 @@ from .connection import (
 from .console import ConsolePump
 from .domain import DEVICES_VERSION, check_template, domain_xml
 from .machine import LibvirtMachine
+from .names import run_name
 from .persistent import SnapshotContext, boot_persistent, network_problems, relearn_address, snapshot_capabilities
 from .placement import Placement
-from .save import load_through_monitor, rewrap, save_domain, stream_offset
+from .save import rewrap, save_domain, stream_offset
 from .snapshot import revert_clean, revert_named, take_clean, take_named
 from .storage import StateCopy, drop_files, host_files
 from .uris import DEFAULT_LIBVIRT_NETWORK, DEFAULT_LIBVIRT_POOL, DEFAULT_LIBVIRT_URI
 
 log = logging.getLogger("pytest_vmfixtures")
 
-PORT_ATTEMPTS = 5
 REMOTE_PORTS = (20000, 60000)  # ports on a remote host cannot be probed from here: pick, retry if taken
 
 
@@ -133,7 +140,7 @@ class LibvirtBackend:
 
         A host whose libvirtd stops answering is marked down and the guest goes to another one.
         """
-        domain_name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{name}"
+        domain_name = run_name(self.runtime.session_id, name)
         while True:
             host = self.placement.pick(domain_name, image)
             try:
@@ -169,7 +176,7 @@ class LibvirtBackend:
                         domain = bounded(f"{name}: starting on {host.uri}", create, 120.0, undo=drop_domain)
                 except libvirt.libvirtError as exc:
                     last_error = str(exc.get_error_message())
-                    if "host forwarding" in last_error or "hostfwd" in last_error:
+                    if port_taken(last_error):
                         continue  # the port was taken between our choice and QEMU's bind
                     break
                 nvram = paths.get("nvram")
@@ -232,7 +239,7 @@ class LibvirtBackend:
                 if not copy.busy:
                     copy.busy = True
                     return copy
-            name = f"{DOMAIN_PREFIX}{self.runtime.session_id}-{CLIENT}-{state.key}-{next(self._copy_ids)}"
+            name = run_name(self.runtime.session_id, f"{state.key}-{next(self._copy_ids)}")
             copy = StateCopy(str(uuid.uuid4()), name, "")
             copies.append(copy)  # busy while it uploads
         assert host.storage is not None
@@ -280,7 +287,7 @@ class LibvirtBackend:
         machine = self._start(image, config, name, state.disk, state)
         try:
             if machine.host.storage is None:  # else libvirt loaded it already (_restore_copy)
-                load_through_monitor(machine, state.memory, offset)
+                load_incoming(machine, state.memory, offset)
             try:
                 machine.domain.resume()  # through libvirt, so its idea of the domain's state stays right
             except libvirt.libvirtError as exc:

@@ -9,11 +9,8 @@ pool for copies (storage.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import re
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,32 +21,13 @@ from ...errors import GuestError
 from ...runtime import session_alive
 from .calls import bounded, libvirt, libvirt_qemu, version_string
 from .drivers import compiled_in, driver_for
+from .names import CLIENT, DOMAIN_PREFIX, owner
 from .ssh_route import ssh_route
 from .storage import HostStorage, StateCopy
 from .uris import is_qemu_uri
 
 log = logging.getLogger("pytest_vmfixtures")
 
-DOMAIN_PREFIX = "vmfx-"
-# Our domains: vmfx-<pid>-<8 hex>-<client>-<label>: the session (runtime.Runtime.session_id) that owns
-# it, in the pid namespace whose identity hashes to <client>: the hostname (hosts are shared between
-# machines), the pid namespace (a pid means nothing outside its namespace: containers sharing a hostname
-# see each other's pids as dead) and the boot (pids start over). Only domains of our own <client> are
-# ever reaped, and only when their session is gone (runtime.session_alive: its lock, else its pid).
-OWNED = re.compile(r"^vmfx-(\d+-[0-9a-f]{8})-([0-9a-f]{8})-")
-
-
-def _client_tag() -> str:
-    identity = [socket.gethostname()]
-    for source in ("/proc/self/ns/pid", "/proc/sys/kernel/random/boot_id"):
-        try:
-            identity.append(os.readlink(source) if source.startswith("/proc/self/ns") else Path(source).read_text().strip())
-        except OSError:
-            identity.append("")
-    return hashlib.sha256("\0".join(identity).encode()).hexdigest()[:8]
-
-
-CLIENT = _client_tag()
 LIBVIRT_LOG_DIR = Path("/var/log/libvirt/qemu")
 
 
@@ -216,8 +194,8 @@ def reap(host: Host, alive: Callable[[str], bool] = lambda session: session_aliv
     except libvirt.libvirtError:
         return
     for dom in domains:
-        match = OWNED.match(dom.name())
-        if match and match.group(2) == CLIENT and not alive(match.group(1)):
+        session = owner(dom.name())
+        if session is not None and not alive(session):
             drop_domain(dom)
             with contextlib.suppress(OSError):
                 (log_dir(host.uri) / f"{dom.name()}.log").unlink()

@@ -2,45 +2,34 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import string
 import uuid
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 from ...accel import AccelChoice
-from ...errors import GuestError, ImageError
+from ...errors import ImageError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
 from ..common import TB_SIZE_MB, kernel_command_line, mac_for, opt
 from .connection import Host, is_session
 from .network import interface_xml
+from .xmltext import attr, template_text, text
 
 TEMPLATE = Path(__file__).with_name("domain.xml")
 DEVICES_VERSION = 1  # bump when domain.xml's virtual hardware changes
 
 
 def check_template() -> None:
-    if not TEMPLATE.is_file():
-        raise GuestError(f"the libvirt domain template {TEMPLATE} is missing (broken installation)")
-
-
-@functools.cache
-def _template() -> string.Template:
-    return string.Template(TEMPLATE.read_text())
+    """A GuestError now if domain.xml is missing, not at the first guest."""
+    template_text(TEMPLATE)
 
 
 def render_domain(values: dict[str, object]) -> str:
     """Fill in domain.xml; values are escaped, except the ones that are whole XML elements."""
-    return _template().substitute(
-        {k: (str(v) if k in RAW else escape(str(v), {"'": "&apos;", '"': "&quot;"})) for k, v in values.items()}
+    return string.Template(template_text(TEMPLATE)).substitute(
+        {k: (str(v) if k in RAW else attr(v)) for k, v in values.items()}
     )
-
-
-def attr(value: object) -> str:
-    """A value for an XML attribute quoted with '."""
-    return escape(str(value), {"'": "&apos;", '"': "&quot;"})
 
 
 # Placeholders that take whole XML elements, built (and escaped) here.
@@ -57,8 +46,8 @@ def boot_elements(image: BuiltImage, paths: dict[str, object]) -> dict[str, str]
     """
     if image.kernel is not None:
         return {
-            "boot": (f"<kernel>{escape(str(paths['kernel']))}</kernel><initrd>{escape(str(paths['initrd']))}</initrd>"
-                     f"<cmdline>{escape(kernel_command_line(image.cmdline, vga=True))}</cmdline>"),
+            "boot": (f"<kernel>{text(paths['kernel'])}</kernel><initrd>{text(paths['initrd'])}</initrd>"
+                     f"<cmdline>{text(kernel_command_line(image.cmdline, vga=True))}</cmdline>"),
             "disk_boot": "",
             "firmware": "",
         }

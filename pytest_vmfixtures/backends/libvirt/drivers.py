@@ -15,18 +15,17 @@ have none: a guest there cannot be reverted by a hypervisor snapshot).
 
 from __future__ import annotations
 
-import functools
 import re
 import string
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
-from xml.sax.saxutils import escape
 
 from ...errors import GuestError, ImageError
 from ...images.image import BuiltImage
 from .calls import bounded, libvirt, require_libvirt
+from .xmltext import attr, template_text
 
 TEMPLATES = Path(__file__).with_name("templates")
 FIRMWARES = ("bios", "uefi")
@@ -165,15 +164,6 @@ def require_firmware_boot(image: BuiltImage, driver: Driver) -> None:
 _BLOCK = re.compile(r"[ \t]*<!-- if (\w+) -->\n(.*?)[ \t]*<!-- end \1 -->\n", re.DOTALL)
 
 
-@functools.cache
-def _template_text(name: str) -> str:
-    path = TEMPLATES / name
-    try:
-        return path.read_text()
-    except OSError as exc:
-        raise GuestError(f"the libvirt domain template {path} is missing (broken installation)") from exc
-
-
 def _default_console(driver: Driver, name: str, disk: str) -> str:
     """Where a serial console goes on the hypervisor when the caller does not say: beside the disk,
     or, on Hyper-V, a named pipe."""
@@ -209,7 +199,7 @@ def portable_domain_xml(
         "seed": seed is not None,
         "vnet": driver.family == "vmware",  # Workstation: the network is a vmnet, the NIC's target
     }
-    text = _BLOCK.sub(lambda m: m.group(2) if flags[m.group(1)] else "", _template_text(driver.template))
+    text = _BLOCK.sub(lambda m: m.group(2) if flags[m.group(1)] else "", template_text(TEMPLATES / driver.template))
     values: dict[str, object] = {
         "name": name, "memory_mb": memory_mb, "cpus": cpus, "disk": disk, "mac": mac, "network": network,
         "uuid": extra.get("uuid") or uuid.uuid4(),
@@ -219,4 +209,4 @@ def portable_domain_xml(
         "disk_format": extra.get("disk_format") or driver.disk_format,
     }
     return string.Template(text).substitute(
-        {key: escape(str(value), {"'": "&apos;", '"': "&quot;"}) for key, value in values.items()})
+        {key: attr(value) for key, value in values.items()})

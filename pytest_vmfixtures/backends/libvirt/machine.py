@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import GuestError
+from ..common import log_tail
 from .calls import bounded, libvirt
 from .channels import LibvirtAgentTransport, LibvirtQMP
 from .connection import Host, connection_lost, drop_domain, log_dir
@@ -97,11 +98,7 @@ class LibvirtMachine:
     def log_tail(self, lines: int = 10) -> str:
         if self.host.storage is not None:
             return ""  # libvirt's log of the domain is on the other host
-        try:
-            text = (log_dir(self.host.uri) / f"{self.domain_name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return log_tail(log_dir(self.host.uri) / f"{self.domain_name}.log", lines)
 
     def state(self) -> str:
         """libvirt's view: running, paused, shut off, ..."""

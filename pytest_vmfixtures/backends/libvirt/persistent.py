@@ -26,11 +26,12 @@ from ...waiting import wait_for
 from ..base import MachineConfig
 from ..common import mac_for
 from .calls import bounded, libvirt
-from .connection import CLIENT, DOMAIN_PREFIX, Host, drop_domain, is_qemu_host
+from .connection import Host, drop_domain, is_qemu_host
 from .convert import converted_disk
 from .domain import domain_xml
 from .drivers import driver_for, require_firmware_boot
 from .machine import LibvirtMachine
+from .names import run_name
 from .network import guest_address, network_problem
 from .placement import Placement
 from .snapshot import console_missing, non_qemu_domain_xml
@@ -74,7 +75,7 @@ class SnapshotContext:
 
 def boot_persistent(ctx: SnapshotContext, image: BuiltImage, config: MachineConfig, name: str) -> LibvirtMachine:
     """Define and start a persistent domain on the network; returns once the guest has an address there."""
-    domain_name = f"{DOMAIN_PREFIX}{ctx.runtime.session_id}-{CLIENT}-{name}"
+    domain_name = run_name(ctx.runtime.session_id, name)
     host = ctx.placement.pick(domain_name, image)
     files, _socks = ctx.runtime.machine_dirs(name)
     mac = mac_for(domain_name)  # one per domain: the network's DHCP tells guests apart by it

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from xml.sax.saxutils import escape
 
 from ...errors import GuestError
 from .calls import bounded, libvirt
 from .drivers import Driver, portable_domain_xml
+from .xmltext import text
 
 log = logging.getLogger("pytest_vmfixtures")
 
@@ -45,7 +45,7 @@ def start(domain: Any) -> None:
 
 def take_clean_snapshot(domain: Any, name: str = CLEAN) -> Any:
     """A snapshot of the running guest, memory and disk: the state every test starts from."""
-    xml = (f"<domainsnapshot><name>{escape(name)}</name>"
+    xml = (f"<domainsnapshot><name>{text(name)}</name>"
            "<description>pytest-vmfixtures: the clean state tests are reverted to</description></domainsnapshot>")
     return _call(domain.name(), f"taking snapshot {name}", lambda: domain.snapshotCreateXML(xml, 0))
 

@@ -1,4 +1,4 @@
-"""Saved states through libvirt: its save image format, saving a domain, loading a state into one.
+"""Saved states through libvirt: its save image format, and saving a domain (common.load_incoming loads one).
 
 libvirt's save image is what ``virDomainSave`` writes and ``virDomainRestore`` reads.
 
@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ...errors import SnapshotError
-from ...waiting import wait_for
 from ..common import run_qemu_img
 from .calls import bounded, libvirt
 from .machine import LibvirtMachine
@@ -84,34 +83,6 @@ def rewrap(path: Path, xml: str) -> tuple[Iterator[bytes], int]:
                 yield chunk
 
     return chunks(), len(head) + path.stat().st_size - offset
-
-
-def load_through_monitor(machine: LibvirtMachine, memory: Path, offset: int) -> None:
-    """Load save image ``memory`` into a domain started with ``-incoming defer`` on this machine.
-
-    QEMU gets the migration stream (from ``offset``) as a file descriptor through the monitor.
-    """
-    name = machine.name
-    fd = os.open(memory, os.O_RDONLY)
-    try:
-        os.lseek(fd, offset, os.SEEK_SET)
-        machine.qmp.send_fd(fd, "state")
-    finally:
-        os.close(fd)
-    machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
-
-    def loaded() -> bool | None:
-        if not machine.alive():
-            raise SnapshotError(f"{name}: saved state did not load: {machine.exit_description()}")
-        status = machine.qmp.execute("query-status")["status"]
-        if status in ("inmigrate", "prelaunch"):
-            return None
-        if status not in ("paused", "running"):
-            info = machine.qmp.execute("query-migrate")
-            raise SnapshotError(f"{name}: loading the saved state ended in {status}: {info}")
-        return True
-
-    wait_for(f"{name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
 
 
 def save_domain(machine: LibvirtMachine, directory: Path, qemu_img: str) -> None:

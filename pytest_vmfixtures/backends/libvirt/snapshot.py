@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from xml.sax.saxutils import escape
 
 from ...errors import SnapshotError
 from ...images.image import BuiltImage
@@ -21,6 +20,7 @@ from ..base import MachineConfig
 from .calls import bounded, libvirt
 from .drivers import driver_for, portable_domain_xml, require_firmware_boot
 from .machine import LibvirtMachine
+from .xmltext import text
 
 CLEAN_SNAPSHOT = "vmfx-clean"
 NAMED_PREFIX = "vmfx-named-"  # a test's own snapshots (vm.snapshot): removed at the next clean revert
@@ -93,7 +93,7 @@ def _named(name: str) -> str:
 def take_named(machine: LibvirtMachine, name: str) -> None:
     """The test's snapshot ``name`` through libvirt's snapshot API (RAM included); taken again, it is replaced."""
     full = _named(name)
-    xml = (f"<domainsnapshot><name>{escape(full)}</name>"
+    xml = (f"<domainsnapshot><name>{text(full)}</name>"
            "<description>pytest-vmfixtures: a test's vm.snapshot()</description></domainsnapshot>")
     try:
         for old in machine.domain.listAllSnapshots(0):

@@ -27,7 +27,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import re
 import shutil
 import threading
 import time
@@ -36,16 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
-from xml.sax.saxutils import escape
 
 from ...errors import GuestError, ImageError
 from ...images import qcow2
 from ...images.image import BuiltImage
 from ...waiting import Deadline
 from ..base import SavedState
-from ..common import NVRAM_NAME, create_nvram, create_overlay, find_ovmf, run_qemu_img
+from ..common import NVRAM_NAME, find_ovmf, guest_disks, run_qemu_img
 from .calls import bounded, libvirt
+from .names import owner
 from .uris import DEFAULT_LIBVIRT_POOL
+from .xmltext import text
 
 log = logging.getLogger("pytest_vmfixtures")
 
@@ -54,8 +54,6 @@ CHUNK = 1 << 20
 STALLED_S = 30.0  # an upload that has not grown for this long was abandoned
 ENSURE_S = 3 * 3600.0  # a shared volume not there and finished by then (ours or another run's copy) is an error
 MISMATCHES = 3  # a shared copy found wrong this many times in one run (someone keeps replacing it): give up
-# A run's own volumes: vmfx-<pid>-<8 hex>-<client 8 hex>-...
-RUN_OWNED = re.compile(r"^vmfx-(\d+-[0-9a-f]{8})-([0-9a-f]{8})-")  # session id, client tag
 
 Progress = Callable[[str], None]
 
@@ -103,10 +101,10 @@ def pool_setup(name: str) -> str:
 
 def volume_xml(name: str, capacity: int, fmt: str = "raw", backing: str | None = None) -> str:
     backing_xml = (
-        f"<backingStore><path>{escape(backing)}</path><format type='qcow2'/></backingStore>" if backing else ""
+        f"<backingStore><path>{text(backing)}</path><format type='qcow2'/></backingStore>" if backing else ""
     )
     return (
-        f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{capacity}</capacity>"
+        f"<volume><name>{text(name)}</name><capacity unit='bytes'>{capacity}</capacity>"
         f"<allocation unit='bytes'>0</allocation><target><format type='{fmt}'/>"
         f"<permissions><mode>0600</mode></permissions></target>{backing_xml}</volume>"
     )
@@ -319,8 +317,8 @@ class HostStorage:
         """Delete own volumes left by killed runs of this machine (``client`` tag) whose session is not ``alive``."""
         self.refresh()
         for name in self.names():
-            match = RUN_OWNED.match(name)
-            if match and match.group(2) == client and not alive(match.group(1)):
+            session = owner(name, client)  # a run's own volumes are named as its domains are (names.py)
+            if session is not None and not alive(session):
                 self.delete(name)
 
 
@@ -386,13 +384,10 @@ def host_files(storage: HostStorage | None, image: BuiltImage, backing: Path, ov
     """
     if storage is not None:
         return guest_files(storage, image, backing, overlay_name, files, state, qemu_img, progress)
-    # A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
-    create_overlay(qemu_img, backing, files / overlay_name, "qcow2" if state is not None else image.disk_format)
+    nvram = guest_disks(qemu_img, image, backing, files / overlay_name, files / NVRAM_NAME, state)
     paths: dict[str, object] = {"kernel": image.kernel, "initrd": image.initrd, "overlay": files / overlay_name,
                                 "console": files / "console.log", "seed": image.seed}
-    if image.kernel is None and image.firmware == "uefi":
-        nvram = files / NVRAM_NAME
-        create_nvram(qemu_img, nvram, state.directory if state is not None else None)
+    if nvram is not None:
         paths.update(ovmf_code=find_ovmf()[0], nvram=nvram)
     return paths
 

@@ -12,19 +12,14 @@ descriptors handed over QMP; a mapped state's RAM file QEMU opens by its path
 starts, saves, restores and stops the processes.
 """
 
-from .backend import DEFAULT_BINARY, PORT_ATTEMPTS, QemuBackend, QemuMachine, host_cpu_id, qemu_version
-from .command import OVMF_CANDIDATES, MachinePaths, build_command_line, find_ovmf, opt
+from ..common import PORT_ATTEMPTS
+from .backend import QemuBackend, QemuMachine
+from .command import MachinePaths, build_command_line
 
 __all__ = [
-    "DEFAULT_BINARY",
-    "OVMF_CANDIDATES",
     "PORT_ATTEMPTS",
     "MachinePaths",
     "QemuBackend",
     "QemuMachine",
     "build_command_line",
-    "find_ovmf",
-    "host_cpu_id",
-    "opt",
-    "qemu_version",
 ]

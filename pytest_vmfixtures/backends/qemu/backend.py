@@ -21,7 +21,19 @@ from ...images.image import BuiltImage
 from ...runtime import Runtime
 from ...waiting import wait_for
 from ..base import ALL_CAPABILITIES, LanSegment, Machine, MachineConfig, SavedState, start_restored_console
-from ..common import NVRAM_NAME, TB_SIZE_MB, create_nvram, create_overlay, firmware_inputs, free_port, hotplug_lan, kernel_args_key
+from ..common import (
+    NVRAM_NAME,
+    PORT_ATTEMPTS,
+    TB_SIZE_MB,
+    firmware_inputs,
+    free_port,
+    guest_disks,
+    hotplug_lan,
+    kernel_args_key,
+    load_incoming,
+    log_tail,
+    port_taken,
+)
 from . import memory
 from .balloon import BALLOON_DEVICE, reports_free_pages, wait_for_reports
 from .command import MachinePaths, build_command_line, guest_arch
@@ -29,7 +41,6 @@ from .memory import RamFile
 from .riscv import rearm_timers
 
 DEFAULT_BINARY = "qemu-system-x86_64"
-PORT_ATTEMPTS = 5
 
 
 def qemu_version(binary: str) -> str:
@@ -106,11 +117,7 @@ class QemuMachine:
         return f"QEMU {what}" + (f": {last}" if last else "")
 
     def stderr_tail(self, lines: int = 10) -> str:
-        try:
-            text = self.paths.stderr.read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return log_tail(self.paths.stderr, lines)
 
     def connect_qmp(self, timeout: float) -> None:
         """Connect once QEMU accepts: the socket file appears a moment before QEMU listens on it."""
@@ -223,16 +230,15 @@ class QemuBackend:
         return inputs
 
     # -- starting ---------------------------------------------------------
-    def _overlay(self, backing: Path, overlay: Path, backing_format: str = "qcow2") -> None:
-        create_overlay(self.qemu_img, backing, overlay, backing_format)
+    def _overlay(self, image: BuiltImage, backing: Path, paths: MachinePaths, state: SavedState | None) -> None:
+        """The guest's overlay and, for a UEFI guest, its NVRAM (common.guest_disks)."""
+        guest_disks(self.qemu_img, image, backing, paths.overlay, paths.nvram, state)
 
     def _launch(
         self, image: BuiltImage, config: MachineConfig, name: str, backing: Path, incoming: bool, state: SavedState | None = None
     ) -> QemuMachine:
         files, socks = self.runtime.machine_dirs(name)
         paths = MachinePaths(files, socks)
-        # A cold boot overlays the image itself (raw or qcow2); a restore, the state's frozen qcow2 layer.
-        disk_format = "qcow2" if state is not None else image.disk_format
 
         def guest_files() -> RamFile | None:
             """The guest's own files (remade for a retry: a stopped machine's are removed)."""
@@ -240,11 +246,7 @@ class QemuBackend:
             ram = self._ram(image, config, paths, state)  # first: a changed RAM file is refused before anything is made
             opened.append(ram)
             try:
-                self._overlay(backing, paths.overlay, disk_format)
-                if image.kernel is None and image.firmware == "uefi":
-                    # The NVRAM is disk state too (boot entries, variables the guest wrote): a cold boot
-                    # starts from OVMF's template, a restore from the variables frozen with the state.
-                    create_nvram(self.qemu_img, paths.nvram, state.directory if state is not None else None)
+                self._overlay(image, backing, paths, state)
             except BaseException:
                 if ram is not None and ram.shared:  # a cold boot's own RAM file, all its blocks reserved
                     paths.ram.unlink(missing_ok=True)
@@ -279,7 +281,7 @@ class QemuBackend:
             except VMError:  # a GuestError, or WaitTimeout when the monitor never answers
                 last_error = machine.stderr_tail()
                 machine.stop()
-                if attempt < PORT_ATTEMPTS and ("hostfwd" in last_error or "host forwarding" in last_error):
+                if attempt < PORT_ATTEMPTS and port_taken(last_error):
                     ram = guest_files()
                     continue  # the port was taken between our probe and QEMU's bind
                 break
@@ -325,20 +327,9 @@ class QemuBackend:
 
     @staticmethod
     def _load_state(machine: QemuMachine, state: SavedState) -> None:
-        fd = os.open(state.memory, os.O_RDONLY)
-        try:
-            machine.qmp.send_fd(fd, "state")
-        finally:
-            os.close(fd)
-        if machine.ram is not None:
-            memory.enable_capability(machine.qmp)  # the RAM is mapped, not in the stream
-        machine.qmp.execute("migrate-incoming", {"uri": "fd:state"})
-
-        def loaded() -> bool | None:
-            status = machine.qmp.execute("query-status")["status"]
-            return True if status not in ("inmigrate", "prelaunch") else None
-
-        wait_for(f"{machine.name}: loading saved state", loaded, 120.0, interval=0.01, error=SnapshotError)
+        ram = machine.ram
+        # A mapped state's RAM is its file, not in the stream: the capability says so before the load.
+        load_incoming(machine, state.memory, before=None if ram is None else lambda: memory.enable_capability(machine.qmp))
         machine.qmp.execute("cont")
         machine.after_load()
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from ...errors import GuestError, SnapshotError
 from ...images.image import BuiltImage
 from ..base import Monitor, SavedState
+from ..common import opt
 from .balloon import reports_free_pages
 
 RAM_NAME = "ram"  # in a mapped state's directory: the guest's RAM
@@ -84,15 +85,11 @@ class RamFile:
         A restore's file is named by its open descriptor (``/proc/self/fd/N`` in QEMU, which reopens that very
         file): the file QEMU maps is the one :func:`check` checked, whatever happens to the path meanwhile,
         and a file gone by then cannot be created anew by QEMU (before 8.2 it would create a missing one)."""
-        where = f"/proc/self/fd/{self.fd}" if self.fd is not None else _opt(self.path)
+        where = f"/proc/self/fd/{self.fd}" if self.fd is not None else opt(self.path)
         spec = f"memory-backend-file,id=ram0,size={memory_mb}M,mem-path={where},share={'on' if self.shared else 'off'}"
         if self.read_only:
             spec += ",readonly=on,rom=off"
         return ["-object", spec]
-
-
-def _opt(path: Path) -> str:
-    return str(path).replace(",", ",,")  # QEMU's option syntax doubles commas in values
 
 
 def allocate(path: Path, memory_mb: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...channels.gdbstub import GdbStub
+from ..common import opt
 
 # The virt machine's ACLINT mtimer: one 8-byte compare register per hart from here.
 MTIMECMP = 0x2004000
@@ -20,8 +21,7 @@ MTIMECMP = 0x2004000
 
 def gdb_arguments(socket: Path) -> list[str]:
     """QEMU options for a gdbstub on a private unix socket (no TCP port, nothing waits for it)."""
-    path = str(socket).replace(",", ",,")
-    return ["-chardev", f"socket,id=gdb0,path={path},server=on,wait=off", "-gdb", "chardev:gdb0"]
+    return ["-chardev", f"socket,id=gdb0,path={opt(socket)},server=on,wait=off", "-gdb", "chardev:gdb0"]
 
 
 def rearm_timers(socket: Path, name: str, harts: int) -> None:
