@@ -22,7 +22,7 @@ from .command import CommandResult, new_tag
 from .consolelog import console_tail
 from .errors import BootError, CommandLost, CommandTimeout, VMError
 from .images.image import BuiltImage
-from .waiting import wait_for
+from .waiting import Deadline, wait_for
 
 log = logging.getLogger("pytest_vmfixtures")
 
@@ -242,8 +242,29 @@ def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> Non
             log.warning("%s: guest agent unusable after restore (%s); using SSH", instance.machine.name, exc)
             instance.agent.close()
             instance.agent = None
-    instance.shell.connect(timeout)
-    instance.shell.exec(clock_command(), new_tag(), timeout).check()
+    _warm_up_over_ssh(instance, timeout)
+
+
+def _warm_up_over_ssh(instance: Instance, timeout: float) -> None:
+    """The clock command over SSH, the connection tried again until ``timeout``: right after a restore or
+    a ``loadvm`` on a loaded host, the guest's sshd can drop the first handshake ("No existing session")."""
+    deadline = Deadline(timeout)
+    failures: list[SSHError] = []
+
+    def attempt() -> bool | None:
+        try:
+            instance.shell.connect(min(max(deadline.remaining(), 1.0), 20.0))
+        except HostKeyError:
+            raise  # another key does not become the pinned one by trying again
+        except SSHError as exc:
+            failures[:] = [exc]
+            instance.shell.close()
+            return None
+        instance.shell.exec(clock_command(), new_tag(), max(deadline.remaining(), 5.0)).check()
+        return True
+
+    wait_for(f"SSH on {instance.machine.name} after the restore", attempt, timeout, interval=0.25, max_interval=1.0,
+             error=lambda message: failures[0] if failures else SSHError(f"{instance.machine.name}: {message}"))
 
 
 def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float, accel: str) -> dict[str, object]:
