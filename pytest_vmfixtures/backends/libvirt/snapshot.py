@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Any
 
 from ...errors import SnapshotError
 from ...images.image import BuiltImage
@@ -67,13 +68,7 @@ def revert_clean(machine: LibvirtMachine) -> None:
     snapshot = machine.snapshot
     if snapshot is None:
         raise SnapshotError(f"{machine.name}: domain {machine.domain_name} has no clean snapshot to revert to")
-    try:
-        bounded(f"{machine.name}: reverting to its clean snapshot",
-                lambda: machine.domain.revertToSnapshot(snapshot, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING),
-                SNAPSHOT_SECONDS)
-    except libvirt.libvirtError as exc:
-        raise SnapshotError(f"{machine.name}: the hypervisor refused to revert domain {machine.domain_name} to "
-                            f"snapshot {CLEAN_SNAPSHOT}: {exc.get_error_message()}") from exc
+    _revert_running(machine, snapshot, f"snapshot {CLEAN_SNAPSHOT}")
     if machine.state() != "running":
         raise SnapshotError(f"{machine.name}: after reverting to {CLEAN_SNAPSHOT} the domain is {machine.state()}, "
                             "not running")
@@ -111,12 +106,21 @@ def revert_named(machine: LibvirtMachine, name: str) -> None:
     full = _named(name)
     try:
         snapshot = machine.domain.snapshotLookupByName(full, 0)
-        bounded(f"{machine.name}: reverting to snapshot {name!r}",
+    except libvirt.libvirtError as exc:
+        raise SnapshotError(f"{machine.name}: the hypervisor did not revert domain {machine.domain_name} to "
+                            f"{name!r}: {exc.get_error_message()}") from exc
+    _revert_running(machine, snapshot, repr(name))
+
+
+def _revert_running(machine: LibvirtMachine, snapshot: Any, what: str) -> None:
+    """``revertToSnapshot`` back to a running guest, within its deadline; libvirt's refusal a SnapshotError."""
+    try:
+        bounded(f"{machine.name}: reverting to {what}",
                 lambda: machine.domain.revertToSnapshot(snapshot, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING),
                 SNAPSHOT_SECONDS)
     except libvirt.libvirtError as exc:
         raise SnapshotError(f"{machine.name}: the hypervisor did not revert domain {machine.domain_name} to "
-                            f"{name!r}: {exc.get_error_message()}") from exc
+                            f"{what}: {exc.get_error_message()}") from exc
 
 
 def drop_named(machine: LibvirtMachine) -> None:
