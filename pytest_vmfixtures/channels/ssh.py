@@ -84,6 +84,14 @@ MAX_OUTPUT_BYTES = 64 << 20  # of a command's stdout, and of its stderr, kept on
 MAX_IDENTITY_BYTES = 4096
 
 
+def keep_tail(captured: bytearray, data: bytes) -> None:
+    """Add ``data`` to ``captured``, keeping its last MAX_OUTPUT_BYTES: a command that prints without end
+    (faster than it is read, too) keeps its tail, not all of it."""
+    captured += data
+    if len(captured) > MAX_OUTPUT_BYTES:
+        del captured[: len(captured) - MAX_OUTPUT_BYTES]
+
+
 def check_nic(client: paramiko.SSHClient, mac: str, name: str, host_id: str) -> None:
     """Refuse a guest that is not ``name``: it must have a NIC with ``mac``, the MAC the hypervisor gave ``name``.
 
@@ -216,12 +224,9 @@ class SSH:
                 wait = 1.0 if deadline is None else min(1.0, deadline.remaining())
                 select.select([chan], [], [], wait)
                 while chan.recv_ready():
-                    out += chan.recv(65536)
+                    keep_tail(out, chan.recv(65536))
                 while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                for captured in (out, err):  # a command that prints without end keeps its tail, not all of it
-                    if len(captured) > MAX_OUTPUT_BYTES:
-                        del captured[: len(captured) - MAX_OUTPUT_BYTES]
+                    keep_tail(err, chan.recv_stderr(65536))
                 if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if not transport.is_active():
