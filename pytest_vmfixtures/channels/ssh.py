@@ -31,7 +31,6 @@ class HostKeyError(SSHError):
     """A host key did not verify (the guest's pinned key, or the hypervisor's on an ``ssh -W`` route); not retried."""
 
 
-
 def parse_host_key(line: str) -> paramiko.PKey:
     """Parse an ``ssh-ed25519 AAAA...`` public key line."""
     try:
