@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
 from ...errors import GuestError
 from .calls import bounded, libvirt
+from .xmltext import attr
 
 ADDRESS_CALL_SECONDS = 30.0
 
@@ -41,7 +41,7 @@ def network_problem(conn: Any, uri: str, network: str) -> str | None:
 
 def interface_xml(network: str, mac: str) -> str:
     """The guest's one NIC, on ``network``: virtio where the driver has it (the QEMU driver's XML)."""
-    return (f"<interface type='network'><source network={quoteattr(network)}/><mac address={quoteattr(mac)}/>"
+    return (f"<interface type='network'><source network='{attr(network)}'/><mac address='{attr(mac)}'/>"
             "<model type='virtio'/></interface>")
 
 
