@@ -64,12 +64,12 @@ def read_junit(run: Run, path: Path) -> str | None:
     for suite in suites:
         for case in suite.iter("testcase"):
             kinds = {child.tag for child in case}
-            if "failure" in kinds or "error" in kinds:
-                if "failure" in kinds:
-                    run.failed += 1
-                else:
-                    run.errors += 1
+            if kinds & {"failure", "error"}:
                 run.failures.append(f"{case.get('classname', '')}::{case.get('name', '')}: {first_line(case)}")
+            if "failure" in kinds:
+                run.failed += 1
+            elif "error" in kinds:
+                run.errors += 1
             elif "skipped" in kinds:
                 run.skipped += 1
                 reason = case.find("skipped")
