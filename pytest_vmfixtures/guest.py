@@ -417,7 +417,6 @@ class QMPProxy:
             raise
 
 
-
 def read_guest_os(vm: VM) -> GuestOS:
     """Read the OS facts from the guest itself, falling back to the recipe's for what it cannot tell."""
     script = (

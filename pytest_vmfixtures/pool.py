@@ -175,7 +175,6 @@ class Slot:
         self.busy.clear()
 
 
-
 class Pool:
     def __init__(
         self,

@@ -189,7 +189,6 @@ class CodeText:
         return rest in self.starts or any(rest[:i] in self.whole and self._filled(rest[i:]) for i in range(1, len(rest)))
 
 
-
 @functools.cache
 def code_text() -> CodeText:
     return CodeText(code_strings())

@@ -32,8 +32,6 @@ def cloud_image(bios_cloud_image: BuiltImage) -> BuiltImage:
     return bios_cloud_image
 
 
-
-
 def test_a_guest_on_libvirts_test_driver_goes_through_the_whole_portable_flow(test_driver_backend: LibvirtBackend,
                                                                                cloud_image: BuiltImage) -> None:
     assert test_driver_backend.capabilities == frozenset()  # no monitor, agent, console, saved state or forwarded port there

@@ -38,7 +38,6 @@ def cloud_image(firmware: str, agent: bool = True) -> BuiltImage:
     )
 
 
-
 def render(image: BuiltImage, incoming: bool = False, accel: str = "tcg") -> str:
     paths: dict[str, object] = {"kernel": image.kernel, "initrd": image.initrd, "overlay": FILES / "overlay.qcow2",
                                 "console": FILES / "console.log", "seed": image.seed}
