@@ -1,4 +1,4 @@
-# Shared by scripts/test and scripts/test-foreign (sourced, not run): one pytest run, recorded.
+# Shared by scripts/test and scripts/test-beside (sourced, not run): one pytest run, recorded.
 #
 # Each run writes its JUnit XML to $RESULTS/NAME.xml and one line to $RESULTS/runs.tsv (see
 # scripts/runs.py, which reads them and prints the summary table at the end of scripts/test).
@@ -7,6 +7,10 @@
 
 PY=.venv/bin/python
 PYTEST=".venv/bin/pytest -p no:cacheprovider"
+# The guests of other CPU architectures that scripts/test-beside builds and tests.
+FOREIGN_IMAGES=${VMFX_TEST_FOREIGN_IMAGES:-debian-12-arm64 debian-13-arm64 debian-13-riscv64}
+# Every run of scripts/test-beside, in its order: scripts/test checks that each left a record.
+BESIDE_RUNS="xdist examples libvirt-2hosts libvirt-cloud libvirt-snapshot $(for i in $FOREIGN_IMAGES; do printf 'revert-%s ' "$i"; done)"
 
 # record NAME STATUS ALLOWED_SKIPS COLLECTED SECONDS NOTE
 record() {
