@@ -267,11 +267,24 @@ def _warm_up_over_ssh(instance: Instance, timeout: float) -> None:
              error=lambda message: failures[0] if failures else SSHError(f"{instance.machine.name}: {message}"))
 
 
+# The end of a cloud image's first boot. `cloud-init status --wait` returns at the first stage that reported
+# an error (cloud-init 22.4: a module that failed) while the later stages still run and write under
+# /var/lib/cloud; a state saved then would carry a half-done cloud-init into every guest, and vm.changes'
+# baseline would miss what it writes. So the boot is waited for as the init system sees it: systemd's own
+# end of startup, else cloud-init's last stage's mark (boot-finished), at most 300 s past cloud-init's wait.
+CLOUD_INIT_DONE = (
+    "cloud-init status --wait >/dev/null 2>&1; "
+    "if [ -d /run/systemd/system ]; then systemctl is-system-running --wait >/dev/null 2>&1; "
+    "else i=0; while [ ! -e /var/lib/cloud/instance/boot-finished ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done; "
+    "fi; true"
+)
+
+
 def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float, accel: str) -> dict[str, object]:
     """Your own image's first boot, to its end: cloud-init done; returns which channels answer
     (``agent``, ``root_login``), facts kept with the state."""
     # Over SSH: whether an agent answers is asked only once the boot is done.
-    instance.ssh.exec("cloud-init status --wait >/dev/null 2>&1 || true", new_tag(), boot_timeout)
+    instance.ssh.exec(CLOUD_INIT_DONE, new_tag(), boot_timeout)
     # cloud-init may restart sshd as its last step, and a state saved in that moment has no
     # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
     instance.ssh.close()

@@ -402,8 +402,9 @@ def _describe(spec: ByoSpec, disk: Path, sha256: str, fmt: str, firmware: str, s
         # The seed holds the keys: a new seed is a new guest, so it is part of the identity.
         # Guests get the agent's channel; whether an agent answers, and whether root logs in with the
         # key, is learned on the first boot and kept with the state, which is saved with lingering
-        # users (instance.settle_first_boot): states made before any of that are not used.
-        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}|agent|root-login|linger".encode()).hexdigest(),
+        # users (instance.settle_first_boot), once the whole first boot is over (not only cloud-init's
+        # wait): states made before any of that are not used.
+        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}|agent|root-login|linger|booted".encode()).hexdigest(),
         disk=disk,
         disk_sha256=sha256,
         kernel=None,

@@ -138,6 +138,16 @@ def test_next_test_starts_clean(cloud_vm) -> None:
     assert host.run("exit 4").rc == 4
 
 
+def test_changes_names_what_the_test_did_and_nothing_else(cloud_vm) -> None:
+    # vm.changes() on your own image, with the agent or over SSH alone: reading reports nothing (cloud-init
+    # and the login user's session leave nothing the defaults keep), a file written is the one change.
+    cloud_vm.run("cat /etc/os-release >/dev/null; ls -laR /etc >/dev/null; id", check=True)
+    assert str(cloud_vm.changes()) == "no changes"
+    cloud_vm.run("echo x > /etc/vmfx-cloud && rm /etc/motd", check=True)
+    changes = cloud_vm.changes()
+    assert (changes.added, changes.modified, changes.removed) == (["/etc/vmfx-cloud"], [], ["/etc/motd"])
+
+
 def test_freed_memory_is_reported_to_the_host(cloud_vm, request) -> None:
     """Free page reporting is on (the vendor's kernel zeroes no freed pages): what keeps the saved state small."""
     if request.config.stash[SESSION_KEY].pool.backend.name != "qemu":
