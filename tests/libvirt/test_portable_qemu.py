@@ -151,7 +151,7 @@ def test_a_cloud_guest_is_reverted_to_its_clean_snapshot(primary_uri: str, netwo
 
 
 UEFI_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
-<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>
+<os firmware='efi'><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>
 <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>
 <target dev='vda' bus='virtio'/></disk><interface type='network'><source network='{network}'/></interface></devices>
 </domain>"""
