@@ -1,10 +1,11 @@
-"""The portable path's pieces on libvirt's real QEMU driver: the QEMU template boots your own cloud
-image (the BIOS stand-in) on a libvirt NAT network started here, the guest's address comes from the
-network's DHCP lease, and the clean state is a hypervisor snapshot that a revert really goes back to.
+"""Snapshot mode's pieces on libvirt's real QEMU driver: the backend boots your own cloud image (the
+BIOS stand-in) on a libvirt NAT network started here, the guest's address comes from the network's
+DHCP lease, the clean state is a hypervisor snapshot that a revert really goes back to, and the one
+teardown (teardown.drop_domain) leaves nothing, NVRAM included.
 
-The backend's snapshot mode runs the whole contract on top of these; this checks the template and
-portable.py alone. The guest's files go where libvirt's QEMU user can read them (its images
-directory), so this needs root.
+The pool runs the whole contract on top of these (test_snapshot_mode.py, on the tiny image); this
+checks a guest that boots its own disk through firmware. The UEFI domain's files go where libvirt's
+QEMU user can read them (its images directory); the network needs root too.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import pytest
 from rig import import_libvirt
 from rig import missing as rig_missing
 
-from pytest_vmfixtures.backends.libvirt import portable
-from pytest_vmfixtures.backends.libvirt.convert import converted_disk
-from pytest_vmfixtures.backends.libvirt.drivers import driver_for, portable_domain_xml, require_firmware_boot
+from pytest_vmfixtures.accel import AccelChoice
+from pytest_vmfixtures.backends.base import MachineConfig
+from pytest_vmfixtures.backends.libvirt import LibvirtBackend, LibvirtMachine
+from pytest_vmfixtures.backends.libvirt.connection import Host
+from pytest_vmfixtures.backends.libvirt.snapshot import take_clean
+from pytest_vmfixtures.backends.libvirt.teardown import drop_domain
 from pytest_vmfixtures.channels.ssh import SSH, SSHError
 from pytest_vmfixtures.command import new_tag
-from pytest_vmfixtures.errors import CommandTimeout, GuestError
+from pytest_vmfixtures.errors import CommandTimeout, SnapshotError
 from pytest_vmfixtures.images.cache import Cache
 from pytest_vmfixtures.images.image import BuiltImage
+from pytest_vmfixtures.runtime import Runtime
 from pytest_vmfixtures.waiting import wait_for
 
 libvirt = import_libvirt()
@@ -54,7 +59,7 @@ def free_subnet(conn: Any) -> ipaddress.IPv4Network:
 @pytest.fixture(scope="module")
 def conn(primary_uri: str) -> Iterator[Any]:
     if os.geteuid() != 0:
-        rig_missing("the guest's files must go to libvirt's images directory, which needs root")
+        rig_missing("a libvirt NAT network and libvirt's images directory need root")
     conn = libvirt.open(primary_uri)
     try:
         yield conn
@@ -63,8 +68,12 @@ def conn(primary_uri: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def network(conn: Any) -> Iterator[str]:
-    subnet = free_subnet(conn)
+def subnet(conn: Any) -> ipaddress.IPv4Network:
+    return free_subnet(conn)
+
+
+@pytest.fixture(scope="module")
+def network(conn: Any, subnet: ipaddress.IPv4Network) -> Iterator[str]:
     host = subnet.network_address + 1
     xml = (f"<network><name>{TAG}</name><forward mode='nat'/><bridge name='vmfxpt{os.getpid() % 100000}' stp='off'/>"
            f"<ip address='{host}' netmask='255.255.255.0'><dhcp><range start='{subnet.network_address + 10}' "
@@ -91,18 +100,6 @@ def files() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def guest_address(domain: Any) -> str:
-    def leased() -> str | None:
-        try:
-            interfaces = domain.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
-        except libvirt.libvirtError:
-            return None
-        return next((str(a["addr"]) for i in interfaces.values() for a in i.get("addrs") or []), None)
-
-    address: str = wait_for(f"a DHCP lease for {domain.name()}", leased, BOOT_TIMEOUT, interval=0.5, max_interval=2.0)
-    return address
-
-
 def run(ssh: SSH, command: str, timeout: float = BOOT_TIMEOUT) -> str:
     """``command``'s output, once SSH answers (reconnecting while the guest comes up or comes back)."""
     def attempt() -> str | None:
@@ -119,62 +116,62 @@ def run(ssh: SSH, command: str, timeout: float = BOOT_TIMEOUT) -> str:
     return output
 
 
-def test_a_cloud_guest_is_reverted_to_its_clean_snapshot(conn: Any, network: str, cloud_image: BuiltImage,
-                                                         cache: Cache, files: Path) -> None:
-    driver = driver_for(conn.getURI())
-    require_firmware_boot(cloud_image, driver)
-    # libvirt's QEMU user must read the whole chain: the image's disk is copied next to the overlay.
-    base = files / "base.qcow2"
-    shutil.copyfile(converted_disk(cache, cloud_image, driver.disk_format), base)
-    overlay = files / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", cloud_image.disk_format, "-b", str(base),
-                    str(overlay)], check=True, timeout=60)
-    assert cloud_image.seed is not None
-    shutil.copyfile(cloud_image.seed, files / "seed.iso")
-    domain = portable.define_from_template(
-        conn, driver, name=TAG, memory_mb=512, cpus=1, disk=str(overlay), mac="52:54:00:7e:57:01", network=network,
-        firmware=cloud_image.firmware, seed=str(files / "seed.iso"), domain_type="qemu")
+def test_a_cloud_guest_is_reverted_to_its_clean_snapshot(primary_uri: str, network: str, subnet: ipaddress.IPv4Network,
+                                                         cloud_image: BuiltImage, cache: Cache, accel: AccelChoice) -> None:
+    runtime = Runtime(cache.root, "portable-qemu")
+    backend = LibvirtBackend(runtime, accel, [primary_uri], mode="snapshot", network=network)
     ssh: SSH | None = None
     try:
         started = time.monotonic()
-        portable.start(domain)
-        address = guest_address(domain)
-        ssh = SSH(address, 22, cloud_image.user, paramiko.Ed25519Key.from_private_key_file(str(cloud_image.client_key)),
-                  cloud_image.host_key, TAG)
+        machine = backend.boot(cloud_image, MachineConfig(cloud_image.name), TAG)
+        conn, name = machine.host.conn, machine.domain_name
+        assert machine.domain.isPersistent() and ipaddress.ip_address(machine.ssh_host) in subnet  # its DHCP lease
+        ssh = SSH(machine.ssh_host, 22, cloud_image.user,
+                  paramiko.Ed25519Key.from_private_key_file(str(cloud_image.client_key)), cloud_image.host_key, TAG)
         run(ssh, "cloud-init status --wait >/dev/null; true")
-        print(f"\n  booted to SSH at {address} in {time.monotonic() - started:.1f} s")
+        print(f"\n  booted to SSH at {machine.ssh_host} in {time.monotonic() - started:.1f} s")
 
-        clean = portable.take_clean_snapshot(domain)
+        backend.take_clean(machine)
         assert run(ssh, "sudo -n touch /root/dirty && sudo -n ls /root") == "dirty\n"
         for _ in range(2):
             reverting = time.monotonic()
-            portable.revert(domain, clean)
+            backend.revert_clean(machine)
             reverted = time.monotonic() - reverting
             ssh.close()
+            ssh.host = machine.ssh_host  # the address the network gives it after the revert
             assert run(ssh, "sudo -n ls -A /root | grep -c dirty || true") == "0\n"
             print(f"  revert {reverted:.2f} s, to the first command after it {time.monotonic() - reverting:.2f} s")
+        machine.stop()
+        assert name not in [d.name() for d in conn.listAllDomains(0)]  # undefined, with its snapshot
     finally:
         if ssh is not None:
             ssh.close()
-        assert portable.remove(domain) == []
-    assert TAG not in [d.name() for d in conn.listAllDomains(0)]
+        backend.close()
+        runtime.close()
+
+
+UEFI_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
+<os firmware='efi'><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>
+<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>
+<target dev='vda' bus='virtio'/></disk><interface type='network'><source network='{network}'/></interface></devices>
+</domain>"""
 
 
 def test_a_uefi_guest_has_no_clean_snapshot_and_nothing_is_left(conn: Any, network: str, files: Path) -> None:
-    """libvirt 9.0 refuses internal snapshots with pflash firmware: why the portable path runs BIOS images.
-    The domain here boots nothing (an empty disk); what matters is the refusal and the cleanup."""
+    """libvirt 9.0 refuses internal snapshots with pflash firmware: why snapshot mode runs BIOS images on
+    other drivers. The domain here boots nothing (an empty disk); what matters is the refusal and the
+    teardown, which must undefine a domain that has an NVRAM (a plain undefine is refused there)."""
     disk = files / "empty.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True, timeout=60)
-    xml = portable_domain_xml(driver_for(conn.getURI()), name=f"{TAG}-uefi", memory_mb=256, cpus=1,
-                                       disk=str(disk), mac="52:54:00:7e:57:02", network=network, firmware="bios",
-                                       domain_type="qemu")
-    xml = xml.replace("<os>", "<os firmware='efi'>", 1)  # what the template would say for UEFI
-    domain = conn.defineXML(xml)
+    domain = conn.defineXML(UEFI_XML.format(name=f"{TAG}-uefi", disk=disk, network=network))
     try:
-        portable.start(domain)
+        domain.create()
+        machine = LibvirtMachine(Host(conn.getURI(), conn, "", ""), domain, f"{TAG}-uefi", files, 22, "<domain/>",
+                                 False, disk, str(disk), on_stop=lambda machine: None)
         if conn.getLibVersion() < 10_000_000:
-            with pytest.raises(GuestError, match="internal snapshots of a VM with pflash based firmware are not supported"):
-                portable.take_clean_snapshot(domain)
+            with pytest.raises(SnapshotError, match="internal snapshots of a VM with pflash based firmware are not "
+                                                    "supported"):
+                take_clean(machine)
     finally:
-        assert portable.remove(domain) == []  # undefined with its NVRAM
+        assert drop_domain(domain) == []  # undefined with its NVRAM
     assert f"{TAG}-uefi" not in [d.name() for d in conn.listAllDomains(0)]

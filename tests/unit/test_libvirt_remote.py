@@ -318,14 +318,17 @@ def test_alive_and_state_of_a_domain_libvirt_does_not_answer_for_are_bounded(
 
 def test_a_restore_that_completes_after_its_deadline_is_dropped_and_its_copy_freed(libvirt_module: object) -> None:
     """L5: restoreFlags answering late leaves a paused domain nobody holds. The connection is a FAKE."""
-    from pytest_vmfixtures.backends.libvirt.backend import drop_late_restore
     from pytest_vmfixtures.backends.libvirt.calls import bounded
     from pytest_vmfixtures.backends.libvirt.connection import Host
+    from pytest_vmfixtures.backends.libvirt.saved_state import drop_late_restore
     from pytest_vmfixtures.backends.libvirt.storage import StateCopy
 
     release, dropped = threading.Event(), threading.Event()
 
     class LateDomain:
+        def name(self) -> str:
+            return "vmfx-copy-1"
+
         def destroy(self) -> None:
             dropped.set()
 

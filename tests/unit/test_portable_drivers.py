@@ -39,7 +39,7 @@ def render(family: str, firmware: str = "bios", **extra: object) -> str:
                                network=NETWORKS[family], firmware=firmware, **extra)
 
 
-CASES = [(d.family, fw, seed) for d in DRIVERS for fw in d.firmwares for seed in (False, True)]
+CASES = [(d.family, fw, seed) for d in DRIVERS if d.template for fw in d.firmwares for seed in (False, True)]
 IDS = [f"{family}-{fw}{'-seed' if seed else ''}" for family, fw, seed in CASES]
 
 
@@ -59,7 +59,7 @@ def test_every_drivers_domain_xml_passes_libvirts_schema(family: str, firmware: 
 @pytest.mark.parametrize(("family", "firmware", "seed"), CASES, ids=IDS)
 def test_one_firmware_booted_disk_one_nic_with_its_mac_and_a_console(family: str, firmware: str, seed: bool) -> None:
     root = ElementTree.fromstring(render(family, firmware, **({"seed": "/seeds/seed.iso"} if seed else {})))
-    assert root.get("type") == {"qemu": "kvm", "esx": "vmware"}.get(family, family)
+    assert root.get("type") == {"esx": "vmware"}.get(family, family)
     assert root.find("os/kernel") is None and root.find("os/cmdline") is None
     assert (root.find("os").get("firmware") == "efi") == (firmware == "uefi")  # type: ignore[union-attr]
     disks = root.findall("devices/disk")
@@ -76,14 +76,13 @@ def test_one_firmware_booted_disk_one_nic_with_its_mac_and_a_console(family: str
     assert not any(el.tag.startswith("{") for el in root.iter())  # nothing outside libvirt's own schema
 
 
-def test_the_qemu_form_has_the_agent_and_no_passthrough() -> None:
-    xml = render("qemu", "bios", domain_type="qemu")
-    root = ElementTree.fromstring(xml)
-    assert root.get("type") == "qemu"
-    assert "<qemu:" not in xml and "xmlns:qemu" not in xml
-    assert [t.get("name") for t in root.findall("devices/channel/target")] == ["org.qemu.guest_agent.0"]
-    assert root.find("devices/disk/driver").get("type") == "qcow2"  # type: ignore[union-attr]
-    assert root.find("os").get("firmware") is None  # type: ignore[union-attr]  # SeaBIOS: see the template
+def test_one_template_per_driver_and_none_for_qemus_which_takes_domain_xml() -> None:
+    used = [d.template for d in DRIVERS if d.template]
+    assert sorted(p.name for p in TEMPLATES.glob("*.xml")) == sorted(set(used))  # no template nobody renders
+    assert [d.family for d in DRIVERS if not d.template] == ["qemu"]
+    with pytest.raises(GuestError, match=r"^libvirt's qemu driver has no template under templates/: its guests' XML "
+                                         r"is domain.xml \(domain.py\)$"):
+        render("qemu")
 
 
 def test_consoles_go_where_each_hypervisor_keeps_them() -> None:
@@ -97,7 +96,6 @@ def test_consoles_go_where_each_hypervisor_keeps_them() -> None:
     assert serial("vmware") == ("file", "/home/ci/vmware/vmfx-guest/vmfx-guest.console.log", "0")
     assert serial("vbox") == ("file", "/home/ci/vbox/vmfx-guest/vmfx-guest.console.log", "0")
     assert serial("hyperv") == ("pipe", "\\\\.\\pipe\\vmfx-guest-console", "1")  # Hyper-V's COM ports start at 1
-    assert serial("qemu") == ("pty", None, "0")
     assert ElementTree.fromstring(render("vbox", console="/tmp/c.log")).find(
         "devices/serial/source").get("path") == "/tmp/c.log"  # type: ignore[union-attr]
 
@@ -118,7 +116,7 @@ def test_bad_values_are_refused() -> None:
         portable_domain_xml(driver_for("esx://h/"), name="g", memory_mb=514, cpus=1, disk="[d] g/d.vmdk", mac=MAC,
                             network="VM Network", firmware="bios")
     with pytest.raises(TypeError, match=r"unknown values \['kernel'\]"):
-        render("qemu", kernel="/boot/vmlinuz")
+        render("test", kernel="/boot/vmlinuz")
 
 
 @pytest.mark.parametrize(("uri", "family", "disk_format"), [
@@ -133,7 +131,7 @@ def test_each_uri_finds_its_driver(uri: str, family: str, disk_format: str) -> N
     driver = driver_for(uri)
     assert (driver.family, driver.disk_format) == (family, disk_format)
     assert driver.capabilities <= ALL_CAPABILITIES
-    assert (TEMPLATES / driver.template).is_file()
+    assert (TEMPLATES / driver.template).is_file() if family != "qemu" else driver.template == ""
     assert "\n" not in driver.describe()
 
 

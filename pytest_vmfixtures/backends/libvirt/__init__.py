@@ -37,11 +37,13 @@ connection into the local console.log (console.py); SSH reaches the guest's
 forwarded port on the host's loopback, through ``ssh -W`` for ``qemu+ssh://``
 hosts (ssh_route.py).
 
-The modules: backend.py (LibvirtBackend: start, save, restore), placement.py (which
-host a guest goes to, the guests placed), uris.py (defaults, which URIs are QEMU's),
-snapshot.py and persistent.py (snapshot mode: see docs/libvirt.md), network.py (its libvirt network),
+The modules: backend.py (LibvirtBackend: hosts, the mode, closing), mode.py (the
+interface of the two modes), saved_state.py (saved-state mode: start, save, restore),
+snapshot_mode.py and snapshot.py (snapshot mode: see docs/libvirt.md), network.py (its libvirt
+network), drivers.py (the other hypervisors' templates), placement.py (which host a guest goes to,
+the guests placed), uris.py (defaults, which URIs are QEMU's),
 machine.py (LibvirtMachine), connection.py (a libvirtd per URI, which host
-gets a guest, reaping), names.py (what a run's domains and volumes are called),
+gets a guest, reaping), teardown.py (removing a domain, on every driver), names.py (what a run's domains and volumes are called),
 domain.py (the XML), xmltext.py (escaping, templates), save.py (the save image
 format, saving; backends/common.py loads a state), storage.py (a remote host's pool: uploads, checks,
 what a guest needs there), channels.py, console.py, ssh_route.py, and

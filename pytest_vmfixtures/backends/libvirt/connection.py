@@ -24,6 +24,7 @@ from .drivers import compiled_in, driver_for
 from .names import CLIENT, DOMAIN_PREFIX, owner
 from .ssh_route import ssh_route
 from .storage import HostStorage, StateCopy
+from .teardown import drop_domain
 from .uris import is_qemu_uri
 
 log = logging.getLogger("pytest_vmfixtures")
@@ -84,14 +85,8 @@ def shares_files(uri: str) -> bool:
     return transport in ("", "unix") and not parts.hostname
 
 
-def connect(uri: str, pool_name: str, snapshot_mode: bool = False) -> Host:
-    """Open ``uri`` and check it can run our guests; a remote host's storage pool is opened too.
-
-    ``snapshot_mode``: guests are reverted by the hypervisor's own snapshots, so any libvirt driver
-    will do (no QEMU monitor, no save format); its guests are reached on a libvirt network.
-    """
-    if snapshot_mode:
-        return _connect_for_snapshots(uri)
+def connect(uri: str, pool_name: str) -> Host:
+    """Open ``uri`` and check it can run saved-state mode's guests; a remote host's storage pool is opened too."""
     if not shares_files(uri):
         ssh_route(uri, 22)  # refuse now a host whose guests' SSH this machine could not reach
     try:
@@ -114,7 +109,10 @@ def connect(uri: str, pool_name: str, snapshot_mode: bool = False) -> Host:
         raise
 
 
-def _connect_for_snapshots(uri: str) -> Host:
+def connect_for_snapshots(uri: str) -> Host:
+    """Open ``uri`` for snapshot mode: guests are reverted by the hypervisor's own snapshots, so any libvirt
+    driver with the snapshot API will do (no QEMU monitor, no save format); its guests are reached on a
+    libvirt network."""
     if not is_qemu_uri(uri):  # a driver this libvirt lacks, or one without snapshots: that host's tests fail alone
         driver = driver_for(uri)
         problem = compiled_in(uri) or (None if driver.snapshots else (
@@ -146,16 +144,6 @@ def is_qemu_host(host: Host) -> bool:
         return str(host.conn.getType()) == "QEMU"
     except libvirt.libvirtError:
         return True  # the connection is gone; what follows reports that
-
-
-def drop_domain(domain: Any) -> None:
-    """Stop ``domain`` (already gone is fine: saved, crashed, destroyed by someone) and, if persistent
-    (snapshot mode), undefine it with its snapshots' metadata."""
-    with contextlib.suppress(libvirt.libvirtError):
-        domain.destroy()
-    with contextlib.suppress(libvirt.libvirtError):
-        if domain.isPersistent():
-            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
 
 def versions_differ(hosts: list[Host]) -> str | None:

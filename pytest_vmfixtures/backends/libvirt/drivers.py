@@ -3,8 +3,10 @@
 The portable path (the libvirt backend's snapshot mode) runs a guest through
 nothing but libvirt's own API, so it works on every driver that can define a
 domain from a disk: VMware ESXi and Workstation, VirtualBox, Hyper-V, libvirt's
-test driver, and the QEMU driver too. One template per driver family, under
-``templates/``, rendered here; which family a URI means comes from its scheme.
+test driver, and the QEMU driver too. One template per driver family: under
+``templates/``, rendered here, for every family but QEMU's, whose guests are
+described by the saved-state mode's ``domain.xml`` (domain.py) in both modes.
+Which family a URI means comes from its scheme.
 
 What differs between families, and why it is stated here rather than found out
 at run time: the disk format the hypervisor reads, the firmware it can boot, the
@@ -33,7 +35,7 @@ PROBE_TIMEOUT = 30.0
 # A host name that never resolves (RFC 6761): a probe of a client-side driver contacts nobody.
 PROBE_HOST = "vmfx-probe.invalid"
 # Extra values a template may take besides the named parameters of portable_domain_xml.
-EXTRA_KEYS = frozenset({"uuid", "seed", "console", "domain_type", "disk_format"})
+EXTRA_KEYS = frozenset({"uuid", "seed", "console"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Driver:
     schemes: tuple[str, ...]  # URI schemes, transports included ("qemu+ssh")
     disk_format: str  # the format its disks must be in
     capabilities: frozenset[str]  # what its guests have in snapshot mode (backends.base.CAPABILITIES)
-    template: str  # a file under templates/
+    template: str  # a file under templates/; "" for QEMU's driver (domain.py's domain.xml)
     title: str = ""  # the hypervisor, for people
     firmwares: tuple[str, ...] = FIRMWARES  # what its template can boot
     snapshots: bool = True  # libvirt's driver has the snapshot API (create, revert, delete)
@@ -64,11 +66,11 @@ def _with_transports(*names: str) -> tuple[str, ...]:
 
 
 DRIVERS: tuple[Driver, ...] = (
-    # The guest agent answers through libvirt (virDomainQemuAgentCommand); the console is a pty
-    # libvirt streams. No QMP: the portable form keeps to libvirt's API. No port forward: the guest
-    # is reached at its address on the libvirt network.
+    # Snapshot mode on QEMU's driver: the guest agent answers through libvirt (virDomainQemuAgentCommand);
+    # the console goes to a file. No QMP: snapshot mode keeps to libvirt's API. No port forward: the guest
+    # is reached at its address on the libvirt network. Its XML is domain.py's (no template here).
     # BIOS only: libvirt 9.0 refuses internal snapshots of a guest with pflash (UEFI) firmware.
-    Driver("qemu", _with_transports("qemu"), "qcow2", frozenset({"agent", "console"}), "qemu.xml",
+    Driver("qemu", _with_transports("qemu"), "qcow2", frozenset({"agent", "console"}), "",
            "QEMU/KVM", firmwares=("bios",), provider="libvirt-daemon-driver-qemu"),
     # ESX is a client-side driver (no +ssh/+tcp forms): it talks to ESXi or vCenter over HTTPS.
     # BIOS only: the VMX converter refuses <os firmware='efi'> (libvirt 9.0).
@@ -182,9 +184,11 @@ def portable_domain_xml(
     ``disk``, ``seed`` and ``console`` are paths as the hypervisor sees them (an ESXi datastore
     path such as ``[datastore1] vmfx/disk.vmdk``, a Windows path on Hyper-V). Extra values:
     ``seed`` (a cloud-init NoCloud ISO, attached read-only), ``uuid``, ``console`` (VMware,
-    VirtualBox: a file; Hyper-V: a named pipe; default beside the disk), and for QEMU
-    ``domain_type`` ("kvm" or "qemu", default "kvm") and ``disk_format`` (default qcow2).
+    VirtualBox: a file; Hyper-V: a named pipe; default beside the disk).
     """
+    if not driver.template:
+        raise GuestError(f"libvirt's {driver.family} driver has no template under templates/: its guests' XML is "
+                         "domain.xml (domain.py)")
     unknown = set(extra) - EXTRA_KEYS
     if unknown:
         raise TypeError(f"portable_domain_xml: unknown values {sorted(unknown)}")
@@ -205,8 +209,6 @@ def portable_domain_xml(
         "uuid": extra.get("uuid") or uuid.uuid4(),
         "seed": seed if seed is not None else "",
         "console": extra.get("console") or _default_console(driver, name, disk),
-        "domain_type": extra.get("domain_type") or "kvm",
-        "disk_format": extra.get("disk_format") or driver.disk_format,
     }
     return string.Template(text).substitute(
         {key: attr(value) for key, value in values.items()})

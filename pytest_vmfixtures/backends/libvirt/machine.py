@@ -12,10 +12,11 @@ from ...errors import GuestError
 from ..common import log_tail
 from .calls import bounded, libvirt
 from .channels import LibvirtAgentTransport, LibvirtQMP
-from .connection import Host, connection_lost, drop_domain, log_dir
+from .connection import Host, connection_lost, log_dir
 from .console import ConsolePump
 from .ssh_route import ssh_route
 from .storage import StateCopy
+from .teardown import drop_domain
 
 STATE_CALL_SECONDS = 30.0  # isActive and state: libvirtd answers these at once unless it is stuck
 
@@ -33,14 +34,14 @@ class LibvirtMachine:
         self.host = host
         self.domain = domain
         self.domain_name = str(domain.name())
-        self.placed_as = self.domain_name  # the name the backend placed it under (see _restore_copy)
+        self.placed_as = self.domain_name  # the name the backend placed it under (see saved_state.SavedStateMode._restore_copy)
         self.name = name
         self.files = files
         self.xml = xml
         self.ssh_host = "127.0.0.1"
         self.ssh_port = ssh_port
         self.ssh_proxy = ssh_route(host.uri, ssh_port) if host.storage is not None else None
-        self.nic_mac: str | None = None  # snapshot mode: the NIC on the shared network SSH must reach (persistent.py)
+        self.nic_mac: str | None = None  # snapshot mode: the NIC on the shared network SSH must reach (snapshot_mode.py)
         self.console_log = files / "console.log"
         self.agent_socket: Path | None = None  # libvirt owns it; see agent_transport
         self.agent_transport = LibvirtAgentTransport(domain, name) if has_agent else None

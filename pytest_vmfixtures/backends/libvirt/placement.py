@@ -1,7 +1,7 @@
 """Which libvirt host a guest goes to, and the registry of the guests this run placed there.
 
-Both modes use one placement (saved-state starts in backend.py, snapshot-mode boots in
-persistent.py). Its ``lock`` also guards ``Host.machines`` and ``Host.copies``.
+Both modes use one placement (saved_state.py's starts, snapshot_mode.py's boots). Its ``lock``
+also guards ``Host.machines``, ``Host.copies`` and saved-state mode's private networks.
 """
 
 from __future__ import annotations
