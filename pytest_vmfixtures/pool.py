@@ -261,7 +261,7 @@ class Pool:
             backing = qcow2.backing_file(directory / "disk.qcow2")
             if backing is not None and not (backing.exists() and os.path.samefile(backing, image.disk)):
                 return f"its disk layer sits on {backing}, not on {image.disk}"
-            return self.cache.check_manifest(directory)
+            return self.cache.check_entry(directory)
 
         directory = self.cache.entry(
             "states", key, create, verify,

@@ -178,7 +178,7 @@ def imported_copy(cache: Cache, source: Path, sha256: str | None, progress: Prog
 
 def _check_disk_entry(sha256: str, directory: Path) -> str | None:
     """A downloads entry holds one disk of the digest it is named by (fetched by URL or copied from a file)."""
-    problem = Cache.check_manifest(directory)
+    problem = Cache.check_entry(directory)
     if problem is None and list(_manifest_files(directory).values()) != [sha256]:
         return "manifest does not name one file of the expected digest"
     return problem
@@ -387,7 +387,7 @@ def _seed_entry(cache: Cache, sha256: str, user: str) -> Path:
         )
 
     (cache.root / "seeds").mkdir(parents=True, exist_ok=True)
-    seeds = cache.entry("seeds", f"{sha256[:32]}-{user}-{SEED_VERSION}", create, cache.check_manifest)
+    seeds = cache.entry("seeds", f"{sha256[:32]}-{user}-{SEED_VERSION}", create, cache.check_entry)
     with contextlib.suppress(OSError):
         os.utime(seeds)  # most recently used, for whoever prunes the cache
     return seeds

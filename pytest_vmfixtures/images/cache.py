@@ -2,8 +2,12 @@
 
 Entries are directories named by a digest of everything that made them. They
 appear atomically (built in ``tmp/``, renamed into place, metadata written
-last), are read-only once made, and are verified by digest the first time a
-process uses them, so a truncated or bit-flipped file is rebuilt, not used.
+last), are read-only once made, and are verified by digest before a process
+first uses them, so a truncated or bit-flipped file is rebuilt, not used. A digest found
+right is recorded in the entry's stamp (``.verified.json``) with the file's identity
+(device, inode, size, modification and change times); while a file keeps that identity
+its digest is not computed again. Any write, truncation, replacement or mode change moves
+the change time, which no user can set back, so such a file is read and checked again.
 Concurrent pytest processes and xdist workers build each entry once: the
 first takes a file lock, the others wait on it and then find the entry.
 Readers hold the same lock shared while they open an entry's files
@@ -33,6 +37,7 @@ from .image import BuiltImage
 log = logging.getLogger("pytest_vmfixtures")
 
 LOCK_TIMEOUT = 3600.0
+STAMP = ".verified.json"  # in an entry: each file's digest found right, by the file's identity then
 
 
 def default_cache_dir() -> Path:
@@ -46,6 +51,12 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_identity(path: Path) -> list[int]:
+    """What changes whenever a file's bytes may have: device, inode, size, mtime and ctime (ns)."""
+    info = os.stat(path, follow_symlinks=False)
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
 def make_read_only(path: Path) -> None:
@@ -213,9 +224,11 @@ class Cache:
 
     def write_manifest(self, directory: Path, meta: dict[str, object], files: list[str]) -> None:
         """Record digests of ``files`` and make them read-only; written last, so its presence means complete."""
-        meta = dict(meta, files={name: sha256_file(directory / name) for name in files}, created=time.time())
+        digests = {name: sha256_file(directory / name) for name in files}
+        meta = dict(meta, files=digests, created=time.time())
         for name in files:
             make_read_only(directory / name)
+        _write_stamp(directory, {name: [digest, *file_identity(directory / name)] for name, digest in digests.items()})
         tmp = directory / ".manifest.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
         os.replace(tmp, directory / "manifest.json")
@@ -232,6 +245,33 @@ class Cache:
                 return f"{name} missing"
             if sha256_file(path) != digest:
                 return f"{name} does not match its digest"
+        return None
+
+    @staticmethod
+    def check_entry(directory: Path) -> str | None:
+        """:meth:`check_manifest`, computing only the digests of files not known intact by their identity.
+
+        A file whose identity is the one the entry's stamp recorded beside the manifest's digest is the file
+        found intact then; every other file is read and checked, and the stamp records it once it passes.
+        Called under the entry's exclusive lock (``entry``), so one process writes the stamp at a time.
+        """
+        try:
+            meta = json.loads((directory / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return "manifest missing or unreadable"
+        stamp = _read_stamp(directory)
+        checked: dict[str, list[object]] = {}
+        for name, digest in meta.get("files", {}).items():
+            path = directory / name
+            try:
+                identity = file_identity(path)  # before reading: a change while it is read moves it
+            except OSError:
+                return f"{name} missing"
+            if stamp.get(name) != [digest, *identity] and sha256_file(path) != digest:
+                return f"{name} does not match its digest"
+            checked[name] = [digest, *identity]
+        if checked != stamp:
+            _write_stamp(directory, checked)
         return None
 
     @staticmethod
@@ -261,6 +301,27 @@ class Cache:
         return removed
 
 
+def _read_stamp(directory: Path) -> dict[str, object]:
+    try:
+        stamp = json.loads((directory / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _write_stamp(directory: Path, stamp: dict[str, list[object]]) -> None:
+    """Replace the entry's stamp at once; a cache that cannot be written to keeps checking digests."""
+    tmp = directory / f"{STAMP}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.write_text(json.dumps(stamp, sort_keys=True))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, directory / STAMP)
+    except OSError as exc:
+        log.debug("cannot write the stamp of %s (%s); its digests are checked again next time", directory, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def image_key(name: str, recipe_digest: str) -> str:
     return f"{name}-{recipe_digest[:16]}"
 
@@ -288,7 +349,7 @@ def ensure_image(cache: Cache, name: str, image_dirs: Sequence[Path], progress: 
         "images",
         image_key(recipe.name, recipe.digest),
         create,
-        cache.check_manifest,
+        cache.check_entry,
         waiting=lambda: progress(f"waiting for another run building image {name}"),
     )
     return BuiltImage.load(directory)

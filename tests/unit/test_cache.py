@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_vmfixtures.errors import ImageError
-from pytest_vmfixtures.images.cache import Cache, default_cache_dir, remove_tree, sha256_file
+from pytest_vmfixtures.images.cache import STAMP, Cache, default_cache_dir, remove_tree, sha256_file
 
 FILES = ["disk.img", "kernel"]
 
@@ -281,3 +282,79 @@ def test_clean_tmp_removes_only_unlocked_leftovers(cache: Cache) -> None:
     assert not dead.exists()
     assert busy.exists()
     assert removed == [dead.name]
+
+
+# -- the stamp: digests computed once per cache, not once per process ---------------------------------------
+
+def counting_digests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of every file whose digest is computed from here on."""
+    from pytest_vmfixtures.images import cache as cache_module
+
+    hashed: list[str] = []
+
+    def counted(path: Path) -> str:
+        hashed.append(path.name)
+        return sha256_file(path)
+
+    monkeypatch.setattr(cache_module, "sha256_file", counted)
+    return hashed
+
+
+def test_an_intact_entry_is_not_read_again_by_the_next_process(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = cache.entry("images", "k1", make_create([]), Cache.check_entry)
+    assert (entry / STAMP).is_file()
+    hashed = counting_digests(monkeypatch)
+    assert Cache(cache.root).entry("images", "k1", make_create([]), Cache.check_entry) == entry
+    assert hashed == []  # the stamp vouches for both files: nothing read
+    assert Cache.check_manifest(entry) is None and sorted(hashed) == FILES  # the full check still reads them all
+
+
+def flip_a_byte_keeping_size_and_mtime(path: Path) -> None:
+    info = path.stat()
+    path.chmod(0o600)
+    with open(path, "r+b") as f:
+        f.seek(info.st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    path.chmod(info.st_mode)
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))  # what a careful saboteur does; the ctime still moves
+
+
+def test_a_flipped_bit_is_found_although_size_and_mtime_are_as_stamped(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    entry = cache.entry("images", "k1", make_create(calls), Cache.check_entry)
+    time.sleep(0.01)  # a change time the filesystem can tell from the stamp's
+    flip_a_byte_keeping_size_and_mtime(entry / "disk.img")
+    hashed = counting_digests(monkeypatch)
+    assert Cache.check_entry(entry) == "disk.img does not match its digest"
+    assert hashed == ["disk.img"]  # the unchanged kernel is vouched for by the stamp
+    assert Cache(cache.root).entry("images", "k1", make_create(calls), Cache.check_entry) == entry
+    assert len(calls) == 2  # made again, not used
+    assert Cache.check_manifest(entry) is None
+
+
+def test_a_stamp_that_does_not_match_is_not_trusted(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = cache.entry("images", "k1", make_create([]), Cache.check_entry)
+    stamp = json.loads((entry / STAMP).read_text())
+    stamp["disk.img"][0] = "0" * 64  # a digest other than the manifest's
+    stamp["kernel"][2] += 1  # another inode
+    (entry / STAMP).write_text(json.dumps(stamp))
+    hashed = counting_digests(monkeypatch)
+    assert Cache.check_entry(entry) is None
+    assert sorted(hashed) == FILES
+    assert json.loads((entry / STAMP).read_text()) != stamp  # recorded right again
+    (entry / STAMP).write_text("not json")
+    hashed.clear()
+    assert Cache.check_entry(entry) is None and sorted(hashed) == FILES
+
+
+def test_a_stamp_that_cannot_be_written_only_costs_the_digests(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = cache.entry("images", "k1", make_create([]), Cache.check_entry)
+    (entry / STAMP).unlink()
+    (entry / STAMP).mkdir()  # nothing can replace it, root or not
+    hashed = counting_digests(monkeypatch)
+    assert Cache.check_entry(entry) is None and sorted(hashed) == FILES
+    hashed.clear()
+    assert Cache.check_entry(entry) is None and sorted(hashed) == FILES  # checked in full each time, still right
+    assert [p.name for p in entry.iterdir() if p.name.endswith(".tmp")] == []  # no temporary stamp left behind

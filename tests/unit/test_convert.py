@@ -11,7 +11,7 @@ from disk_images import small_image
 
 from pytest_vmfixtures.backends.libvirt.convert import KIND, conversion_key, converted_disk
 from pytest_vmfixtures.errors import ImageError
-from pytest_vmfixtures.images.cache import Cache, sha256_file
+from pytest_vmfixtures.images.cache import STAMP, Cache, sha256_file
 from pytest_vmfixtures.images.image import BuiltImage
 
 
@@ -52,7 +52,8 @@ def test_vmdk_is_one_sparse_file_for_vmware_with_an_lsilogic_adapter(cache: Cach
     header = converted.read_bytes()[:4096]
     assert b'createType="monolithicSparse"' in header
     assert b'ddb.adapterType = "lsilogic"' in header
-    assert sorted(p.name for p in converted.parent.iterdir()) == ["disk.vmdk", "manifest.json"]
+    # one disk file (no extents beside it), its manifest and the cache's stamp of digests found right
+    assert sorted(p.name for p in converted.parent.iterdir()) == [STAMP, "disk.vmdk", "manifest.json"]
 
 
 def test_the_same_format_needs_no_conversion(cache: Cache, tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def converted_disk(
         progress(f"converted {image.name}'s disk to {disk_format} in {time.monotonic() - started:.1f} s")
 
     (cache.root / KIND).mkdir(parents=True, exist_ok=True)
-    entry = cache.entry(KIND, conversion_key(image, disk_format), create, cache.check_manifest,
+    entry = cache.entry(KIND, conversion_key(image, disk_format), create, cache.check_entry,
                         waiting=lambda: progress(f"waiting for another run converting {image.name} to {disk_format}"))
     os.utime(entry)  # most recently used, for `images prune --older-than`
     return entry / name

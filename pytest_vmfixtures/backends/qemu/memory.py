@@ -15,7 +15,7 @@ are holes) and the stream only the device state, a megabyte:
 The file must not change while a state uses it. QEMU before 8.2 opens it read-write even for a
 private mapping (8.2 brought ``readonly=on,rom=off``), so there it stays owner-writable; every
 restore first compares it with the size and modification time recorded at the save
-(:func:`check`), the cache compares its digest once per session, and a changed file is a
+(:func:`check`), the cache compares its digest before a process first uses it (``Cache.check_entry``), and a changed file is a
 SnapshotError, on which the pool makes the state again.
 """
 
@@ -145,7 +145,7 @@ def check(state: SavedState) -> tuple[Path, int]:
     """The state's RAM file, open (not through a symlink), after making sure the open file is the one the
     save wrote; a SnapshotError if not. The caller closes the descriptor.
 
-    Cheap enough for every restore (one fstat); the digest is compared once per session by the cache.
+    Cheap enough for every restore (one fstat); the digest is compared by the cache before a process first uses the state.
     """
     ram = state.directory / RAM_NAME
     try:
