@@ -11,11 +11,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paramiko
 
 from .arch import by_name
 from .backends.base import Machine, SnapshotReverting
+from .channels import runner
 from .channels.agent import Agent, AgentError
 from .channels.ssh import SSH, HostKeyError, SSHError
 from .command import CommandResult, new_tag
@@ -64,6 +66,13 @@ class Instance:
     snapshots: set[str] = field(default_factory=set)
     seeded: bool = False  # your own image, set up by cloud-init: what a failed boot most likely means differs
     root: SSH | None = None  # logged in as root, where the login user is another and root may log in with the key
+
+    @property
+    def channel(self) -> str:
+        """How commands reach the guest now: "agent" (qemu-guest-agent), "runner" (vmfx-runner) or "ssh"."""
+        if self.agent is None:
+            return "ssh"
+        return "runner" if self.agent.what == runner.WHAT else "agent"
 
     @property
     def shell(self) -> SSH:
@@ -135,9 +144,20 @@ def retarget(instance: Instance) -> None:
             channel.host = instance.machine.ssh_host
 
 
-def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_login: bool = False) -> Instance:
+def runner_socket(machine: Machine) -> Path | None:
+    """Where vmfx-runner's port is reached on the host (your own images' guests, where the backend offers it).
+
+    Not part of the Machine protocol, so that backends of other plugins need not know it.
+    """
+    path = getattr(machine, "runner_socket", None)
+    return path if isinstance(path, Path) else None
+
+
+def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_login: bool = False,
+                  run_by_runner: bool = False) -> Instance:
     """The machine's channels. ``agent`` False: no agent answers there, so none is bound (commands go
-    over SSH); ``root_login``: root may log in with the image's key (commands then skip sudo)."""
+    over SSH, or through vmfx-runner with ``run_by_runner``); ``root_login``: root may log in with the
+    image's key (commands then skip sudo)."""
     key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
     ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name, machine.ssh_proxy)
     ssh.sudo = image.user != "root"
@@ -147,6 +167,8 @@ def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_
         channel = Agent.over(machine.agent_transport, machine.name)
     elif agent and machine.agent_socket is not None:
         channel = Agent(machine.agent_socket, machine.name)
+    elif run_by_runner and runner_socket(machine) is not None:
+        channel = Agent(runner_socket(machine), machine.name, what=runner.WHAT)
     root = root_channel(machine, image, key) if root_login and image.user != "root" else None
     return Instance(machine, ssh, channel, seeded=image.seed is not None, root=root)
 
@@ -165,6 +187,21 @@ def agent_answers(instance: Instance, timeout: float) -> bool:
         instance.agent.close()
         instance.agent = None
         return False
+
+
+def runner_answers(instance: Instance, timeout: float) -> bool:
+    """Whether vmfx-runner answers on the machine's port; if it does, the instance runs its commands there."""
+    path = runner_socket(instance.machine)
+    if path is None or instance.agent is not None:
+        return False
+    channel = Agent(path, instance.machine.name, what=runner.WHAT)
+    try:
+        channel.connect(timeout)
+    except VMError:
+        channel.close()
+        return False
+    instance.agent = channel
+    return True
 
 
 def root_login_works(instance: Instance, image: BuiltImage, timeout: float) -> bool:
@@ -239,7 +276,7 @@ def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> Non
             instance.agent.exec(clock_command(), new_tag(), timeout).check()
             return
         except VMError as exc:
-            log.warning("%s: guest agent unusable after restore (%s); using SSH", instance.machine.name, exc)
+            log.warning("%s: %s unusable after restore (%s); using SSH", instance.machine.name, instance.agent.what, exc)
             instance.agent.close()
             instance.agent = None
     _warm_up_over_ssh(instance, timeout)
@@ -269,7 +306,7 @@ def _warm_up_over_ssh(instance: Instance, timeout: float) -> None:
 
 def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float, accel: str) -> dict[str, object]:
     """Your own image's first boot, to its end: cloud-init done; returns which channels answer
-    (``agent``, ``root_login``), facts kept with the state."""
+    (``agent``, ``runner``, ``root_login``), facts kept with the state."""
     # Over SSH: whether an agent answers is asked only once the boot is done.
     instance.ssh.exec("cloud-init status --wait >/dev/null 2>&1 || true", new_tag(), boot_timeout)
     # cloud-init may restart sshd as its last step, and a state saved in that moment has no
@@ -280,8 +317,10 @@ def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float
     # keep root's and the login user's running in the saved state, as lingering users'.
     users = " ".join(sorted({"root", image.user}))
     instance.ssh.exec(f"command -v loginctl >/dev/null && loginctl enable-linger {users} || true", new_tag(), 120)
+    agent = agent_answers(instance, AGENT_PROBE_SECONDS)
     return {
-        "agent": agent_answers(instance, AGENT_PROBE_SECONDS),
+        "agent": agent,
+        "runner": not agent and runner_answers(instance, AGENT_PROBE_SECONDS),  # the image's agent preferred
         "root_login": root_login_works(instance, image, AGENT_PROBE_SECONDS),
     }
 

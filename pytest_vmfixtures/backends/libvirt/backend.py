@@ -153,11 +153,13 @@ class LibvirtBackend:
         self, host: Host, image: BuiltImage, config: MachineConfig, name: str, domain_name: str, backing: Path,
         state: SavedState | None,
     ) -> LibvirtMachine:
-        files, _socks = self.runtime.machine_dirs(name)
+        files, socks = self.runtime.machine_dirs(name)
         overlay_name = f"{domain_name}.qcow2" if host.storage is not None else "overlay.qcow2"
         paths: dict[str, object] = {}
         try:
             paths = host_files(host.storage, image, backing, overlay_name, files, state, self.qemu_img, self.progress)
+            if host.storage is None and image.seed is not None:
+                paths["runner"] = socks / "runner"  # vmfx-runner's port (domain.runner_channel)
             if state is not None:
                 start_restored_console(state, files / "console.log")
             last_error = ""
@@ -184,6 +186,8 @@ class LibvirtBackend:
                                          str(paths["overlay"]), nvram if isinstance(nvram, Path) else None,
                                          on_stop=self.placement.forget)
                 machine.placed_as = domain_name
+                runner = paths.get("runner")
+                machine.runner_socket = runner if isinstance(runner, Path) else None
                 machine.state_copy = copy
                 self.placement.register(machine)
                 if host.storage is not None:
