@@ -307,8 +307,11 @@ def _warm_up_over_ssh(instance: Instance, timeout: float) -> None:
 def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float, accel: str) -> dict[str, object]:
     """Your own image's first boot, to its end: cloud-init done; returns which channels answer
     (``agent``, ``runner``, ``root_login``), facts kept with the state."""
-    # Over SSH: whether an agent answers is asked only once the boot is done.
-    instance.ssh.exec("cloud-init status --wait >/dev/null 2>&1 || true", new_tag(), boot_timeout)
+    # Over SSH: whether an agent answers is asked only once the boot is done. `status --wait` returns as soon
+    # as a stage has failed (an image without the locale it is told to set), before the final stage has run
+    # the seed's runcmd, which starts vmfx-runner: its end (boot-finished) is waited for too, a bounded while.
+    instance.ssh.exec("cloud-init status --wait >/dev/null 2>&1; i=0; while [ ! -e /var/lib/cloud/instance/boot-finished ] "
+                      "&& [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done; true", new_tag(), boot_timeout)
     # cloud-init may restart sshd as its last step, and a state saved in that moment has no
     # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
     instance.ssh.close()
