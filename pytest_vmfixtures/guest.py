@@ -142,12 +142,10 @@ class VM:
 
     @property
     def channel(self) -> str:
-        """How ``vm.run`` reaches the guest now: ``"agent"`` (the QEMU guest agent) or ``"ssh"``.
-
-        Guests whose image runs no agent, and guests whose agent failed, use SSH.
-        Asking does not count as use.
-        """
-        return "agent" if self._instance.agent is not None else "ssh"
+        """How ``vm.run`` reaches the guest now: ``"agent"`` (the QEMU guest agent), ``"runner"`` (vmfx-runner,
+        on your own images without an agent) or ``"ssh"``: where neither runs, or after either failed.
+        Asking does not count as use."""
+        return self._instance.channel
 
     def machine_alive(self) -> bool:
         return self.state != GuestState.DEAD and self._instance.machine.alive()
@@ -233,7 +231,7 @@ class VM:
                 raise self._died(exc) from exc
             if isinstance(exc, CommandLost):
                 raise
-            log.warning("%s: guest agent failed (%s); falling back to SSH", self.name, exc)
+            log.warning("%s: command channel failed (%s); falling back to SSH", self.name, exc)
         if result is None:
             try:
                 result = instance.shell.exec(command, tag, timeout)

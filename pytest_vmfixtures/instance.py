@@ -11,11 +11,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paramiko
 
 from .arch import by_name
 from .backends.base import Machine, SnapshotReverting
+from .channels import runner
 from .channels.agent import Agent, AgentError
 from .channels.ssh import SSH, HostKeyError, SSHError
 from .clock import guest_clock_offset, set_clock_by_agent
@@ -66,6 +68,13 @@ class Instance:
     seeded: bool = False  # your own image, set up by cloud-init: what a failed boot most likely means differs
     root: SSH | None = None  # logged in as root, where the login user is another and root may log in with the key
     clock_offset: float | None = None  # guest minus host clock (s) measured after the warm-up set it; None: not measured
+
+    @property
+    def channel(self) -> str:
+        """How commands reach the guest now: "agent" (qemu-guest-agent), "runner" (vmfx-runner) or "ssh"."""
+        if self.agent is None:
+            return "ssh"
+        return "runner" if self.agent.what == runner.WHAT else "agent"
 
     @property
     def shell(self) -> SSH:
@@ -137,9 +146,20 @@ def retarget(instance: Instance) -> None:
             channel.host = instance.machine.ssh_host
 
 
-def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_login: bool = False) -> Instance:
+def runner_socket(machine: Machine) -> Path | None:
+    """Where vmfx-runner's port is reached on the host (your own images' guests, where the backend offers it).
+
+    Not part of the Machine protocol, so that backends of other plugins need not know it.
+    """
+    path = getattr(machine, "runner_socket", None)
+    return path if isinstance(path, Path) else None
+
+
+def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_login: bool = False,
+                  run_by_runner: bool = False) -> Instance:
     """The machine's channels. ``agent`` False: no agent answers there, so none is bound (commands go
-    over SSH); ``root_login``: root may log in with the image's key (commands then skip sudo)."""
+    over SSH, or through vmfx-runner with ``run_by_runner``); ``root_login``: root may log in with the
+    image's key (commands then skip sudo)."""
     key = paramiko.Ed25519Key.from_private_key_file(str(image.client_key))
     ssh = SSH(machine.ssh_host, machine.ssh_port, image.user, key, image.host_key, machine.name, machine.ssh_proxy)
     ssh.sudo = image.user != "root"
@@ -149,6 +169,8 @@ def bind_channels(machine: Machine, image: BuiltImage, agent: bool = True, root_
         channel = Agent.over(machine.agent_transport, machine.name)
     elif agent and machine.agent_socket is not None:
         channel = Agent(machine.agent_socket, machine.name)
+    elif run_by_runner and runner_socket(machine) is not None:
+        channel = Agent(runner_socket(machine), machine.name, what=runner.WHAT)
     root = root_channel(machine, image, key) if root_login and image.user != "root" else None
     return Instance(machine, ssh, channel, seeded=image.seed is not None, root=root)
 
@@ -167,6 +189,21 @@ def agent_answers(instance: Instance, timeout: float) -> bool:
         instance.agent.close()
         instance.agent = None
         return False
+
+
+def runner_answers(instance: Instance, timeout: float) -> bool:
+    """Whether vmfx-runner answers on the machine's port; if it does, the instance runs its commands there."""
+    path = runner_socket(instance.machine)
+    if path is None or instance.agent is not None:
+        return False
+    channel = Agent(path, instance.machine.name, what=runner.WHAT)
+    try:
+        channel.connect(timeout)
+    except VMError:
+        channel.close()
+        return False
+    instance.agent = channel
+    return True
 
 
 def root_login_works(instance: Instance, image: BuiltImage, timeout: float) -> bool:
@@ -245,7 +282,7 @@ def warm_up(instance: Instance, image: BuiltImage, timeout: float = 60.0) -> Non
                 instance.clock_offset = None if reading is None else reading[0]
             return
         except VMError as exc:
-            log.warning("%s: guest agent unusable after restore (%s); using SSH", instance.machine.name, exc)
+            log.warning("%s: %s unusable after restore (%s); using SSH", instance.machine.name, instance.agent.what, exc)
             instance.agent.close()
             instance.agent = None
     _warm_up_over_ssh(instance, timeout)
@@ -273,24 +310,14 @@ def _warm_up_over_ssh(instance: Instance, timeout: float) -> None:
              error=lambda message: failures[0] if failures else SSHError(f"{instance.machine.name}: {message}"))
 
 
-# The end of a cloud image's first boot. `cloud-init status --wait` returns at the first stage that reported
-# an error (cloud-init 22.4: a module that failed) while the later stages still run and write under
-# /var/lib/cloud; a state saved then would carry a half-done cloud-init into every guest, and vm.changes'
-# baseline would miss what it writes. So the boot is waited for as the init system sees it: systemd's own
-# end of startup, else cloud-init's last stage's mark (boot-finished), at most 300 s past cloud-init's wait.
-CLOUD_INIT_DONE = (
-    "cloud-init status --wait >/dev/null 2>&1; "
-    "if [ -d /run/systemd/system ]; then systemctl is-system-running --wait >/dev/null 2>&1; "
-    "else i=0; while [ ! -e /var/lib/cloud/instance/boot-finished ] && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done; "
-    "fi; true"
-)
-
-
 def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float, accel: str) -> dict[str, object]:
     """Your own image's first boot, to its end: cloud-init done; returns which channels answer
-    (``agent``, ``root_login``), facts kept with the state."""
-    # Over SSH: whether an agent answers is asked only once the boot is done.
-    instance.ssh.exec(CLOUD_INIT_DONE, new_tag(), boot_timeout)
+    (``agent``, ``runner``, ``root_login``), facts kept with the state."""
+    # Over SSH: whether an agent answers is asked only once the boot is done. `status --wait` returns as soon
+    # as a stage has failed (an image without the locale it is told to set), before the final stage has run
+    # the seed's runcmd, which starts vmfx-runner: its end (boot-finished) is waited for too, a bounded while.
+    instance.ssh.exec("cloud-init status --wait >/dev/null 2>&1; i=0; while [ ! -e /var/lib/cloud/instance/boot-finished ] "
+                      "&& [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done; true", new_tag(), boot_timeout)
     # cloud-init may restart sshd as its last step, and a state saved in that moment has no
     # sshd listening (every restored guest's SSH is then reset): log in anew to prove it is back.
     instance.ssh.close()
@@ -299,8 +326,10 @@ def settle_first_boot(instance: Instance, image: BuiltImage, boot_timeout: float
     # keep root's and the login user's running in the saved state, as lingering users'.
     users = " ".join(sorted({"root", image.user}))
     instance.ssh.exec(f"command -v loginctl >/dev/null && loginctl enable-linger {users} || true", new_tag(), 120)
+    agent = agent_answers(instance, AGENT_PROBE_SECONDS)
     return {
-        "agent": agent_answers(instance, AGENT_PROBE_SECONDS),
+        "agent": agent,
+        "runner": not agent and runner_answers(instance, AGENT_PROBE_SECONDS),  # the image's agent preferred
         "root_login": root_login_works(instance, image, AGENT_PROBE_SECONDS),
     }
 

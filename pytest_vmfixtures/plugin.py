@@ -296,6 +296,9 @@ def _record_guests(item: pytest.Item, guests: list[Any]) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     session = config.stash[SESSION_KEY]
+    channels = session.channel_line()
+    if channels is not None:
+        terminalreporter.write_line(channels)
     for line in session.kept_guest_lines():
         terminalreporter.write_line(line, yellow=True)
     if session.artifacts_written:

@@ -60,7 +60,7 @@ def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | No
     found (``agent`` False: commands over SSH from the start; ``root_login`` True: SSH as root, no sudo)."""
     facts = facts or {}
     try:
-        return bind_channels(machine, image, agent=facts.get("agent") is not False, root_login=facts.get("root_login") is True)
+        return bind_channels(machine, image, facts.get("agent") is not False, facts.get("root_login") is True, facts.get("runner") is True)
     except BaseException:
         machine.stop()
         raise
@@ -214,6 +214,7 @@ class Pool:
         self._lock = threading.Lock()
         self._closed = False
         self.kept: list[tuple[VM, str]] = []
+        self.channels: dict[str, str] = {}  # image label -> the channel its first guest got (the run's summary says it)
 
     # -- images and states ----------------------------------------------------
     def image(self, name: str, config: MachineConfig | None = None) -> BuiltImage:
@@ -303,8 +304,8 @@ class Pool:
             vm.state = GuestState.DIRTY
             if image.seed is not None:
                 facts.update(settle_first_boot(instance, image, self.boot_timeout, accel))
-                self.progress(f"{config.label}: commands go through "
-                              + ("the guest agent" if facts["agent"] else "SSH" + (" as root" if facts["root_login"] else ", with sudo")))
+                self.progress(f"{config.label}: commands go through " + {"agent": "the guest agent", "runner": "vmfx-runner"}.get(
+                    instance.channel, "SSH" + (" as root" if facts["root_login"] else ", with sudo")))
             self.provision(vm)
             facts.update(take_baseline(lambda script, timeout: vm.run(script, timeout=timeout), config.label, self.progress))
             # Fewer RAM pages to save: drop file contents; the dentry and inode caches the baseline filled stay.
@@ -393,6 +394,7 @@ class Pool:
             vm.state = GuestState.READY
         with self._lock:
             slot.busy.add(vm)
+            self.channels.setdefault(config.label, vm.channel)
         return vm
 
     def release(self, vm: VM) -> None:

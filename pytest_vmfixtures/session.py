@@ -104,6 +104,13 @@ class VMSession:
             for vm, nodeid in self._pool.kept
         ]
 
+    def channel_line(self) -> str | None:
+        """Which channel ``vm.run`` got on each image used (the first guest's; a failure later falls back to SSH)."""
+        if self._pool is None or not self._pool.channels:
+            return None
+        return "vmfixtures: commands went through: " + ", ".join(
+            f"{label} {channel}" for label, channel in sorted(self._pool.channels.items()))
+
     def progress(self, message: str) -> None:
         log.info(message)
         if self.config.get_verbosity() < 0:

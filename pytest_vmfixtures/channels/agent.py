@@ -61,11 +61,14 @@ class AgentTransport(Protocol):
 
 
 class Agent:
-    def __init__(self, socket_path: Path | None, name: str, transport: AgentTransport | None = None) -> None:
+    def __init__(self, socket_path: Path | None, name: str, transport: AgentTransport | None = None,
+                 what: str = "guest agent") -> None:
+        """``what``: how messages name the peer (the guest agent, or vmfx-runner, which speaks its protocol)."""
         if socket_path is None and transport is None:
             raise ValueError("an Agent needs a socket path or a transport")
         self.socket_path = socket_path
         self.name = name
+        self.what = what
         self.transport = transport
         self._sock: socket.socket | None = None
         self._buffer = b""
@@ -88,14 +91,14 @@ class Agent:
             sock.connect(str(self.socket_path))
         except OSError as exc:
             sock.close()
-            raise AgentError(f"{self.name}: cannot open guest agent socket: {exc}") from exc
+            raise AgentError(f"{self.name}: cannot open {self.what} socket: {exc}") from exc
         self._sock = sock
         self._buffer = b""
         try:
             self._sync(timeout)
         except TimeoutError:
             self.close()
-            raise AgentError(f"{self.name}: guest agent did not answer the sync within {timeout:g} s") from None
+            raise AgentError(f"{self.name}: {self.what} did not answer the sync within {timeout:g} s") from None
 
     def _sync(self, timeout: float) -> None:
         deadline = Deadline(timeout)
@@ -134,12 +137,12 @@ class Agent:
 
     def _send_raw(self, data: bytes) -> None:
         if self._sock is None:
-            raise AgentRefused(f"{self.name}: guest agent is not connected")
+            raise AgentRefused(f"{self.name}: {self.what} is not connected")
         try:
             self._sock.sendall(data)
         except OSError as exc:  # the agent acts on a whole JSON object only: a part sent runs nothing
             self.close()
-            raise AgentRefused(f"{self.name}: guest agent connection lost: {exc}") from exc
+            raise AgentRefused(f"{self.name}: {self.what} connection lost: {exc}") from exc
 
     def _recv(self, deadline: Deadline) -> None:
         assert self._sock is not None
@@ -153,10 +156,10 @@ class Agent:
             raise  # the caller decides: a timeout is not a broken connection
         except OSError as exc:
             self.close()
-            raise AgentError(f"{self.name}: guest agent connection lost: {exc}") from exc
+            raise AgentError(f"{self.name}: {self.what} connection lost: {exc}") from exc
         if not chunk:
             self.close()
-            raise AgentError(f"{self.name}: guest agent closed the connection")
+            raise AgentError(f"{self.name}: {self.what} closed the connection")
         self._buffer += chunk
 
     def _read_until_marker(self, deadline: Deadline) -> None:
@@ -171,7 +174,7 @@ class Agent:
             scanned = len(self._buffer)
             if scanned > MAX_REPLY_BYTES:
                 self.close()
-                raise AgentError(f"{self.name}: guest agent sent over {MAX_REPLY_BYTES} bytes without a newline; "
+                raise AgentError(f"{self.name}: {self.what} sent over {MAX_REPLY_BYTES} bytes without a newline; "
                                  "dropping the connection")
             self._recv(deadline)
         line, self._buffer = self._buffer.split(b"\n", 1)
@@ -181,7 +184,7 @@ class Agent:
         try:
             message = json.loads(line)
         except ValueError as exc:
-            raise AgentError(f"{self.name}: guest agent sent garbage: {line[:80]!r}") from exc
+            raise AgentError(f"{self.name}: {self.what} sent garbage: {line[:80]!r}") from exc
         return message if isinstance(message, dict) else {}
 
     def call(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
@@ -194,10 +197,10 @@ class Agent:
         except TimeoutError as exc:
             # A late reply would be mistaken for the next one's: start over next time.
             self.close()
-            raise AgentError(f"{self.name}: guest agent did not answer {command!r} within {timeout:g} s") from exc
+            raise AgentError(f"{self.name}: {self.what} did not answer {command!r} within {timeout:g} s") from exc
         if "error" in reply:
             error = reply["error"]
-            raise AgentRefused(f"{self.name}: guest agent {command!r} failed: {error.get('desc', error)}")
+            raise AgentRefused(f"{self.name}: {self.what} {command!r} failed: {error.get('desc', error)}")
         return reply.get("return")
 
     # -- commands ---------------------------------------------------------
@@ -216,7 +219,7 @@ class Agent:
         try:  # a stopped or frozen agent is found here, before anything that could run was sent
             self.call("guest-ping", None, min(channel_timeout, PING_SECONDS))
         except AgentError as exc:
-            raise AgentRefused(f"{self.name}: guest agent does not answer; nothing was sent: {exc}") from exc
+            raise AgentRefused(f"{self.name}: {self.what} does not answer; nothing was sent: {exc}") from exc
         try:
             pid = self.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", agent_script(command)],
                                            "env": agent_environment(tag), "capture-output": True},
@@ -264,7 +267,7 @@ class Agent:
     def _lost(self, command: str, tag: str, reason: str, other: tuple[Callable[[str], bool] | None, str]) -> CommandLost:
         """The error for a command the agent may have started and no longer reports on; kills what is left
         through the agent, else through ``other`` (a kill function and the name of its channel)."""
-        killed = "the guest agent" if self._kill(tag) else ""
+        killed = f"the {self.what}" if self._kill(tag) else ""
         kill_elsewhere, elsewhere = other
         if not killed and kill_elsewhere is not None and kill_elsewhere(tag):
             killed = elsewhere

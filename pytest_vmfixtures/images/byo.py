@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..channels import runner
 from ..errors import ImageError
 from .cache import Cache, sha256_file
 from .fetch import CHUNK, download
@@ -53,7 +54,7 @@ BYO_SUFFIXES = (".qcow2", ".img", ".raw")
 URL_PREFIXES = ("http://", "https://")
 DEFAULT_USER = "vmfix"
 FIRMWARES = ("auto", "uefi", "bios")
-SEED_VERSION = "1"
+SEED_VERSION = "2"  # 2: the seed installs and starts vmfx-runner
 SEED_NAME = "seed.iso"
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -178,7 +179,7 @@ def imported_copy(cache: Cache, source: Path, sha256: str | None, progress: Prog
 
 def _check_disk_entry(sha256: str, directory: Path) -> str | None:
     """A downloads entry holds one disk of the digest it is named by (fetched by URL or copied from a file)."""
-    problem = Cache.check_entry(directory)
+    problem = Cache.check_manifest(directory)
     if problem is None and list(_manifest_files(directory).values()) != [sha256]:
         return "manifest does not name one file of the expected digest"
     return problem
@@ -285,7 +286,7 @@ def detect_firmware(head: bytes) -> str:
 
 # -- the seed ------------------------------------------------------------------
 def user_data(user: str, client_public: str, host_private: str, host_public: str) -> str:
-    """``#cloud-config`` (as JSON, which YAML reads): login user, keys, no passwords."""
+    """``#cloud-config`` (as JSON, which YAML reads): login user, keys, no passwords; vmfx-runner."""
     config: dict[str, object] = {
         # root's authorized_keys get the key too, unrestricted; the login user is ours.
         "disable_root": False,
@@ -302,6 +303,7 @@ def user_data(user: str, client_public: str, host_private: str, host_public: str
             "lock_passwd": True,
             "ssh_authorized_keys": [client_public],
         }],
+        **runner.cloud_config(),
     }
     return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
 
@@ -387,7 +389,7 @@ def _seed_entry(cache: Cache, sha256: str, user: str) -> Path:
         )
 
     (cache.root / "seeds").mkdir(parents=True, exist_ok=True)
-    seeds = cache.entry("seeds", f"{sha256[:32]}-{user}-{SEED_VERSION}", create, cache.check_entry)
+    seeds = cache.entry("seeds", f"{sha256[:32]}-{user}-{SEED_VERSION}", create, cache.check_manifest)
     with contextlib.suppress(OSError):
         os.utime(seeds)  # most recently used, for whoever prunes the cache
     return seeds
@@ -400,11 +402,11 @@ def _describe(spec: ByoSpec, disk: Path, sha256: str, fmt: str, firmware: str, s
         directory=seeds,
         name=label_for(spec.source, sha256),
         # The seed holds the keys: a new seed is a new guest, so it is part of the identity.
-        # Guests get the agent's channel; whether an agent answers, and whether root logs in with the
-        # key, is learned on the first boot and kept with the state, which is saved with lingering
-        # users (instance.settle_first_boot), once the whole first boot is over (not only cloud-init's
-        # wait): states made before any of that are not used.
-        recipe_digest=hashlib.sha256(f"{sha256}|{seed_digest}|{firmware}|agent|root-login|linger|booted".encode()).hexdigest(),
+        # Guests get the agent's channel and vmfx-runner's port; whether an agent or the runner answers, and
+        # whether root logs in with the key, is learned on the first boot and kept with the state, which is
+        # saved with lingering users (instance.settle_first_boot): states made before any of that are not used.
+        recipe_digest=hashlib.sha256(
+            f"{sha256}|{seed_digest}|{firmware}|agent|root-login|linger|runner".encode()).hexdigest(),
         disk=disk,
         disk_sha256=sha256,
         kernel=None,

@@ -1,8 +1,9 @@
 """Your own cloud image, by URL: Debian with cloud-init, served from 127.0.0.1, for each boot path.
 
 Two images (each built once, cached by its recipe's digest; see cloudimage.py):
-a UEFI one (GPT, systemd-boot) without a guest agent, whose guests are reached
-over SSH alone, and a BIOS one (MBR, GRUB) with qemu-guest-agent. Neither has
+a UEFI one (GPT, systemd-boot) without a guest agent, whose guests run commands
+through vmfx-runner (the seed installs it), and a BIOS one (MBR, GRUB) with
+qemu-guest-agent, where no runner starts. Neither has
 a key in it: everything the plugin needs reaches it through the NoCloud seed.
 The tests run in file order, all of one image before the other, and share one
 guest config per image, so the first boots and saves the ready state and the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -21,6 +23,8 @@ import paramiko
 import pytest
 
 from pytest_vmfixtures import CommandTimeout, ImageError
+from pytest_vmfixtures.channels.runner import GUEST_PATH as RUNNER_PATH
+from pytest_vmfixtures.channels.runner import PORT_NAME as RUNNER_PORT
 from pytest_vmfixtures.channels.ssh import SSH, SSHError, parse_host_key
 from pytest_vmfixtures.fixtures import SESSION_KEY
 from pytest_vmfixtures.images.byo import DEFAULT_USER, hostname_for
@@ -93,8 +97,8 @@ def test_ssh_uses_the_pinned_host_key(cloud_vm) -> None:
 
 
 def test_the_handle_picks_the_channel(cloud_vm, variant) -> None:
-    """An image with the agent is driven through it; one without, over SSH alone; QMP works either way."""
-    assert cloud_vm.channel == ("agent" if variant.agent else "ssh")
+    """An image with the agent is driven through it; one without, through vmfx-runner; QMP works either way."""
+    assert cloud_vm.channel == ("agent" if variant.agent else "runner")
     # Over SSH, commands log in as root (the seed authorizes the key for root too): no sudo in between.
     assert cloud_vm.run("id -u; echo \"sudo=${SUDO_USER:-}\"", check=True).stdout.split() == ["0", "sudo="]
     # vm.ssh is the login user's own session.
@@ -116,9 +120,70 @@ def test_files_both_ways(cloud_vm, tmp_path) -> None:
 
 def test_a_command_past_its_timeout_is_killed(cloud_vm) -> None:
     with pytest.raises(CommandTimeout):
-        cloud_vm.run("sleep 600 && touch /root/late", timeout=3)
+        cloud_vm.run("sleep 601 & sleep 600 && touch /root/late", timeout=3)
     assert not cloud_vm.run("pgrep -x sleep").ok  # killed with its children, whichever channel ran it
     assert cloud_vm.run("echo still here", check=True).stdout == "still here\n"
+
+
+def test_commands_keep_vm_runs_semantics_on_the_guests_channel(cloud_vm, variant) -> None:
+    """vmfx-runner (no agent) and the agent run commands alike: /bin/sh as root in $HOME, umask 022, both
+    streams, the exit code, nothing of the runner's own environment."""
+    assert cloud_vm.channel == ("agent" if variant.agent else "runner")
+    result = cloud_vm.run("id -u; pwd; umask; echo \"${VMFIX_RUN:+tagged}\"; echo oops >&2; exit 3")
+    assert (result.returncode, result.stdout.split(), result.stderr) == (3, ["0", "/root", "0022", "tagged"], "oops\n")
+    # a command killed by a signal is reported as a shell reports it
+    assert cloud_vm.run("kill -KILL $$").returncode == 128 + 9
+    # the agent preferred where the image has it: the runner is installed by the seed, but not started
+    assert cloud_vm.run("systemctl is-active vmfx-runner").stdout.strip() == ("inactive" if variant.agent else "active")
+
+
+# Inet sockets (any state) and listening unix sockets among a process's file descriptors, one line each.
+SOCKETS_OF = (
+    "for i in $(ls -l /proc/{pid}/fd | sed -n 's/.*socket:\\[\\([0-9]*\\)\\]$/\\1/p'); do "
+    "awk -v i=$i '$10 == i {{print \"inet\", i}}' /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6; "
+    "awk -v i=$i '$7 == i && $4 == \"00010000\" {{print \"listening\", i}}' /proc/net/unix; done"
+)
+
+
+def test_the_runner_is_root_only_and_off_the_network(cloud_vm, variant) -> None:
+    """The runner has no network socket and listens on none; its port's device and its program are root's alone
+    (written to as nobody: refused). An image with the agent runs no runner at all."""
+    running = cloud_vm.run("pgrep -f 'vmfx-runner[.]py'").stdout.split()
+    if variant.agent:
+        assert running == []
+        return
+    (pid,) = running
+    port = cloud_vm.run(f"grep -lx {RUNNER_PORT} /sys/class/virtio-ports/*/name", check=True).stdout.split("/")[-2]
+    assert cloud_vm.run(f"stat -c %a:%U /dev/{port} {RUNNER_PATH}", check=True).stdout.split() == ["600:root", "700:root"]
+    as_nobody = cloud_vm.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo x > /dev/{port}'")
+    assert as_nobody.returncode != 0 and "Permission denied" in as_nobody.stderr
+    assert f"/dev/{port}" in cloud_vm.run(f"ls -l /proc/{pid}/fd", check=True).stdout
+    assert cloud_vm.run(SOCKETS_OF.format(pid=pid), check=True).stdout == ""
+    sshd = cloud_vm.run("pgrep -o -x sshd", check=True).stdout.strip()
+    assert "inet" in cloud_vm.run(SOCKETS_OF.format(pid=sshd), check=True).stdout  # the check sees sshd's port
+
+
+def test_a_test_that_kills_its_channel_falls_back_to_ssh(cloud_vm, variant, caplog) -> None:
+    """vmfx-runner (or the agent) stopped for good by the test: the next command goes over SSH, with a warning."""
+    # Through the login user's own SSH session; the runner's program removed, so that systemd cannot start it again.
+    stop = "systemctl stop qemu-guest-agent" if variant.agent else f"rm {RUNNER_PATH} && systemctl kill -s KILL vmfx-runner"
+    _, out, err = cloud_vm.ssh.exec_command(f"sudo -n sh -c '{stop}'")
+    assert out.channel.recv_exit_status() == 0, err.read()
+    with caplog.at_level(logging.WARNING, logger="pytest_vmfixtures"):
+        result = cloud_vm.run("id -u", check=True)
+    assert result.stdout == "0\n" and cloud_vm.channel == "ssh"
+    assert any("falling back to SSH" in r.getMessage() for r in caplog.records)
+
+
+def test_the_next_test_gets_its_channel_back(cloud_vm, variant, request) -> None:
+    """The revert restores the guest as saved, its runner (or agent) resident and answering; the run's summary
+    names the channel."""
+    expected = "agent" if variant.agent else "runner"
+    assert cloud_vm.channel == expected
+    assert cloud_vm.run("systemctl is-active -q vmfx-runner").ok != variant.agent
+    assert cloud_vm.channel == expected
+    line = request.config.stash[SESSION_KEY].channel_line()
+    assert f"{cloud_vm.config.label} {expected}" in line
 
 
 def test_destructive_change(cloud_vm) -> None:

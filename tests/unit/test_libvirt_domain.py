@@ -17,6 +17,7 @@ from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.libvirt.connection import Host
 from pytest_vmfixtures.backends.libvirt.domain import domain_xml
 from pytest_vmfixtures.backends.libvirt.placement import hosts_for
+from pytest_vmfixtures.channels.runner import PORT_NAME as RUNNER_PORT
 from pytest_vmfixtures.errors import ImageError
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
 
@@ -38,9 +39,11 @@ def cloud_image(firmware: str, agent: bool = True) -> BuiltImage:
     )
 
 
-def render(image: BuiltImage, incoming: bool = False, accel: str = "tcg") -> str:
+def render(image: BuiltImage, incoming: bool = False, accel: str = "tcg", runner: Path | None = None) -> str:
     paths: dict[str, object] = {"kernel": image.kernel, "initrd": image.initrd, "overlay": FILES / "overlay.qcow2",
                                 "console": FILES / "console.log", "seed": image.seed}
+    if runner is not None:
+        paths["runner"] = runner
     if image.firmware == "uefi":
         paths.update(ovmf_code=OVMF_CODE, nvram=FILES / "nvram.qcow2")
     config = MachineConfig(URL, sha256=SHA256) if image.kernel is None else MachineConfig("debian-12")
@@ -96,9 +99,26 @@ def test_a_cloud_guest_keeps_the_other_security_settings() -> None:
 
 @pytest.mark.parametrize("agent", [True, False])
 def test_the_agent_channel_is_there_when_the_image_has_the_agent(agent: bool) -> None:
+    """Your own image's guests get vmfx-runner's port beside the agent's (on the same virtio-serial bus)."""
     root = ElementTree.fromstring(render(cloud_image("bios", agent=agent)))
     names = [t.get("name") for t in root.findall("devices/channel/target")]
-    assert names == (["org.qemu.guest_agent.0"] if agent else [])
+    assert names == (["org.qemu.guest_agent.0", RUNNER_PORT] if agent else [])
+
+
+@pytest.mark.parametrize("runner", [FILES / "runner", None])
+def test_the_runner_port_is_on_a_socket_of_ours_where_one_is_named(runner: Path | None) -> None:
+    """A local guest's runner socket is the plugin's file; elsewhere libvirt places it (the same device)."""
+    root = ElementTree.fromstring(render(cloud_image("uefi"), runner=runner))
+    channel = next(c for c in root.findall("devices/channel") if c.find("target").get("name") == RUNNER_PORT)  # type: ignore[union-attr]
+    source = channel.find("source")
+    assert channel.get("type") == "unix" and source is not None and source.get("mode") == "bind"
+    assert source.get("path") == (str(runner) if runner is not None else None)
+
+
+def test_a_built_in_image_gets_no_runner_port() -> None:
+    """Built-in images' hardware (and so their saved states' keys) are as before: the agent's port alone."""
+    root = ElementTree.fromstring(render(built_in_image()))
+    assert [t.get("name") for t in root.findall("devices/channel/target")] == ["org.qemu.guest_agent.0"]
 
 
 def test_the_hardware_is_the_same_at_boot_and_at_restore() -> None:

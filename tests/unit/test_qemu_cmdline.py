@@ -13,6 +13,7 @@ from pytest_vmfixtures.backends.base import MachineConfig
 from pytest_vmfixtures.backends.common import KERNEL_ARGS, TB_SIZE_MB, mac_for
 from pytest_vmfixtures.backends.qemu import MachinePaths, build_command_line
 from pytest_vmfixtures.backends.qemu.memory import RamFile
+from pytest_vmfixtures.channels.runner import PORT_NAME as RUNNER_PORT
 from pytest_vmfixtures.errors import GuestError
 from pytest_vmfixtures.images.image import BuiltImage, GuestOS
 
@@ -138,6 +139,19 @@ def test_agent_channel_only_when_the_image_has_an_agent(image: BuiltImage, tmp_p
     without = build(replace(image, agent=False), tmp_path, paths=paths)
     joined = " ".join(without)
     assert "qga" not in joined and "guest_agent" not in joined and "virtio-serial" not in joined
+    assert "runner" not in " ".join(with_agent)  # a built-in image: no vmfx-runner port (its states' keys stay)
+
+
+def test_your_own_image_gets_the_runner_port_beside_the_agents(image: BuiltImage, tmp_path: Path) -> None:
+    paths = paths_in(tmp_path, "c-1")
+    seed = tmp_path / "seed.iso"
+    seed.write_bytes(b"")
+    argv = build(replace(image, kernel=None, initrd=None, cmdline="", firmware="bios", seed=seed), tmp_path, paths=paths)
+    devices = option_values(argv, "-device")
+    assert devices.index("virtserialport,chardev=qga0,name=org.qemu.guest_agent.0") < devices.index(
+        f"virtserialport,chardev=runner0,name={RUNNER_PORT}")
+    assert f"socket,id=runner0,path={paths.runner},server=on,wait=off" in option_values(argv, "-chardev")
+    assert paths.runner.parent == paths.socks  # beside QMP's and the agent's, in the private socket directory
 
 
 def test_sandbox_denies_spawning(image: BuiltImage, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from ...accel import AccelChoice
+from ...channels.runner import PORT_NAME as RUNNER_PORT
 from ...errors import ImageError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
@@ -75,6 +76,16 @@ AGENT_CHANNEL = ("<channel type='unix'><source mode='bind'/>"
                  "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
 
 
+def runner_channel(image: BuiltImage, paths: dict[str, object]) -> str:
+    """vmfx-runner's port, on your own images' guests: on a socket of ours where ``paths`` names one (a local
+    guest in saved-state mode), else where libvirt puts it (the same device; nothing here reaches it)."""
+    if image.seed is None:
+        return ""
+    path = paths.get("runner")
+    source = f"<source mode='bind' path='{attr(path)}'/>" if path is not None else "<source mode='bind'/>"
+    return f"<channel type='unix'>{source}<target type='virtio' name='{RUNNER_PORT}'/></channel>"
+
+
 def domain_xml(
     accel: AccelChoice, image: BuiltImage, config: MachineConfig, domain_name: str, host: Host,
     paths: dict[str, object], ssh_port: int, incoming: bool, domain_uuid: str | None = None,
@@ -116,7 +127,7 @@ def domain_xml(
         "serial": (f"<serial type='file'><source path='{attr(paths['console'])}'{append}/>"
                    "<target port='0'/></serial>"
                    if local else "<serial type='pty'><target port='0'/></serial>"),
-        "agent": AGENT_CHANNEL if image.agent else "",
+        "agent": AGENT_CHANNEL + runner_channel(image, paths) if image.agent else "",
         "netdev": netdev if network is None else "",
         "interface": interface_xml(network, mac or user_mac) if network is not None else "",
         "incoming": "<qemu:arg value='-incoming'/><qemu:arg value='defer'/>" if incoming else "",

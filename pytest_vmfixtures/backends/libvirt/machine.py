@@ -45,6 +45,7 @@ class LibvirtMachine:
         self.console_log = files / "console.log"
         self.agent_socket: Path | None = None  # libvirt owns it; see agent_transport
         self.agent_transport = LibvirtAgentTransport(domain, name) if has_agent else None
+        self.runner_socket: Path | None = None  # vmfx-runner's port where the plugin reaches it (set by the backend)
         self.qmp = LibvirtQMP(domain, name)
         self.backing = backing  # the local file this guest's disk layer sits on
         self.overlay = overlay  # a path on the host: a file here, or a volume in a remote host's pool

@@ -78,11 +78,13 @@ class SavedStateMode:
         self, host: Host, image: BuiltImage, config: MachineConfig, name: str, domain_name: str, backing: Path,
         state: SavedState | None,
     ) -> LibvirtMachine:
-        files, _socks = self.ctx.runtime.machine_dirs(name)
+        files, socks = self.ctx.runtime.machine_dirs(name)
         overlay_name = f"{domain_name}.qcow2" if host.storage is not None else "overlay.qcow2"
         paths: dict[str, object] = {}
         try:
             paths = host_files(host.storage, image, backing, overlay_name, files, state, self.ctx.qemu_img, self.ctx.progress)
+            if host.storage is None and image.seed is not None:
+                paths["runner"] = socks / "runner"  # vmfx-runner's port (domain.runner_channel)
             if state is not None:
                 start_restored_console(state, files / "console.log")
             last_error = ""
@@ -109,6 +111,8 @@ class SavedStateMode:
                                          str(paths["overlay"]), nvram if isinstance(nvram, Path) else None,
                                          on_stop=self.ctx.placement.forget)
                 machine.placed_as = domain_name
+                runner = paths.get("runner")
+                machine.runner_socket = runner if isinstance(runner, Path) else None
                 machine.state_copy = copy
                 self.ctx.placement.register(machine)
                 if host.storage is not None:

@@ -86,6 +86,7 @@ class QemuMachine:
         self.console_log = paths.console
         self.agent_socket = paths.agent if has_agent else None
         self.agent_transport: AgentTransport | None = None
+        self.runner_socket: Path | None = None  # vmfx-runner's port, on your own images' guests (set by the backend)
         self.qmp = QMP(paths.qmp, name)
         self._riscv_harts = riscv_harts  # > 0: a RISC-V guest, whose timer a state load loses
         self.ram = ram  # its RAM is this file (memory.py); None: QEMU's own anonymous memory
@@ -151,7 +152,8 @@ class QemuMachine:
         except subprocess.TimeoutExpired:
             pass
         # paths.ram is a cold boot's RAM file (a restore maps the state's and never writes it).
-        for path in (self.paths.overlay, self.paths.nvram, self.paths.ram, self.paths.qmp, self.paths.agent, self.paths.pidfile):
+        for path in (self.paths.overlay, self.paths.nvram, self.paths.ram, self.paths.qmp, self.paths.agent,
+                     self.paths.runner, self.paths.pidfile):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -275,6 +277,7 @@ class QemuBackend:
                                              pass_fds=(ram.fd,) if ram is not None and ram.fd is not None else ())
             harts = config.cpus if guest_arch(image).family == "riscv64" else 0
             machine = QemuMachine(name, process, paths, argv, port, image.agent, riscv_harts=harts, ram=ram)
+            machine.runner_socket = paths.runner if image.agent and image.seed is not None else None
             try:
                 machine.connect_qmp(30.0)
                 return machine

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ...accel import AccelChoice
 from ...arch import ARCHES, Arch, by_name
+from ...channels.runner import PORT_NAME as RUNNER_PORT
 from ...errors import GuestError
 from ...images.image import BuiltImage
 from ..base import MachineConfig
@@ -56,6 +57,11 @@ class MachinePaths:
     @property
     def agent(self) -> Path:
         return self.socks / "qga"
+
+    @property
+    def runner(self) -> Path:
+        """vmfx-runner's port (your own images' guests; channels/runner.py)."""
+        return self.socks / "runner"
 
     @property
     def gdb(self) -> Path:
@@ -171,7 +177,8 @@ def _net_args(arch: Arch, config: MachineConfig, ssh_port: int) -> list[str]:
 
 
 def _chardev_args(image: BuiltImage, paths: MachinePaths, incoming: bool) -> list[str]:
-    """The serial console's log, the QMP socket and, if the image has one, the guest agent's channel."""
+    """The serial console's log, the QMP socket and, if the image has one, the guest agent's channel (and on your
+    own images vmfx-runner's)."""
     argv = [
         # A restore appends to the console log its state's boot console begins (start_restored_console).
         "-chardev", f"file,id=serial0,path={opt(paths.console)}" + (",append=on" if incoming else ""),
@@ -185,4 +192,9 @@ def _chardev_args(image: BuiltImage, paths: MachinePaths, incoming: bool) -> lis
             "-chardev", f"socket,id=qga0,path={opt(paths.agent)},server=on,wait=off",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
+        if image.seed is not None:  # your own image: vmfx-runner's port beside the agent's (channels/runner.py)
+            argv += [
+                "-chardev", f"socket,id=runner0,path={opt(paths.runner)},server=on,wait=off",
+                "-device", f"virtserialport,chardev=runner0,name={RUNNER_PORT}",
+            ]
     return argv
