@@ -134,3 +134,11 @@ def test_scripts_on_a_directory(tmp_path: Path, shell: str) -> None:
 def test_no_baseline_is_said(tmp_path: Path) -> None:
     out = _run("dash", diff_script([str(tmp_path)]))
     assert out.strip() == "VMFX-NOBASELINE"
+
+
+def test_what_the_plugin_writes_is_left_out_when_compared_not_by_the_guest_script() -> None:
+    # The guest script is in every saved state's key: a path added for the comparison must not change it.
+    from pytest_vmfixtures.changes import PLUGIN_WRITES, baseline_script
+
+    assert "/etc/adjtime" in default_patterns()
+    assert all(pattern not in baseline_script() for pattern, _why in PLUGIN_WRITES)
