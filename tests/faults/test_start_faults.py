@@ -167,9 +167,9 @@ def test_a_restored_guest_whose_agent_never_answers(pool: Pool, monkeypatch: pyt
     restored = recording_restore(pool, monkeypatch)
     real_bind = pool_module.bind_channels
 
-    def bind_stopped(machine: Machine, image: BuiltImage, **options: bool) -> Instance:
+    def bind_stopped(machine: Machine, image: BuiltImage, *flags: bool, **options: bool) -> Instance:
         machine.qmp.execute("stop")
-        return real_bind(machine, image, **options)
+        return real_bind(machine, image, *flags, **options)
 
     monkeypatch.setattr(pool_module, "bind_channels", bind_stopped)
     monkeypatch.setattr(pool_module, "warm_up", functools.partial(pool_module.warm_up, timeout=3.0))
