@@ -308,10 +308,10 @@ def check_targets(
 def print_table(document: dict[str, Any]) -> None:
     scenarios = document["scenarios"]
     assert isinstance(scenarios, dict)
-    print(f"\n{'scenario':<26} {'p50':>9} {'p95':>9} {'n':>4}")
+    print(f"\n{'scenario':<26} {'p50':>10} {'p95':>10} {'n':>4}")
     for name, row in scenarios.items():
-        unit = row["unit"]
-        print(f"{name:<26} {row['p50']:>8.2f}{unit[0]} {row['p95']:>8.2f}{unit[0]} {row['n']:>4}")
+        unit = "ms" if row["unit"] == "ms" else row["unit"][0]  # s, ms, MiB as M
+        print(f"{name:<26} {row['p50']:>8.2f}{unit:<2} {row['p95']:>8.2f}{unit:<2} {row['n']:>4}")
     print()
     for name, value in document["ratios"].items():
         print(f"{name:<32} {value:>7.1f}x")
