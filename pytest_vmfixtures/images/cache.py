@@ -235,17 +235,8 @@ class Cache:
 
     @staticmethod
     def check_manifest(directory: Path) -> str | None:
-        try:
-            meta = json.loads((directory / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return "manifest missing or unreadable"
-        for name, digest in meta.get("files", {}).items():
-            path = directory / name
-            if not path.exists():
-                return f"{name} missing"
-            if sha256_file(path) != digest:
-                return f"{name} does not match its digest"
-        return None
+        """Why the entry is not as its manifest says (None: every file read and found right); no stamp trusted."""
+        return _verify(directory, {})[0]
 
     @staticmethod
     def check_entry(directory: Path) -> str | None:
@@ -255,24 +246,11 @@ class Cache:
         found intact then; every other file is read and checked, and the stamp records it once it passes.
         Called under the entry's exclusive lock (``entry``), so one process writes the stamp at a time.
         """
-        try:
-            meta = json.loads((directory / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return "manifest missing or unreadable"
         stamp = _read_stamp(directory)
-        checked: dict[str, list[object]] = {}
-        for name, digest in meta.get("files", {}).items():
-            path = directory / name
-            try:
-                identity = file_identity(path)  # before reading: a change while it is read moves it
-            except OSError:
-                return f"{name} missing"
-            if stamp.get(name) != [digest, *identity] and sha256_file(path) != digest:
-                return f"{name} does not match its digest"
-            checked[name] = [digest, *identity]
-        if checked != stamp:
+        problem, checked = _verify(directory, stamp)
+        if problem is None and checked != stamp:
             _write_stamp(directory, checked)
-        return None
+        return problem
 
     @staticmethod
     def read_manifest(directory: Path) -> dict[str, object]:
@@ -299,6 +277,26 @@ class Cache:
             except OSError:
                 continue
         return removed
+
+
+def _verify(directory: Path, known: dict[str, object]) -> tuple[str | None, dict[str, list[object]]]:
+    """Check the entry's files against its manifest, reading only those whose ``[digest, *identity]`` is not
+    in ``known``: why it is not intact (None if it is), and each file's ``[digest, *identity]`` as found."""
+    try:
+        meta = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "manifest missing or unreadable", {}
+    checked: dict[str, list[object]] = {}
+    for name, digest in meta.get("files", {}).items():
+        path = directory / name
+        try:
+            identity = file_identity(path)  # before reading: a change while it is read moves it
+            if known.get(name) != [digest, *identity] and sha256_file(path) != digest:
+                return f"{name} does not match its digest", checked
+        except OSError:
+            return f"{name} missing", checked
+        checked[name] = [digest, *identity]
+    return None, checked
 
 
 def _read_stamp(directory: Path) -> dict[str, object]:
