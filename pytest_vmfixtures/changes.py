@@ -55,8 +55,8 @@ DEFAULT_IGNORE: tuple[tuple[str, str], ...] = (
 # Left out when the results are compared, not by the guest script (whose text is in every saved state's key):
 # what the plugin itself has a guest write after each restore.
 PLUGIN_WRITES: tuple[tuple[str, str], ...] = (
-    ("/etc/adjtime", "the hardware clock's drift file: after each restore the plugin sets the guest's clock "
-                     "through the guest agent, whose `hwclock -w` writes it"),
+    ("/etc/adjtime", "the hardware clock's drift file: on a guest without GNU date the plugin sets the clock after "
+                     "each restore with the agent's guest-set-time, whose `hwclock -w` writes it"),
 )
 LOCAL_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "vfat", "exfat", "zfs", "bcachefs", "nilfs2")
 HASH_LIMIT = 1 << 20  # files up to this size get a content hash at baseline (outside /usr where dpkg has them)
