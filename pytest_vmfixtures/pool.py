@@ -12,21 +12,19 @@ guest boots, is provisioned and snapshotted itself (``take_clean``), and is reve
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .accel import accel_of_guest
 from .backends.base import (
     STATE_CONSOLE,
     Backend,
-    Machine,
     MachineConfig,
     SavedState,
     SnapshotReverting,
@@ -43,136 +41,17 @@ from .images.byo import DEFAULT_USER, ByoSpec, is_byo
 from .images.byo import prepare as prepare_byo
 from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
-from .instance import Instance, bind_channels, login_prompts, named_snapshot_calls, retarget, settle_first_boot, wait_ssh_ready, warm_up
-from .restoring import StateRefused, close_if_made, restore_held
+from .instance import Instance, login_prompts, named_snapshot_calls, retarget, settle_first_boot, wait_ssh_ready, warm_up
 from .runtime import Runtime
+from .slot import HOT_AFTER, IDLE_AFTER, STANDBY_AUTO, Slot, bound_instance
+
+__all__ = ["HOT_AFTER", "IDLE_AFTER", "STANDBY_AUTO", "Pool", "Slot"]
 
 log = logging.getLogger("pytest_vmfixtures")
 
 STATE_FORMAT = 3  # 3: the boot's console log is kept with the state
-STANDBY_AUTO = -1  # Pool(standby=): one spare per slot, two once it is hot (see Slot.spares_wanted)
-HOT_AFTER = 3  # takes of a slot after which a second spare is kept: tests shorter than one spare's restore
+SHED_EVERY = 10.0  # s: how often idle slots are looked at (Slot.shed_if_idle)
 Progress = Callable[[str], None]
-
-
-def _bound(machine: Machine, image: BuiltImage, facts: Mapping[str, object] | None = None) -> Instance:
-    """The machine with its channels (stopped if they cannot be made). ``facts``: what the state's first boot
-    found (``agent`` False: commands over SSH from the start; ``root_login`` True: SSH as root, no sudo)."""
-    facts = facts or {}
-    try:
-        return bind_channels(machine, image, facts.get("agent") is not False, facts.get("root_login") is True, facts.get("runner") is True)
-    except BaseException:
-        machine.stop()
-        raise
-
-
-class Slot:
-    """Guests of one (image, config), their saved state and their spares.
-
-    ``state`` None: the backend has no saved states; each instance is a guest booted with its own snapshot.
-    """
-
-    def __init__(self, pool: Pool, image: BuiltImage, config: MachineConfig, state: SavedState | None) -> None:
-        self.pool = pool
-        self.image = image
-        self.config = config
-        self.state = state
-        self.idle: list[VM] = []
-        self.busy: set[VM] = set()
-        self._spares: list[Future[Instance]] = []  # oldest first; up to spares_wanted()
-        self._taken = 0
-        self._lock = threading.Lock()
-        self._remake_lock = threading.Lock()
-        self._closed = False
-
-    def new_instance(self) -> Instance:
-        if self.state is None:
-            return self.pool.snapshotted_instance(self.image, self.config)
-        name = self.pool.runtime.new_name(self.config.label)
-        state = self.state
-        try:
-            machine = restore_held(self.pool.cache, self.pool.backend, self.image, self.config, state, name)
-        except StateRefused as refused:  # QEMU refuses it (the key missed something), or it is gone: make it again
-            log.warning("saved state %s does not load (%s); making it again", state.key, refused.error)
-            self.remake_state(state, refused.generation)
-            assert self.state is not None
-            state = self.state
-            machine = restore_held(self.pool.cache, self.pool.backend, self.image, self.config, state, name)  # refused again: raised
-        instance = _bound(machine, self.image, state.meta)
-        try:
-            warm_up(instance, self.image)
-        except BaseException:
-            instance.close()
-            raise
-        return instance
-
-    def take_instance(self) -> Instance:
-        """A clean instance: the oldest spare if one is coming (a ready one if any is), else restored now."""
-        with self._lock:
-            ready = [f for f in self._spares if f.done()]
-            spare = (ready or self._spares)[0] if self._spares else None
-            if spare is not None:
-                self._spares.remove(spare)
-            self._taken += 1
-        instance: Instance | None = None
-        if spare is not None:
-            try:
-                instance = spare.result(timeout=300)
-            except Exception as exc:
-                log.warning("spare %s guest failed (%s); restoring one now", self.config.image, exc)
-                spare.add_done_callback(close_if_made)  # given up on: if it comes after all, it is stopped
-        if instance is None:
-            instance = self.new_instance()
-        self.refill()
-        return instance
-
-    def remake_state(self, broken: SavedState, generation: str | None) -> None:
-        """Discard a state that failed if it is still the ``generation`` that failed (else another worker made
-        it again: use that one), and make it anew, once more if that fails once."""
-        with self._remake_lock:
-            if self.state is not broken:
-                return  # another thread already made a new one
-            self.pool.cache.discard(broken.directory, generation)
-            try:
-                self.state = self.pool.saved_state(self.image, self.config)
-            except VMError as exc:
-                log.warning("making saved state %s again failed (%s); trying once more", broken.key, exc)
-                self.state = self.pool.saved_state(self.image, self.config)
-
-    def wait_for_spares(self, timeout: float = 300.0) -> None:
-        """Wait until the spares being restored are ready (or failed): as after a test that ran a while."""
-        with self._lock:
-            spares = list(self._spares)
-        for spare in spares:
-            with contextlib.suppress(Exception):
-                spare.result(timeout)
-
-    def spares_wanted(self) -> int:
-        """Clean instances to keep restoring ahead: ``--vm-standby``, or for ``auto`` one, and two once the slot
-        is hot (short tests outpace one spare's restore and warm-up: revert p50 0.35 -> 0.18 s, benchmarks/)."""
-        if self.pool.standby != STANDBY_AUTO:
-            return self.pool.standby
-        return 2 if self._taken >= HOT_AFTER else 1
-
-    def refill(self) -> None:
-        if self.state is None:  # no saved state (a hypervisor snapshot per guest): no spare, each guest is its own
-            return
-        with self._lock:
-            while not self._closed and len(self._spares) < self.spares_wanted():
-                self._spares.append(self.pool.executor.submit(self.new_instance))
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            spares, self._spares = self._spares, []
-        for spare in spares:
-            with contextlib.suppress(Exception):
-                spare.result(timeout=300).close()
-        for vm in [*self.idle, *self.busy]:
-            with contextlib.suppress(Exception):
-                vm.kill()
-        self.idle.clear()
-        self.busy.clear()
 
 
 class Pool:
@@ -213,6 +92,8 @@ class Pool:
         self._images: dict[str, BuiltImage] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._stopping = threading.Event()
+        threading.Thread(target=self._shed_idle, name="vmfixtures-shed", daemon=True).start()
         self.kept: list[tuple[VM, str]] = []
         self.channels: dict[str, str] = {}  # image label -> the channel its first guest got (the run's summary says it)
 
@@ -296,7 +177,7 @@ class Pool:
         facts: dict[str, object] = {}
         accel = self.accel_for(image)
         machine = self.backend.boot(image, config, name)
-        instance = _bound(machine, image)
+        instance = bound_instance(machine, image)
         try:
             wait_ssh_ready(instance, self.boot_timeout, accel)
             self.progress(f"{config.label} booted in {time.monotonic() - started:.0f} s; provisioning")
@@ -382,8 +263,7 @@ class Pool:
         if self._closed:
             raise GuestError("the guest pool is closed (the session is ending)")
         slot = self._slot(config)
-        with self._lock:
-            vm = slot.idle.pop() if slot.idle else None
+        vm = slot.pop_idle()
         if vm is None:
             vm = self._handle(slot.image, config, slot.take_instance(), slot)
             try:
@@ -392,8 +272,8 @@ class Pool:
                 vm.kill()
                 raise
             vm.state = GuestState.READY
+        slot.hold(vm)
         with self._lock:
-            slot.busy.add(vm)
             self.channels.setdefault(config.label, vm.channel)
         return vm
 
@@ -403,8 +283,7 @@ class Pool:
         if slot is None:
             vm.kill()
             return
-        with self._lock:
-            slot.busy.discard(vm)
+        slot.let_go(vm)
         if vm.state == GuestState.DEAD:  # it died during the test; the next test gets a new guest
             vm.kill()
             return
@@ -414,18 +293,14 @@ class Pool:
             log.warning("reverting %s failed (%s); discarding it", vm.name, exc)
             vm.kill()
             raise
-        if self._closed:
+        if self._closed or not slot.park(vm):
             vm.kill()
-            return
-        with self._lock:
-            slot.idle.append(vm)
 
     def keep(self, vm: VM, reason: str) -> None:
         """Leave a failed test's guest running for a person to inspect; it is not reused."""
         slot = self._slots.get(vm.config)
         if slot is not None:
-            with self._lock:
-                slot.busy.discard(vm)
+            slot.let_go(vm)
         self.backend.keep(vm._instance.machine)
         self.kept.append((vm, reason))
 
@@ -436,11 +311,23 @@ class Pool:
             return
         self.executor.submit(instance.close)
 
+    def _shed_idle(self) -> None:
+        """In the background: slots the run has left stop their guests (see Slot.shed_if_idle)."""
+        while not self._stopping.wait(SHED_EVERY):
+            with self._lock:
+                slots = list(self._slots.values())
+            for slot in slots:
+                try:
+                    slot.shed_if_idle(time.monotonic())
+                except Exception as exc:  # a guest that does not stop cleanly: the session's end stops it
+                    log.warning("stopping idle guests of %s failed: %s", slot.config.describe(), exc)
+
     def close(self) -> None:
         """Stop everything; every step runs even if one fails."""
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
         for slot in list(self._slots.values()):
             try:
                 slot.close()

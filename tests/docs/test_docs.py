@@ -61,7 +61,7 @@ def test_the_runnable_examples_are_found() -> None:
 # -- names docs/architecture.md cites ---------------------------------------------------------------------
 
 # Names the page uses for an object rather than a module: what they stand for.
-STANDS_FOR = {"Pool": "pool.Pool", "Slot": "pool.Slot", "VM": "guest.VM", "Runtime": "runtime.Runtime",
+STANDS_FOR = {"Pool": "pool.Pool", "Slot": "slot.Slot", "VM": "guest.VM", "Runtime": "runtime.Runtime",
               "image": "images.image.BuiltImage", "backend": "backends.base.Backend", "byo": "images.byo",
               "cache": "images.cache"}
 PACKAGES = ("pytest_vmfixtures", "pytest_vmfixtures.images", "pytest_vmfixtures.backends")

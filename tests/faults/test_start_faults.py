@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmfixtures import pool as pool_module
+from pytest_vmfixtures import slot as slot_module
 from pytest_vmfixtures.accel import choose_accel, probe_host
 from pytest_vmfixtures.backends import qemu
 from pytest_vmfixtures.backends.base import Machine, MachineConfig
@@ -165,14 +165,14 @@ def test_a_restored_guest_whose_agent_never_answers(pool: Pool, monkeypatch: pyt
     sshd answers); warm-up gives up at its deadline, shortened here, and the guest is stopped."""
     slot = pool._slot(MachineConfig("debian-12"))
     restored = recording_restore(pool, monkeypatch)
-    real_bind = pool_module.bind_channels
+    real_bind = slot_module.bind_channels
 
     def bind_stopped(machine: Machine, image: BuiltImage, *flags: bool, **options: bool) -> Instance:
         machine.qmp.execute("stop")
         return real_bind(machine, image, *flags, **options)
 
-    monkeypatch.setattr(pool_module, "bind_channels", bind_stopped)
-    monkeypatch.setattr(pool_module, "warm_up", functools.partial(pool_module.warm_up, timeout=3.0))
+    monkeypatch.setattr(slot_module, "bind_channels", bind_stopped)
+    monkeypatch.setattr(slot_module, "warm_up", functools.partial(slot_module.warm_up, timeout=3.0))
     with pytest.raises(VMError):
         slot.new_instance()
     assert_gone(restored)  # type: ignore[arg-type]

@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_vmfixtures import pool as pool_module
+from pytest_vmfixtures import slot as slot_module
 from pytest_vmfixtures.backends.base import MachineConfig, SavedState
 from pytest_vmfixtures.errors import BootError, SnapshotError
 from pytest_vmfixtures.images.cache import Cache
-from pytest_vmfixtures.pool import Slot
+from pytest_vmfixtures.slot import Slot
 
 WORKERS = 4
 KEY = "tiny-0123456789abcdef"
@@ -73,8 +73,8 @@ class FakeBackend:
 
 @pytest.fixture(autouse=True)
 def no_channels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(pool_module, "_bound", lambda machine, image, facts=None: machine)
-    monkeypatch.setattr(pool_module, "warm_up", lambda instance, image: None)
+    monkeypatch.setattr(slot_module, "bound_instance", lambda machine, image, facts=None: machine)
+    monkeypatch.setattr(slot_module, "warm_up", lambda instance, image: None)
     yield
 
 
