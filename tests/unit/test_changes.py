@@ -142,3 +142,61 @@ def test_what_the_plugin_writes_is_left_out_when_compared_not_by_the_guest_scrip
 
     assert "/etc/adjtime" in default_patterns()
     assert all(pattern not in baseline_script() for pattern, _why in PLUGIN_WRITES)
+
+
+def _tree(root: Path) -> None:
+    for d in ("etc/sub/deep", "opt/app/lib", "srv/keep", "srv/old/a/b", "home/u"):
+        (root / d).mkdir(parents=True)
+    for f in ("etc/passwd", "etc/sub/conf", "etc/sub/deep/leaf", "opt/app/lib/x.so", "srv/keep/k", "srv/old/a/b/f",
+              "home/u/.profile"):
+        (root / f).write_text(f)
+    (root / "backup" / "app" / "lib").mkdir(parents=True)  # a tree the test later moves over /opt/app
+    (root / "backup" / "app" / "lib" / "x.so").write_text("another x.so")
+    (root / "backup" / "app" / "lib" / "y.so").write_text("y")
+
+
+def _wreck(root: Path) -> None:
+    shutil.rmtree(root / "opt" / "app")
+    (root / "backup" / "app").rename(root / "opt" / "app")  # moved over a clean-state path: old ctimes below it
+    (root / "srv" / "old").rename(root / "srv" / "new")  # a renamed tree: all of it added, all of it removed
+    shutil.rmtree(root / "etc" / "sub" / "deep")
+    os.link(root / "home" / "u" / ".profile", root / "home" / "u" / "hard")
+    (root / "etc" / "passwd").write_text("etc/passwd, longer")
+    (root / "srv" / "keep" / "k").unlink()
+    (root / "srv" / "keep" / "k").mkdir()  # a file replaced by a directory
+    (root / "etc").chmod(0o750)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_quick_comparison_finds_what_the_full_walk_finds(tmp_path: Path, shell: str) -> None:
+    """GNU find compares only what changed since the baseline (ctime); busybox's, and the full walk, everything."""
+    root, ram = tmp_path / "root", tmp_path / "ram"
+    _tree(root)
+    ram.mkdir()
+    _run(shell, baseline_script([str(ram)], [str(root)], []))
+    time.sleep(1.1)
+    _wreck(root)
+    quick = parse("g", _result(_run(shell, diff_script([str(ram)], []))), ())
+    full = parse("g", _result(_run(shell, "VMFX_CHANGES_FULL=1; " + diff_script([str(ram)], []))), ())
+    r = str(root)
+    assert full.added == sorted(f"{r}/{p}" for p in (
+        "home/u/hard", "opt/app/lib/y.so", "srv/new", "srv/new/a", "srv/new/a/b", "srv/new/a/b/f"))
+    assert full.modified == sorted(f"{r}/{p}" for p in ("etc", "etc/passwd", "opt/app/lib/x.so", "srv/keep/k"))
+    assert full.removed == sorted(f"{r}/{p}" for p in (
+        "backup/app", "backup/app/lib", "backup/app/lib/x.so", "backup/app/lib/y.so", "etc/sub/deep",
+        "etc/sub/deep/leaf", "srv/old", "srv/old/a", "srv/old/a/b", "srv/old/a/b/f"))
+    assert quick == full
+    assert not list(ram.glob("*/tmp.*")), "the comparison leaves nothing behind"
+
+
+def test_a_clock_earlier_than_the_baselines_gets_the_full_listing(tmp_path: Path) -> None:
+    """A guest clock set back before the baseline: ctimes prove nothing, so every path is listed again."""
+    root, ram = tmp_path / "root", tmp_path / "ram"
+    _tree(root)
+    ram.mkdir()
+    _run("dash", baseline_script([str(ram)], [str(root)], []))
+    (root / "etc" / "passwd").write_text("etc/passwd, longer")
+    later = time.time() + 3600  # as if the baseline was taken an hour ahead of this clock
+    os.utime(ram / "vmfx-changes" / "ok", (later, later))
+    changes = parse("g", _result(_run("dash", diff_script([str(ram)], []))), ())
+    assert changes.modified == [f"{root}/etc/passwd"]

@@ -180,3 +180,14 @@ def test_under_kvm_the_domain_is_a_kvm_one_with_the_hosts_cpu() -> None:
     cpu = kvm.find("cpu")
     assert cpu is not None and cpu.get("mode") == "host-passthrough"
     assert kvm.find("features/tcg") is None and tcg.find("features/tcg") is not None
+
+
+@pytest.mark.parametrize("image", [cloud_image("bios"), cloud_image("uefi"), built_in_image()],
+                         ids=["bios", "uefi", "built-in"])
+@pytest.mark.parametrize("incoming", [False, True], ids=["boot", "restore"])
+def test_a_guest_that_reboots_itself_is_restarted_by_libvirt(image: BuiltImage, incoming: bool) -> None:
+    """vm.reboot() reboots from inside the guest: libvirt must start the domain again, in both modes (the reboot
+    test itself runs through libvirt in scripts/test's libvirt-2hosts run only; a guest boot is minutes there)."""
+    root = ElementTree.fromstring(render(image, incoming))
+    assert root.findtext("on_reboot") == "restart"
+    assert root.findtext("on_poweroff") == "destroy"
