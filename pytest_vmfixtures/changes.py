@@ -6,12 +6,8 @@ times, link target), content hashes and the installed packages. It is kept in a 
 (``/run``, else ``/dev/shm`` or ``/dev``), so it is part of the saved RAM: every restore and every revert
 brings it back at no cost, and it never touches the guest's disk. A test that never asks pays nothing.
 
-``vm.changes()`` then runs one POSIX sh script in the guest that compares (with awk) against the baseline;
-only the differences cross to the host. With GNU find it lists only what changed since the baseline (the
-paths whose ctime is newer than the baseline's end, then, level by level, what lies in directories whose
-ctime is not the baseline's, and all below a directory moved or chmod-ed since: what moved with it kept its
-ctime); with busybox's, or a guest clock set back before the baseline, it lists the filesystems again.
-This comparison is not in any state's key (only the baseline script is), so it can change freely. Timestamps alone are not a
+``vm.changes()`` then runs one POSIX sh script in the guest that lists the filesystems again and compares
+(with awk) against the baseline; only the differences cross to the host. Timestamps alone are not a
 change: a file whose size, type, permissions, owner and link target are equal but whose times moved is
 compared by content. Content hashes come from the baseline (every regular file up to 1 MiB outside /usr,
 where the guest's package manager keeps none) and from dpkg's own ``md5sums`` of package files, copied
@@ -264,55 +260,15 @@ if [ -z "$B" ]; then
   echo "VMFX-NOBASELINE"; exit 0
 fi
 T=$B/tmp.$$
-if [ -z "${{VMFX_CHANGES_FULL:-}}" ] && find "$B/ok" -maxdepth 0 -cnewer "$B/ok" -printf '' >/dev/null 2>&1 &&
-   [ "$(date +%s)" -ge "$(date -r "$B/ok" +%s)" ]; then
-  # Only what changed: the paths whose inode changed since the baseline (ctime), then, level by level, what
-  # lies in each directory whose ctime is not the baseline's (entries added, removed or moved in there), and
-  # all that lies below a directory moved or chmod-ed since (its ctime past its mtime: what was moved with
-  # it kept its old ctime).
-  X=; for s in $SKIP; do X="$X -path $s -prune -o"; done
-  F='%p\t%y\t%m\t%U\t%G\t%s\t%Ts\t%Cs\t%l\n'
-  find $(cat "$B/mounts") -xdev $X -cnewer "$B/ok" -printf "$F" > "$T.seen" 2>/dev/null
-  awk -F'\t' '$2 == "d" {{ print $1 "\t" $8 }}' "$B/files" > "$T.dirs"
-  : > "$T.open"; : > "$T.whole"
-  while :; do
-    awk -F'\t' -v whole="$T.whole" '
-      FILENAME == ARGV[1] {{ c[$1] = $2; next }} FILENAME == ARGV[2] {{ o[$1] = 1; next }}
-      FILENAME == ARGV[3] {{ w[$1] = 1; next }}
-      $2 == "d" && !($1 in o) && !($1 in n) {{ q = $1; sub(/\/[^\/]*$/, "", q); if (q == "") q = "/"
-        changed = !($1 in c) || c[$1] != $8
-        if ((q != $1 && (q in w)) || (changed && $8 > $7)) {{ print $1 >> whole; n[$1] = 1; print $1 }}
-        else if (changed) {{ n[$1] = 1; print $1 }} }}' \
-      "$T.dirs" "$T.open" "$T.whole" "$T.seen" > "$T.next"
-    [ -s "$T.next" ] || break
-    cat "$T.next" >> "$T.open"
-    awk '{{ printf "%s%c", $0, 0 }}' "$T.next" |
-      xargs -0 sh -c 'find "$@" -xdev -mindepth 1 -maxdepth 1 '"$X"' -printf "$0"' "$F" >> "$T.seen" 2>/dev/null
-  done
-  awk -F'\t' '
-    FILENAME == ARGV[1] {{ bm[$1] = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9; bt[$1] = $7 "\t" $8
-      if (!($1 in at)) {{ at[$1] = 1; order[++n] = $1 }}; next }}
-    FILENAME == ARGV[2] {{ o[$1] = 1; next }}
-    {{ p = $1; if (p in seen) next; seen[p] = 1; m = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9
-      if (!(p in bm)) print "A\t" p
-      else if (m != bm[p]) print "C\t" p
-      else if ($2 == "f" && $7 "\t" $8 != bt[p]) print "H\t" p }}
-    END {{ for (i = 1; i <= n; i++) {{ p = order[i]; if (p in seen) continue
-        q = p; sub(/\/[^\/]*$/, "", q); if (q == "") q = "/"
-        if (q != p && ((q in o) || (q in gone))) {{ gone[p] = 1; print "D\t" p }} }} }}' \
-    "$B/files" "$T.open" "$T.seen" > "$T.diff"
-  rm -f "$T.seen" "$T.dirs" "$T.open" "$T.whole" "$T.next"
-else
-  vmfx_list $(cat "$B/mounts") | awk -F'\t' '
-    {{ p = $1; m = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9 }}
-    NR == FNR {{ bm[p] = m; bt[p] = $7 "\t" $8; next }}
-    /^VMFX-ERROR/ {{ print; next }}
-    {{ if (!(p in bm)) {{ print "A\t" p; next }}
-      seen[p] = 1
-      if (m != bm[p]) print "C\t" p
-      else if ($2 == "f" && $7 "\t" $8 != bt[p]) print "H\t" p }}
-    END {{ for (p in bm) if (!(p in seen)) print "D\t" p }}' "$B/files" - > "$T.diff"
-fi
+vmfx_list $(cat "$B/mounts") | awk -F'\t' '
+  {{ p = $1; m = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9 }}
+  NR == FNR {{ bm[p] = m; bt[p] = $7 "\t" $8; next }}
+  /^VMFX-ERROR/ {{ print; next }}
+  {{ if (!(p in bm)) {{ print "A\t" p; next }}
+    seen[p] = 1
+    if (m != bm[p]) print "C\t" p
+    else if ($2 == "f" && $7 "\t" $8 != bt[p]) print "H\t" p }}
+  END {{ for (p in bm) if (!(p in seen)) print "D\t" p }}' "$B/files" - > "$T.diff"
 awk -F'\t' '$1 == "H" {{ printf "%s%c", $2, 0 }}' "$T.diff" | xargs -0 -r $MD5 > "$T.now" 2>/dev/null
 awk -F'\t' '
   FILENAME == ARGV[1] {{ now[substr($0, 35)] = substr($0, 1, 32); next }}
