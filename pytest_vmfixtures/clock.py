@@ -1,19 +1,17 @@
-"""The guest's clock after a restore, set through the guest agent.
+"""The guest's clock after a restore, set through the guest agent without a shell.
 
 A restored guest wakes at the time its state was saved. Its offset from the host's clock is read with
-``guest-get-time`` (no process in the guest), and GNU ``date -s "<offset> seconds"`` runs through the agent as
-``vm.run`` runs a command (``/bin/sh``): date adds the shift to the clock it reads itself, so the time the shell
-and date take to start does not count, only the few milliseconds between its read and its ``settimeofday``
-(a lead, learned from each try). The result is read back, and a clock still off by more than
-:data:`CLOCK_TOLERANCE` is shifted once more. Under TCG a restored guest's code is translated anew on first
-use, so this also readies the path the test's first ``vm.run`` takes (measured: that command 0.1-0.2 s
-sooner than after a bare ``date``).
+``guest-get-time`` (no process in the guest), and the agent starts GNU ``date -s "<offset> seconds"``
+directly, without a shell: date adds the shift to the clock it reads itself, so the time the process takes
+to start does not count, only the few milliseconds between its read and its ``settimeofday`` (a lead,
+learned from each try). The result is read back, and a clock still off by more than :data:`CLOCK_TOLERANCE`
+is shifted once more.
 
-Where that ``date`` cannot shift (busybox), ``guest-set-time`` is sent with the host's time in nanoseconds. It is
-exact as well, but qemu-guest-agent then copies the time to the RTC with ``hwclock -w``, which busy-waits for the
-RTC's next second: about a second of the guest's CPU on every restore (measured: 1.0 s of QEMU's CPU per call
-under TCG, against 0.2-0.35 s for ``date``). The RTC is not touched otherwise; the guest never reads it after
-its boot.
+Where that ``date`` cannot run (busybox, or ``guest-exec`` blocked), ``guest-set-time`` is sent with the host's
+time in nanoseconds. It is exact as well, but qemu-guest-agent then copies the time to the RTC with ``hwclock -w``,
+which busy-waits for the RTC's next second: about a second of the guest's CPU on every restore (measured:
+1.0 s of QEMU's CPU per call under TCG, against 0.2-0.35 s for the ``date``). Neither path touches the RTC
+otherwise, and the guest never reads it after its boot.
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ from __future__ import annotations
 import logging
 import time
 
-from .channels.agent import Agent, AgentRefused
-from .command import new_tag
+from .channels.agent import Agent, AgentError, AgentRefused
+from .waiting import Deadline
 
 log = logging.getLogger("pytest_vmfixtures")
 
@@ -30,6 +28,7 @@ CLOCK_TOLERANCE = 0.05  # s: how far a restored guest's clock may be from the ho
 SET_ATTEMPTS = 2
 READS = 3  # guest-get-time round trips per reading; the shortest bounds the offset best
 APPLIED = 1.0  # s: a clock nearer than this after guest-set-time was set by it (a restored one is minutes off)
+DATE = "/bin/date"  # GNU coreutils' (busybox's cannot shift by a relative time and fails: guest-set-time then)
 LEAD = 0.015  # s: how long date takes from reading the clock to setting it, first guess (TCG: 12-43 ms measured)
 
 
@@ -76,17 +75,12 @@ def set_clock_by_agent(agent: Agent, timeout: float) -> float | None:
 
 
 def shift_by_date(agent: Agent, reading: tuple[float, float], timeout: float) -> tuple[float, float] | None:
-    """Shift the guest's clock by the offset read, with ``date -s "<s> seconds"``; the reading after the last
-    try, or None if date cannot (busybox's date knows no relative time; guest-exec blocked)."""
+    """Shift the guest's clock by the offset read with ``date -s "<s> seconds"``; the reading after the last
+    try, or None if that date does not run or fails (no GNU date, guest-exec blocked)."""
     lead = LEAD
     for _ in range(SET_ATTEMPTS):
-        try:
-            result = agent.exec(f"date -s '{lead - reading[0]:+.9f} seconds' >/dev/null", new_tag(), timeout)
-        except AgentRefused as exc:
-            log.debug("%s: date did not start: %s", agent.name, exc)
-            return None
-        if not result.ok:
-            log.debug("%s: date cannot shift the clock: %s", agent.name, result.stderr.strip()[:200])
+        offset = reading[0]
+        if not run_date(agent, f"{lead - offset:+.9f} seconds", timeout):
             return None
         after = guest_clock_offset(agent, timeout)
         if after is None:
@@ -97,6 +91,25 @@ def shift_by_date(agent: Agent, reading: tuple[float, float], timeout: float) ->
             break
     log.debug("%s: guest clock %+.3f s (+-%.3f) off the host's after date", agent.name, *reading)
     return reading
+
+
+def run_date(agent: Agent, shift: str, timeout: float) -> bool:
+    """``date -s SHIFT`` started by the agent without a shell, waited for; False if it did not run or failed."""
+    try:
+        pid = agent.call("guest-exec", {"path": DATE, "arg": ["-s", shift], "capture-output": True}, timeout)["pid"]
+    except AgentRefused as exc:
+        log.debug("%s: %s did not start: %s", agent.name, DATE, exc)
+        return False
+    deadline = Deadline(timeout)
+    delay = 0.005
+    while True:
+        status = agent.call("guest-exec-status", {"pid": pid}, max(1.0, deadline.remaining()))
+        if status.get("exited"):
+            return bool(status.get("exitcode") == 0)
+        if deadline.expired():
+            raise AgentError(f"{agent.name}: {DATE} -s did not end within {timeout:g} s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
 
 
 def set_by_guest_set_time(agent: Agent, timeout: float) -> float | None:

@@ -1,5 +1,5 @@
-"""The clock after a restore: shifted by GNU date through the agent, else guest-set-time with the host's time,
-read back, set again, or set by the shell's date with the host's time.
+"""The clock after a restore: shifted by GNU date started without a shell, else guest-set-time with the host's
+time, read back, set again, or set by a shell.
 
 The agent here is a stand-in that keeps a guest clock as an offset from the host's: a real guest agent
 cannot be made on demand to apply a time late, to lack hwclock or GNU date, or to block a command. The real
@@ -54,6 +54,16 @@ class ClockAgent:
             if not self.hwclock:
                 raise AgentRefused(f"{self.name}: guest agent 'guest-set-time' failed: hwclock failed to set hardware clock")
             return {}
+        if command == "guest-exec":
+            assert arguments is not None and arguments["path"] == "/bin/date" and arguments["arg"][0] == "-s"
+            self.exit = 1
+            if self.date_lags is not None:  # GNU date: the shift added to the clock as it read it, set ``lag`` later
+                lag = self.date_lags.pop(0) if len(self.date_lags) > 1 else self.date_lags[0]
+                self.offset += float(arguments["arg"][1].removesuffix(" seconds")) - lag
+                self.exit = 0
+            return {"pid": 42}
+        if command == "guest-exec-status":
+            return {"exited": True, "exitcode": self.exit}
         raise AssertionError(f"unexpected {command}")
 
     def connect(self, timeout: float) -> None:
@@ -61,13 +71,6 @@ class ClockAgent:
 
     def exec(self, command: str, tag: str, timeout: float | None, **_: object) -> CommandResult:
         self.commands.append(command)
-        if "exec" in self.blocked:
-            raise AgentRefused(f"{self.name}: guest agent 'guest-exec' failed: command disabled")
-        if command.startswith("date -s '"):  # GNU date: the shift added to the clock as it read it, set ``lag`` later
-            if self.date_lags is None:
-                return CommandResult(command, 1, "", "date: invalid date")  # busybox
-            lag = self.date_lags.pop(0) if len(self.date_lags) > 1 else self.date_lags[0]
-            self.offset += float(command.split("'")[1].removesuffix(" seconds")) - lag
         if command.startswith("date -u -s @"):  # the shell's date: the time computed before the shell started
             self.offset = float(command.split("@", 1)[1].split()[0]) - time.time() - 0.5
         return CommandResult(command, 0, "", "")
@@ -113,25 +116,25 @@ def test_gnu_date_shifts_the_clock_by_the_offset_read_and_no_hwclock_runs() -> N
     offset = set_clock_by_agent(agent, 10.0)  # type: ignore[arg-type]
     assert offset is not None and abs(offset) < CLOCK_TOLERANCE
     assert offset == pytest.approx(LEAD - 0.025, abs=0.01)
-    assert len(agent.commands) == 1 and "guest-set-time" not in agent.calls
+    assert agent.calls.count("guest-exec") == 1 and "guest-set-time" not in agent.calls
 
 
 def test_a_date_slower_than_the_lead_is_shifted_again_by_what_it_took() -> None:
     agent = ClockAgent(date_lags=[0.3, 0.3])  # a loaded host: date takes 300 ms from its read to its set
     offset = set_clock_by_agent(agent, 10.0)  # type: ignore[arg-type]
-    assert len(agent.commands) == 2 and "guest-set-time" not in agent.calls
+    assert agent.calls.count("guest-exec") == 2 and "guest-set-time" not in agent.calls
     assert offset is not None and abs(offset) < 0.01
 
 
 def test_a_busybox_date_gives_way_to_guest_set_time() -> None:
     agent = ClockAgent()  # date exits 1: it cannot shift by a relative time
     offset = set_clock_by_agent(agent, 10.0)  # type: ignore[arg-type]
-    assert len(agent.commands) == 1 and agent.calls.count("guest-set-time") == 1
+    assert agent.calls.count("guest-exec") == 1 and agent.calls.count("guest-set-time") == 1
     assert offset is not None and abs(offset) < CLOCK_TOLERANCE
 
 
 def test_a_blocked_guest_exec_gives_way_to_guest_set_time() -> None:
-    agent = ClockAgent(blocked=("exec",), date_lags=[0.01])
+    agent = ClockAgent(blocked=("guest-exec",), date_lags=[0.01])
     offset = set_clock_by_agent(agent, 10.0)  # type: ignore[arg-type]
     assert agent.calls.count("guest-set-time") == 1
     assert offset is not None and abs(offset) < CLOCK_TOLERANCE
@@ -142,7 +145,7 @@ def test_a_clock_already_right_is_left_alone() -> None:
     agent.offset = 0.001
     offset = set_clock_by_agent(agent, 10.0)  # type: ignore[arg-type]
     assert offset == pytest.approx(0.001, abs=0.005)
-    assert agent.commands == [] and "guest-set-time" not in agent.calls
+    assert "guest-exec" not in agent.calls and "guest-set-time" not in agent.calls
 
 
 def test_a_blocked_guest_get_time_gives_none() -> None:
@@ -165,11 +168,11 @@ def instance_with(agent: ClockAgent) -> Instance:
     return Instance(machine=SimpleNamespace(name="guest-1"), ssh=None, agent=agent)  # type: ignore[arg-type]
 
 
-def test_warm_up_shifts_the_clock_by_date_and_records_the_offset() -> None:
+def test_warm_up_sets_the_clock_without_a_shell_and_records_the_offset() -> None:
     agent = ClockAgent(date_lags=[0.02])
     instance = instance_with(agent)
     warm_up(instance, image=None, timeout=10.0)  # type: ignore[arg-type]
-    assert len(agent.commands) == 1 and agent.commands[0].startswith("date -s '+")
+    assert agent.commands == []  # no shell: date was started by the agent itself
     assert "guest-set-time" not in agent.calls
     assert instance.clock_offset is not None and abs(instance.clock_offset) < CLOCK_TOLERANCE
 
@@ -178,5 +181,5 @@ def test_warm_up_falls_back_to_the_shells_date_where_the_agent_cannot_set_the_ti
     agent = ClockAgent(blocked=("guest-set-time",))
     instance = instance_with(agent)
     warm_up(instance, image=None, timeout=10.0)  # type: ignore[arg-type]
-    assert len(agent.commands) == 2 and agent.commands[-1].startswith("date -u -s @")  # after busybox's date -s
+    assert len(agent.commands) == 1 and agent.commands[0].startswith("date -u -s @")
     assert instance.clock_offset == pytest.approx(-0.5, abs=0.05)  # what the shell's start cost, measured
