@@ -10,7 +10,7 @@ PYTEST=".venv/bin/pytest -p no:cacheprovider"
 # The guests of other CPU architectures that scripts/test-beside builds and tests.
 FOREIGN_IMAGES=${VMFX_TEST_FOREIGN_IMAGES:-debian-12-arm64 debian-13-arm64 debian-13-riscv64}
 # Every run of scripts/test-beside, in its order: scripts/test checks that each left a record.
-BESIDE_RUNS="xdist recipes examples libvirt-2hosts libvirt-cloud libvirt-snapshot $(for i in $FOREIGN_IMAGES; do printf 'revert-%s ' "$i"; done)"
+BESIDE_RUNS="xdist recipes docs examples libvirt-2hosts libvirt-cloud libvirt-snapshot $(for i in $FOREIGN_IMAGES; do printf 'revert-%s ' "$i"; done)"
 
 # record NAME STATUS ALLOWED_SKIPS COLLECTED SECONDS NOTE
 record() {

@@ -186,8 +186,8 @@ def test_under_kvm_the_domain_is_a_kvm_one_with_the_hosts_cpu() -> None:
                          ids=["bios", "uefi", "built-in"])
 @pytest.mark.parametrize("incoming", [False, True], ids=["boot", "restore"])
 def test_a_guest_that_reboots_itself_is_restarted_by_libvirt(image: BuiltImage, incoming: bool) -> None:
-    """vm.reboot() reboots from inside the guest: libvirt must start the domain again, in both modes (the reboot
-    test itself runs through libvirt in scripts/test's libvirt-2hosts run only; a guest boot is minutes there)."""
+    """vm.reboot() reboots from inside the guest: libvirt must start the domain again, in both modes (scripts/test
+    runs the reboot test itself on the qemu backend only: a guest boot is minutes beside the main run)."""
     root = ElementTree.fromstring(render(image, incoming))
     assert root.findtext("on_reboot") == "restart"
     assert root.findtext("on_poweroff") == "destroy"
