@@ -187,7 +187,7 @@ def test_under_kvm_the_domain_is_a_kvm_one_with_the_hosts_cpu() -> None:
 @pytest.mark.parametrize("incoming", [False, True], ids=["boot", "restore"])
 def test_a_guest_that_reboots_itself_is_restarted_by_libvirt(image: BuiltImage, incoming: bool) -> None:
     """vm.reboot() reboots from inside the guest: libvirt must start the domain again, in both modes (scripts/test
-    runs the reboot test itself on the qemu backend only: a guest boot is minutes beside the main run)."""
+    runs the reboot test itself through libvirt in the saved-state mode only: a guest boot is minutes there)."""
     root = ElementTree.fromstring(render(image, incoming))
     assert root.findtext("on_reboot") == "restart"
     assert root.findtext("on_poweroff") == "destroy"
