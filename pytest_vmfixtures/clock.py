@@ -10,7 +10,7 @@ is shifted once more.
 Where that ``date`` cannot run (busybox, or ``guest-exec`` blocked), ``guest-set-time`` is sent with the host's
 time in nanoseconds. It is exact as well, but qemu-guest-agent then copies the time to the RTC with ``hwclock -w``,
 which busy-waits for the RTC's next second: about a second of the guest's CPU on every restore (measured:
-1.0 s of QEMU's CPU per call under TCG, against 0.2-0.35 s for the ``date``). Neither path touches the RTC
+1.0 s of QEMU's CPU per call under TCG, against 0.18-0.37 s for the ``date``). Neither path touches the RTC
 otherwise, and the guest never reads it after its boot.
 """
 
