@@ -190,7 +190,7 @@ def parse_positive(option: str, value: Any) -> float:
 
 
 def parse_standby(value: Any) -> int:
-    """``--vm-standby``: ``auto`` (-1: pool.STANDBY_AUTO) or a count of spares per machine config."""
+    """``--vm-standby``: ``auto`` (-1: slot.STANDBY_AUTO) or a count of spares per machine config."""
     return -1 if str(value).strip() == "auto" else parse_count("--vm-standby", value, "or auto")
 
 

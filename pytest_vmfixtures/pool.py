@@ -43,9 +43,7 @@ from .images.cache import Cache, ensure_image
 from .images.image import BuiltImage
 from .instance import Instance, login_prompts, named_snapshot_calls, retarget, settle_first_boot, wait_ssh_ready, warm_up
 from .runtime import Runtime
-from .slot import HOT_AFTER, IDLE_AFTER, STANDBY_AUTO, Slot, bound_instance
-
-__all__ = ["HOT_AFTER", "IDLE_AFTER", "STANDBY_AUTO", "Pool", "Slot"]
+from .slot import STANDBY_AUTO, Slot, bound_instance
 
 log = logging.getLogger("pytest_vmfixtures")
 
@@ -93,7 +91,8 @@ class Pool:
         self._lock = threading.Lock()
         self._closed = False
         self._stopping = threading.Event()
-        threading.Thread(target=self._shed_idle, name="vmfixtures-shed", daemon=True).start()
+        if standby == STANDBY_AUTO:  # a count given is kept however long a slot is idle: nothing to shed
+            threading.Thread(target=self._shed_idle, name="vmfixtures-shed", daemon=True).start()
         self.kept: list[tuple[VM, str]] = []
         self.channels: dict[str, str] = {}  # image label -> the channel its first guest got (the run's summary says it)
 

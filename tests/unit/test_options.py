@@ -21,7 +21,7 @@ from pytest_vmfixtures.options import (
     parse_positive,
     parse_standby,
 )
-from pytest_vmfixtures.pool import STANDBY_AUTO
+from pytest_vmfixtures.slot import STANDBY_AUTO
 
 WHERE = "tests/test_x.py::test_y"
 
