@@ -6,8 +6,12 @@ times, link target), content hashes and the installed packages. It is kept in a 
 (``/run``, else ``/dev/shm`` or ``/dev``), so it is part of the saved RAM: every restore and every revert
 brings it back at no cost, and it never touches the guest's disk. A test that never asks pays nothing.
 
-``vm.changes()`` then runs one POSIX sh script in the guest that lists the filesystems again and compares
-(with awk) against the baseline; only the differences cross to the host. Timestamps alone are not a
+Where the guest has perl and GNU find, the baseline also starts a watcher (``changes_watch.pl``, inotify on
+every directory it listed) that stays in the saved RAM and notes which paths a test touches. ``vm.changes()``
+then runs one POSIX sh script in the guest that brings the watcher's notes up to date and lists only the
+noted paths (and all below directories made or moved in); where no watcher runs, or it lost events, it lists
+the filesystems again. It compares (with awk) against the baseline; only the differences cross to the
+host. Timestamps alone are not a
 change: a file whose size, type, permissions, owner and link target are equal but whose times moved is
 compared by content. Content hashes come from the baseline (every regular file up to 1 MiB outside /usr,
 where the guest's package manager keeps none) and from dpkg's own ``md5sums`` of package files, copied
@@ -24,6 +28,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import resources
 
 from .command import CommandResult
 from .errors import GuestError, VMError
@@ -148,17 +153,19 @@ PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 TZ=UTC; export TZ
 SKIP="{skip}"
 BB=; command -v busybox >/dev/null 2>&1 && BB=busybox
-for t in awk cat sort xargs md5sum mkdir rm; do
+for t in awk cat cmp grep sort xargs md5sum mkdir rm; do
   command -v $t >/dev/null 2>&1 || { [ -n "$BB" ] && eval "$t() { busybox $t \"\$@\"; }"; }
 done
 MD5=md5sum; command -v md5sum >/dev/null 2>&1 || MD5="$BB md5sum"
 for t in awk md5sum xargs; do
   command -v $t >/dev/null 2>&1 || [ -n "$BB" ] || { echo "VMFX-ERROR the guest has no $t (and no busybox) any more"; exit 0; }
 done
+X=; for s in $SKIP; do X="$X -path $s -prune -o"; done
+FMT='%p\t%y\t%m\t%U\t%G\t%s\t%Ts\t%Cs\t%l\n'
+export X FMT
 vmfx_list() {
-  X=; for s in $SKIP; do X="$X -path $s -prune -o"; done
   if find / -maxdepth 0 -printf '' >/dev/null 2>&1; then
-    find "$@" -xdev $X -printf '%p\t%y\t%m\t%U\t%G\t%s\t%Ts\t%Cs\t%l\n' 2>/dev/null
+    find "$@" -xdev $X -printf "$FMT" 2>/dev/null
   elif [ -n "$BB" ]; then
     busybox find "$@" -xdev $X -exec busybox stat -c '%f	%u	%g	%s	%Y	%Z	%N' {} + 2>/dev/null | awk -F'\t' '
       function hex(s,  i, n) { n = 0; s = tolower(s)
@@ -174,6 +181,10 @@ vmfx_list() {
   else
     echo "VMFX-ERROR the guest has no find that can list files any more (and no busybox)"
   fi
+}
+vmfx_pkgdb() {
+  find /var/lib/dpkg/status /lib/apk/db/installed /var/lib/rpm /usr/lib/sysimage/rpm -maxdepth 1 \
+    -printf '%p %i %s %T@ %C@\n' 2>/dev/null
 }
 vmfx_pkgs() {
   if [ -f /var/lib/dpkg/status ]; then
@@ -211,8 +222,21 @@ ALL=1
   awk -F'\t' -v all=$ALL '$2 == "f" && $6 <= {limit} && (all || $1 !~ /^\/usr\//) {{ printf "%s%c", $1, 0 }}' \
     "$B/files" | xargs -0 -r $MD5
 }} > "$B/hashes" 2>/dev/null
+vmfx_pkgdb > "$B/pkgdb"
+WATCH=", not watching (no perl, or no find with -printf)"
+if command -v perl >/dev/null 2>&1 && find / -maxdepth 0 -printf '' >/dev/null 2>&1; then
+  W=$B/watch
+  mkdir "$W" && awk -F'\t' '$2 == "d" {{ print $1 }}' "$B/files" > "$W/dirs" && cat > "$W/watch.pl" <<'VMFX-WATCH'
+@WATCHER@VMFX-WATCH
+  S=; command -v setsid >/dev/null 2>&1 && S=setsid
+  $S perl "$W/watch.pl" "$(uname -m)" "$W" </dev/null >/dev/null 2>&1 &
+  P=$! i=0
+  while [ ! -f "$W/ready" ] && [ $i -lt 600 ] && kill -0 $P 2>/dev/null; do sleep 0.1; i=$((i + 1)); done
+  if [ -f "$W/ready" ]; then WATCH=", watching $(wc -l < "$W/dirs") directories"
+  else WATCH=", not watching ($(cut -f2 "$W/log" 2>/dev/null | head -n 1))"; fi
+fi
 touch "$B/ok" 2>/dev/null || : > "$B/ok"
-echo "$B $(wc -l < "$B/files") paths"
+echo "$B $(wc -l < "$B/files") paths$WATCH"
 """
 
 _IN_RAM = """awk -v d="$d" '$2 == d && ($3 == "tmpfs" || $3 == "devtmpfs" || $3 == "ramfs") { f = 1 } END { exit !f }' /proc/mounts"""
@@ -241,7 +265,14 @@ def baseline_script(dirs: Iterable[str] = BASELINE_DIRS, roots: Iterable[str] | 
         in_ram=_IN_RAM if roots is None else "true",
         dpkg_info="/var/lib/dpkg/info" if roots is None else "/nonexistent",
         mounts=_MOUNTS if roots is None else "printf '%s\\n' " + " ".join(shlex.quote(r) for r in roots),
-    )
+    ).replace("@WATCHER@", _watcher())
+
+
+def _watcher() -> str:
+    source = resources.files(__package__).joinpath("changes_watch.pl").read_text(encoding="utf-8")
+    if "\nVMFX-WATCH\n" in "\n" + source:
+        raise ValueError("the watcher's source holds its here-document's end")
+    return source
 
 
 def diff_script(dirs: Iterable[str] = BASELINE_DIRS, skip: Iterable[str] | None = None) -> str:
@@ -260,26 +291,60 @@ if [ -z "$B" ]; then
   echo "VMFX-NOBASELINE"; exit 0
 fi
 T=$B/tmp.$$
-vmfx_list $(cat "$B/mounts") | awk -F'\t' '
-  {{ p = $1; m = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9 }}
-  NR == FNR {{ bm[p] = m; bt[p] = $7 "\t" $8; next }}
-  /^VMFX-ERROR/ {{ print; next }}
-  {{ if (!(p in bm)) {{ print "A\t" p; next }}
-    seen[p] = 1
-    if (m != bm[p]) print "C\t" p
-    else if ($2 == "f" && $7 "\t" $8 != bt[p]) print "H\t" p }}
-  END {{ for (p in bm) if (!(p in seen)) print "D\t" p }}' "$B/files" - > "$T.diff"
-awk -F'\t' '$1 == "H" {{ printf "%s%c", $2, 0 }}' "$T.diff" | xargs -0 -r $MD5 > "$T.now" 2>/dev/null
+W=$B/watch
+vmfx_watched() {{
+  [ -f "$W/ready" ] && grep -q vmfx-changes-watch "/proc/$(cat "$W/ready")/cmdline" 2>/dev/null || return 1
+  F=$(printf 'F\t%s.%s' $$ "$(cat /proc/sys/kernel/random/uuid 2>/dev/null)")
+  echo "${{F#F?}}" > "$W/flush" || return 1
+  i=0
+  until grep -qxF "$F" "$W/log"; do
+    i=$((i + 1)); [ $i -le 300 ] && ! grep -q "^O" "$W/log" || return 1
+    sleep 0.01
+  done
+  ! grep -q "^O" "$W/log"
+}}
+if vmfx_watched; then
+  awk -F'\t' '$1 == "P" || $1 == "R" || $1 == "D"' "$W/log" > "$T.cand"
+  {{ awk -F'\t' '$1 == "P" {{ printf "%s%c", $2, 0 }}' "$T.cand" | xargs -0 -r sh -c 'find "$@" -maxdepth 0 $X -printf "$FMT"' vmfx
+    awk -F'\t' '$1 == "R" {{ printf "%s%c", $2, 0 }}' "$T.cand" | xargs -0 -r sh -c 'find "$@" -xdev $X -printf "$FMT"' vmfx
+  }} > "$T.list" 2>/dev/null
+  awk -F'\t' '{{ print $2 "\t" }} $1 != "P" {{ print $2 "/" }}' "$T.cand" > "$T.pat"
+  grep -F -f "$T.pat" "$B/files" | awk -F'\t' '
+    function under(p,  q) {{ q = p; while (sub(/\/[^\/]*$/, "", q) && q != "") if (q in pre) return 1; return 0 }}
+    FILENAME == ARGV[1] {{ if ($1 == "P") c[$2] = 1; else pre[$2] = 1; next }}
+    $1 in c || $1 in pre || under($1)' "$T.cand" - > "$T.base"
+else
+  vmfx_list $(cat "$B/mounts") > "$T.list"
+  ln -s "$B/files" "$T.base"
+fi
 awk -F'\t' '
-  FILENAME == ARGV[1] {{ now[substr($0, 35)] = substr($0, 1, 32); next }}
-  FILENAME == ARGV[2] {{ p = substr($0, 35); if (p in now) old[p] = substr($0, 1, 32); next }}
-  $1 == "H" {{ if (!($2 in old) || !($2 in now) || old[$2] != now[$2]) print "C\t" $2; next }}
-  {{ print }}' "$T.now" "$B/hashes" "$T.diff"
-vmfx_pkgs | awk -F'\t' '
-  NR == FNR {{ v[$1] = $2; next }}
-  {{ seen[$1] = 1; if (!($1 in v)) print "PA\t" $1; else if (v[$1] != $2) print "PC\t" $1 }}
-  END {{ for (p in v) if (!(p in seen)) print "PD\t" p }}' "$B/pkgs" -
-rm -f "$T.diff" "$T.now"
+  {{ p = $1; m = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9 }}
+  FILENAME == ARGV[1] {{ bm[p] = m; bt[p] = $7 "\t" $8; next }}
+  /^VMFX-ERROR/ {{ print; next }}
+  p in seen {{ next }}
+  {{ seen[p] = 1
+    if (!(p in bm)) print "A\t" p
+    else if (m != bm[p]) print "C\t" p
+    else if ($2 == "f" && $7 "\t" $8 != bt[p]) print "H\t" p }}
+  END {{ for (p in bm) if (!(p in seen)) print "D\t" p }}' "$T.base" "$T.list" > "$T.diff"
+if grep -q "^H" "$T.diff"; then
+  awk -F'\t' '$1 == "H" {{ printf "%s%c", $2, 0 }}' "$T.diff" | xargs -0 -r $MD5 > "$T.now" 2>/dev/null
+  awk -F'\t' '$1 == "H" {{ print "  " $2 }}' "$T.diff" | grep -F -f - "$B/hashes" > "$T.old"
+  awk -F'\t' '
+    FILENAME == ARGV[1] {{ now[substr($0, 35)] = substr($0, 1, 32); next }}
+    FILENAME == ARGV[2] {{ p = substr($0, 35); if (p in now) old[p] = substr($0, 1, 32); next }}
+    $1 == "H" {{ if (!($2 in old) || !($2 in now) || old[$2] != now[$2]) print "C\t" $2; next }}
+    {{ print }}' "$T.now" "$T.old" "$T.diff"
+else
+  cat "$T.diff"
+fi
+if [ ! -s "$B/pkgdb" ] || ! vmfx_pkgdb | cmp -s - "$B/pkgdb"; then
+  vmfx_pkgs | awk -F'\t' '
+    NR == FNR {{ v[$1] = $2; next }}
+    {{ seen[$1] = 1; if (!($1 in v)) print "PA\t" $1; else if (v[$1] != $2) print "PC\t" $1 }}
+    END {{ for (p in v) if (!(p in seen)) print "PD\t" p }}' "$B/pkgs" -
+fi
+rm -f "$T.cand" "$T.list" "$T.pat" "$T.base" "$T.diff" "$T.now" "$T.old"
 echo {end}
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -92,19 +93,54 @@ def _run(shell: str, script: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("shell", SHELLS)
-def test_scripts_on_a_directory(tmp_path: Path, shell: str) -> None:
-    root, ram = tmp_path / "root", tmp_path / "ram"
+def _stop_watcher(ram: Path) -> bool:
+    """Stop the baseline's watcher if one runs; whether one ran."""
+    ready = ram / "vmfx-changes" / "watch" / "ready"
+    if not ready.exists():
+        return False
+    try:
+        os.kill(int(ready.read_text()), signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def ram(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Where a test keeps its baseline; the watcher it starts is stopped at the end."""
+    path = tmp_path / "ram"
+    path.mkdir()
+    yield path
+    _stop_watcher(path)
+
+
+# dash: with perl on the host, the baseline starts its watcher ("watched"), and the comparison looks only at
+# the paths it noted; stopped ("walked"), or having lost events, the comparison lists everything again.
+# busybox: its find has no -printf, so no watcher, as on the tiny image.
+@pytest.mark.parametrize(("shell", "mode"), [("dash", "watched"), ("dash", "walked"), ("dash", "overflowed"),
+                                             ("busybox", "walked")])
+def test_scripts_on_a_directory(tmp_path: Path, ram: Path, shell: str, mode: str) -> None:
+    root = tmp_path / "root"
     (root / "etc" / "sub").mkdir(parents=True)
-    ram.mkdir()
     for name in ("gone", "edited", "touched", "mode", "same-size"):
         (root / "etc" / name).write_text(name)
     (root / "etc" / "link").symlink_to("gone")
     (root / "var" / "log").mkdir(parents=True)
     (root / "var" / "log" / "syslog").write_text("log")
+    (root / "srv" / "tree" / "deep").mkdir(parents=True)
+    (root / "srv" / "tree" / "deep" / "file").write_text("file")
+    (root / "srv" / "moved" / "in").mkdir(parents=True)
+    (root / "srv" / "moved" / "in" / "kept").write_text("kept")
     skip = [f"{root}/var/log"]  # as the defaults' /var/log: below it nothing is hashed or compared
     said = _run(shell, baseline_script([str(ram)], [str(root)], skip))
-    assert "10 paths" in said  # root, etc, sub, five files, a link, var (not var/log: skipped)
+    # root, etc, sub, five files, a link, var (not var/log: skipped), srv and its seven
+    assert "17 paths" in said
+    assert (", watching 9 directories" in said) == (shell == "dash"), said
+    if mode == "walked":
+        assert _stop_watcher(ram) == (shell == "dash")
+    elif mode == "overflowed":
+        with (ram / "vmfx-changes" / "watch" / "log").open("a") as log:
+            log.write("O\tthe kernel's event queue overflowed\n")
     assert f"{root}/var/log/syslog" not in (ram / "vmfx-changes" / "hashes").read_text()
     assert f"{root}/etc/touched" in (ram / "vmfx-changes" / "hashes").read_text()
     time.sleep(1.1)  # times move by at least a second
@@ -121,12 +157,20 @@ def test_scripts_on_a_directory(tmp_path: Path, shell: str) -> None:
     (root / "etc" / "brief").unlink()
     (root / "var" / "log" / "syslog").write_text("more log")
     (root / "var" / "log" / "new.log").write_text("new")
+    shutil.rmtree(root / "srv" / "tree")
+    (root / "srv" / "moved").rename(root / "etc" / "sub" / "moved")  # a watched tree moved, then changed
+    (root / "etc" / "sub" / "moved" / "in" / "kept").write_text("KEPT")
+    (root / "etc" / "sub" / "moved" / "in" / "new").write_text("new")
     out = _run(shell, diff_script([str(ram)], skip))
+    if mode == "watched":  # the answer came from the watcher's notes, which it brought up to date first
+        assert "\nF\t" in (ram / "vmfx-changes" / "watch" / "log").read_text()
     changes = parse("g", _result(out), ())
     r = str(root)
-    assert changes.added == [f"{r}/opt", f"{r}/opt/x"]
+    moved = [f"{r}/etc/sub/moved{p}" for p in ("", "/in", "/in/kept", "/in/new")]
+    assert changes.added == [f"{r}/etc/sub/moved", *moved[1:], f"{r}/opt", f"{r}/opt/x"]
     assert changes.modified == [f"{r}/etc/edited", f"{r}/etc/link", f"{r}/etc/mode", f"{r}/etc/same-size"]
-    assert changes.removed == [f"{r}/etc/gone"]
+    gone = [f"{r}/srv/{p}" for p in ("moved", "moved/in", "moved/in/kept", "tree", "tree/deep", "tree/deep/file")]
+    assert changes.removed == [f"{r}/etc/gone", *gone]
     assert parse("g", _result(_run(shell, diff_script([str(ram)], skip))), ()) == changes
     assert not list(ram.glob("*/tmp.*")), "the comparison leaves nothing behind"
 
