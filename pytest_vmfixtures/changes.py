@@ -4,14 +4,16 @@ A *baseline* is taken once, when a clean state is made (``pool``, after provisio
 saved): a listing of every path on the guest's local disk filesystems (type, permissions, owner, size,
 times, link target), content hashes and the installed packages. It is kept in a tmpfs inside the guest
 (``/run``, else ``/dev/shm`` or ``/dev``), so it is part of the saved RAM: every restore and every revert
-brings it back at no cost, and it never touches the guest's disk. A test that never asks pays nothing.
+brings it back at no cost, and it never touches the guest's disk.
 
 Where the guest has perl and GNU find, the baseline also starts a watcher (``changes_watch.pl``, inotify on
-every directory it listed) that stays in the saved RAM and notes which paths a test touches. ``vm.changes()``
-then runs one POSIX sh script in the guest that brings the watcher's notes up to date and lists only the
-noted paths (and all below directories made or moved in); where no watcher runs, or it lost events, it lists
-the filesystems again. It compares (with awk) against the baseline; only the differences cross to the
-host. Timestamps alone are not a
+every directory it listed) that stays in the saved RAM and notes which paths a test touches (all a test that
+never asks pays: a moment per path it changes). ``vm.changes()``
+then runs one POSIX sh script in the guest. Where the watcher runs and lost nothing, the script starts one perl
+program (``changes_diff.pl``) that brings the watcher's notes up to date and compares only the noted paths
+(and all below directories made, moved or removed) with the baseline: under emulation every program a
+script starts costs a tenth of a second or more, so it is one program. Otherwise the script lists the
+filesystems again and compares with awk. Only the differences cross to the host. Timestamps alone are not a
 change: a file whose size, type, permissions, owner and link target are equal but whose times moved is
 compared by content. Content hashes come from the baseline (every regular file up to 1 MiB outside /usr,
 where the guest's package manager keeps none) and from dpkg's own ``md5sums`` of package files, copied
@@ -69,6 +71,7 @@ BASELINE_DIRS = ("/run", "/dev/shm", "/dev")  # tmpfs where the baseline may liv
 BASELINE_NAME = "vmfx-changes"
 BASELINE_TIMEOUT = 600.0
 END = "VMFX-CHANGES-END"
+WALKED = "VMFX-LISTED-ALL"  # the comparison listed every path: no watcher, or it lost events
 
 
 def default_patterns() -> tuple[str, ...]:
@@ -265,19 +268,21 @@ def baseline_script(dirs: Iterable[str] = BASELINE_DIRS, roots: Iterable[str] | 
         in_ram=_IN_RAM if roots is None else "true",
         dpkg_info="/var/lib/dpkg/info" if roots is None else "/nonexistent",
         mounts=_MOUNTS if roots is None else "printf '%s\\n' " + " ".join(shlex.quote(r) for r in roots),
-    ).replace("@WATCHER@", _watcher())
+    ).replace("@WATCHER@", _program("changes_watch.pl", "VMFX-WATCH"))
 
 
-def _watcher() -> str:
-    source = resources.files(__package__).joinpath("changes_watch.pl").read_text(encoding="utf-8")
-    if "\nVMFX-WATCH\n" in "\n" + source:
-        raise ValueError("the watcher's source holds its here-document's end")
+def _program(name: str, end: str) -> str:
+    """A perl program shipped beside this module, for a here-document that ``end`` ends."""
+    source = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+    if f"\n{end}\n" in "\n" + source:
+        raise ValueError(f"{name} holds its here-document's end, {end}")
     return source
 
 
 def diff_script(dirs: Iterable[str] = BASELINE_DIRS, skip: Iterable[str] | None = None) -> str:
     """The comparison; ``skip`` as for :func:`baseline_script` (both must skip the same)."""
-    return _tools(skip) + _DIFF.format(dirs=" ".join(dirs), name=BASELINE_NAME, end=END)
+    return _tools(skip) + _DIFF.format(dirs=" ".join(dirs), name=BASELINE_NAME, end=END, walked=WALKED).replace(
+        "@DIFF@", _program("changes_diff.pl", "VMFX-DIFF"))
 
 
 BASELINE_SCRIPT = baseline_script()
@@ -291,32 +296,12 @@ if [ -z "$B" ]; then
   echo "VMFX-NOBASELINE"; exit 0
 fi
 T=$B/tmp.$$
-W=$B/watch
-vmfx_watched() {{
-  [ -f "$W/ready" ] && grep -q vmfx-changes-watch "/proc/$(cat "$W/ready")/cmdline" 2>/dev/null || return 1
-  F=$(printf 'F\t%s.%s' $$ "$(cat /proc/sys/kernel/random/uuid 2>/dev/null)")
-  echo "${{F#F?}}" > "$W/flush" || return 1
-  i=0
-  until grep -qxF "$F" "$W/log"; do
-    i=$((i + 1)); [ $i -le 300 ] && ! grep -q "^O" "$W/log" || return 1
-    sleep 0.01
-  done
-  ! grep -q "^O" "$W/log"
-}}
-if vmfx_watched; then
-  awk -F'\t' '$1 == "P" || $1 == "R" || $1 == "D"' "$W/log" > "$T.cand"
-  {{ awk -F'\t' '$1 == "P" {{ printf "%s%c", $2, 0 }}' "$T.cand" | xargs -0 -r sh -c 'find "$@" -maxdepth 0 $X -printf "$FMT"' vmfx
-    awk -F'\t' '$1 == "R" {{ printf "%s%c", $2, 0 }}' "$T.cand" | xargs -0 -r sh -c 'find "$@" -xdev $X -printf "$FMT"' vmfx
-  }} > "$T.list" 2>/dev/null
-  awk -F'\t' '{{ print $2 "\t" }} $1 != "P" {{ print $2 "/" }}' "$T.cand" > "$T.pat"
-  grep -F -f "$T.pat" "$B/files" | awk -F'\t' '
-    function under(p,  q) {{ q = p; while (sub(/\/[^\/]*$/, "", q) && q != "") if (q in pre) return 1; return 0 }}
-    FILENAME == ARGV[1] {{ if ($1 == "P") c[$2] = 1; else pre[$2] = 1; next }}
-    $1 in c || $1 in pre || under($1)' "$T.cand" - > "$T.base"
-else
-  vmfx_list $(cat "$B/mounts") > "$T.list"
-  ln -s "$B/files" "$T.base"
+if [ -f "$B/watch/ready" ] && command -v perl >/dev/null 2>&1; then
+  perl - "$B" {end} "$MD5" $SKIP <<'VMFX-DIFF' && exit 0
+@DIFF@VMFX-DIFF
 fi
+echo {walked}
+vmfx_list $(cat "$B/mounts") > "$T.list"
 awk -F'\t' '
   {{ p = $1; m = $2 "\t" $3 "\t" $4 "\t" $5 "\t" ($2 == "f" ? $6 : "") "\t" $9 }}
   FILENAME == ARGV[1] {{ bm[p] = m; bt[p] = $7 "\t" $8; next }}
@@ -326,10 +311,11 @@ awk -F'\t' '
     if (!(p in bm)) print "A\t" p
     else if (m != bm[p]) print "C\t" p
     else if ($2 == "f" && $7 "\t" $8 != bt[p]) print "H\t" p }}
-  END {{ for (p in bm) if (!(p in seen)) print "D\t" p }}' "$T.base" "$T.list" > "$T.diff"
+  END {{ for (p in bm) if (!(p in seen)) print "D\t" p }}' "$B/files" "$T.list" > "$T.diff"
 if grep -q "^H" "$T.diff"; then
   awk -F'\t' '$1 == "H" {{ printf "%s%c", $2, 0 }}' "$T.diff" | xargs -0 -r $MD5 > "$T.now" 2>/dev/null
-  awk -F'\t' '$1 == "H" {{ print "  " $2 }}' "$T.diff" | grep -F -f - "$B/hashes" > "$T.old"
+  awk -F'\t' '$1 == "H" {{ print "  " $2 }}' "$T.diff" > "$T.old"
+  grep -F -f "$T.old" "$B/hashes" > "$T.now.old"; mv "$T.now.old" "$T.old"
   awk -F'\t' '
     FILENAME == ARGV[1] {{ now[substr($0, 35)] = substr($0, 1, 32); next }}
     FILENAME == ARGV[2] {{ p = substr($0, 35); if (p in now) old[p] = substr($0, 1, 32); next }}
@@ -338,13 +324,11 @@ if grep -q "^H" "$T.diff"; then
 else
   cat "$T.diff"
 fi
-if [ ! -s "$B/pkgdb" ] || ! vmfx_pkgdb | cmp -s - "$B/pkgdb"; then
-  vmfx_pkgs | awk -F'\t' '
+vmfx_pkgs | awk -F'\t' '
     NR == FNR {{ v[$1] = $2; next }}
     {{ seen[$1] = 1; if (!($1 in v)) print "PA\t" $1; else if (v[$1] != $2) print "PC\t" $1 }}
     END {{ for (p in v) if (!(p in seen)) print "PD\t" p }}' "$B/pkgs" -
-fi
-rm -f "$T.cand" "$T.list" "$T.pat" "$T.base" "$T.diff" "$T.now" "$T.old"
+rm -f "$T.list" "$T.diff" "$T.now" "$T.old"
 echo {end}
 """
 

@@ -22,7 +22,7 @@ from typing import Any
 import paramiko
 
 from .backends.base import ALL_CAPABILITIES, Machine, MachineConfig
-from .changes import DIFF_SCRIPT, Changes, check_patterns, default_patterns, parse
+from .changes import DIFF_SCRIPT, WALKED, Changes, check_patterns, default_patterns, parse
 from .channels.agent import AgentError
 from .channels.ssh import SSHError
 from .command import DEFAULT_COMMAND_TIMEOUT, CommandResult, new_tag
@@ -301,6 +301,8 @@ class VM:
                              f"any more ({first})") from exc
         if before == GuestState.READY and self.state == GuestState.DIRTY:
             self.state = GuestState.READY  # reading changes nothing: the guest needs no revert for it
+        log.debug("%s: vm.changes() %s in %.2f s", self.name, "listed every path" if WALKED in result.stdout
+                  else "looked at the paths its watcher noted", result.duration)
         return parse(self.name, result, default_patterns() + self._changes_ignore + patterns)
 
     # -- snapshots -----------------------------------------------------------

@@ -39,12 +39,21 @@ echo gone > /etc/vmfx-gone; rm /etc/vmfx-gone
 """
 
 
+def _ways(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """How each vm.changes() call found its answer, as its debug log line says."""
+    return ["walked" if "listed every path" in r.getMessage() else "watched"
+            for r in caplog.records if "vm.changes()" in r.getMessage()]
+
+
 @pytest.mark.parametrize("image", IMAGES)
-def test_added_modified_removed(vm_factory, image: str) -> None:
+def test_added_modified_removed(vm_factory, image: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="pytest_vmfixtures")
     vm = vm_factory(image=image)
     assert not vm.changes(), "a guest just handed out has changed nothing"
     vm.run(CHANGE, check=True)
     changes = vm.changes()
+    # debian-12 has perl: its baseline's watcher noted the paths; tiny (busybox) has none: every path is listed
+    assert _ways(caplog) == ["watched" if image == "debian-12" else "walked"] * 2
     assert changes.added == ["/etc/vmfx-dir", "/etc/vmfx-dir/sub", "/etc/vmfx-dir/sub/f", "/etc/vmfx-new"]
     assert changes.modified == ["/etc/group", "/etc/nsswitch.conf", "/etc/shells", "/var/run"]
     assert changes.removed == ["/etc/profile"]
@@ -57,6 +66,11 @@ def test_added_modified_removed(vm_factory, image: str) -> None:
     again = vm.changes(ignore=["/etc/vmfx-dir", "/etc/n*"])
     assert again.added == ["/etc/vmfx-new"] and again.removed == changes.removed
     assert again.modified == ["/etc/group", "/etc/shells", "/var/run"]
+    if image == "debian-12":  # a test that stopped the watcher still gets the answer: every path is listed
+        vm.run("kill -KILL $(cat /run/vmfx-changes/watch/ready)", check=True)
+        caplog.clear()
+        assert vm.changes() == changes
+        assert _ways(caplog) == ["walked"]
 
 
 def test_bad_patterns_name_themselves(vm) -> None:

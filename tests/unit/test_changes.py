@@ -15,6 +15,7 @@ import pytest
 from pytest_vmfixtures.changes import (
     DEFAULT_IGNORE,
     END,
+    WALKED,
     Changes,
     PackageChanges,
     baseline_script,
@@ -138,7 +139,9 @@ def test_scripts_on_a_directory(tmp_path: Path, ram: Path, shell: str, mode: str
     assert (", watching 9 directories" in said) == (shell == "dash"), said
     if mode == "walked":
         assert _stop_watcher(ram) == (shell == "dash")
-    elif mode == "overflowed":
+    else:  # the package database looks moved: the packages are read again, and this host's are as they were
+        (ram / "vmfx-changes" / "pkgdb").write_text("/var/lib/dpkg/status 1 2 3.0 4.0\n")
+    if mode == "overflowed":
         with (ram / "vmfx-changes" / "watch" / "log").open("a") as log:
             log.write("O\tthe kernel's event queue overflowed\n")
     assert f"{root}/var/log/syslog" not in (ram / "vmfx-changes" / "hashes").read_text()
@@ -162,7 +165,9 @@ def test_scripts_on_a_directory(tmp_path: Path, ram: Path, shell: str, mode: str
     (root / "etc" / "sub" / "moved" / "in" / "kept").write_text("KEPT")
     (root / "etc" / "sub" / "moved" / "in" / "new").write_text("new")
     out = _run(shell, diff_script([str(ram)], skip))
-    if mode == "watched":  # the answer came from the watcher's notes, which it brought up to date first
+    # watched: the answer came from the watcher's notes, which it brought up to date first
+    assert (WALKED in out) == (mode != "watched")
+    if mode == "watched":
         assert "\nF\t" in (ram / "vmfx-changes" / "watch" / "log").read_text()
     changes = parse("g", _result(out), ())
     r = str(root)
@@ -171,6 +176,7 @@ def test_scripts_on_a_directory(tmp_path: Path, ram: Path, shell: str, mode: str
     assert changes.modified == [f"{r}/etc/edited", f"{r}/etc/link", f"{r}/etc/mode", f"{r}/etc/same-size"]
     gone = [f"{r}/srv/{p}" for p in ("moved", "moved/in", "moved/in/kept", "tree", "tree/deep", "tree/deep/file")]
     assert changes.removed == [f"{r}/etc/gone", *gone]
+    assert not changes.packages
     assert parse("g", _result(_run(shell, diff_script([str(ram)], skip))), ()) == changes
     assert not list(ram.glob("*/tmp.*")), "the comparison leaves nothing behind"
 
@@ -186,3 +192,21 @@ def test_what_the_plugin_writes_is_left_out_when_compared_not_by_the_guest_scrip
 
     assert "/etc/adjtime" in default_patterns()
     assert all(pattern not in baseline_script() for pattern, _why in PLUGIN_WRITES)
+
+
+def test_many_noted_paths_are_compared_line_by_line(tmp_path: Path, ram: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for i in range(300):
+        (root / "etc" / f"kept{i}").write_text("kept")
+    said = _run("dash", baseline_script([str(ram)], [str(root)], []))
+    assert ", watching 2 directories" in said, said
+    for i in range(300):  # more than the watched comparison looks up one by one
+        (root / "etc" / f"new{i}").write_text("new")
+    (root / "etc" / "kept7").unlink()
+    (root / "etc" / "kept8").chmod(0o600)
+    out = _run("dash", diff_script([str(ram)], []))
+    assert WALKED not in out
+    changes = parse("g", _result(out), ())
+    assert changes.added == sorted(f"{root}/etc/new{i}" for i in range(300))
+    assert (changes.modified, changes.removed) == ([f"{root}/etc/kept8"], [f"{root}/etc/kept7"])
