@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_vmfixtures import changes
 from pytest_vmfixtures.changes import (
     DEFAULT_IGNORE,
     END,
@@ -210,3 +211,32 @@ def test_many_noted_paths_are_compared_line_by_line(tmp_path: Path, ram: Path) -
     changes = parse("g", _result(out), ())
     assert changes.added == sorted(f"{root}/etc/new{i}" for i in range(300))
     assert (changes.modified, changes.removed) == ([f"{root}/etc/kept8"], [f"{root}/etc/kept7"])
+
+
+def test_the_comparison_program_is_strict_and_quiet() -> None:
+    # It is shipped without strict and warnings (their loading is slow under emulation): checked here.
+    if shutil.which("perl") is None:
+        pytest.skip("perl is not installed")
+    source = Path(changes.__file__).with_name("changes_diff.pl")
+    proc = subprocess.run(["perl", "-Mstrict", "-Mwarnings", "-c", str(source)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.strip() == f"{source} syntax OK", proc.stderr
+
+
+def test_content_compared_by_hash_at_every_size(tmp_path: Path, ram: Path) -> None:
+    # Times moved, size equal: compared by MD5, in perl for small files and by md5sum for larger ones.
+    root = tmp_path / "root"
+    root.mkdir()
+    sizes = (0, 1, 55, 56, 64, 100, 5000, 8192, 9000)
+    for size in sizes:
+        (root / f"f{size}").write_bytes(bytes((7 * i + 3) % 256 for i in range(size)))
+    assert ", watching 1 directories" in _run("dash", baseline_script([str(ram)], [str(root)], []))
+    time.sleep(1.1)
+    for size in sizes:  # the same bytes again
+        (root / f"f{size}").write_bytes((root / f"f{size}").read_bytes())
+    for size in (56, 9000):  # one byte changed in place
+        with (root / f"f{size}").open("r+b") as f:
+            f.seek(size // 2)
+            f.write(b"X")
+    out = _run("dash", diff_script([str(ram)], []))
+    assert WALKED not in out
+    assert parse("g", _result(out), ()).modified == [f"{root}/f56", f"{root}/f9000"]
