@@ -8,17 +8,17 @@ brings it back at no cost, and it never touches the guest's disk.
 
 Where the guest has perl and GNU find, the baseline also starts a watcher (``changes_watch.pl``, inotify on
 every directory it listed) that stays in the saved RAM and notes which paths a test touches (all a test that
-never asks pays: a moment per path it changes). ``vm.changes()``
-then runs one POSIX sh script in the guest. Where the watcher runs and lost nothing, the script starts one perl
-program (``changes_diff.pl``) that brings the watcher's notes up to date and compares only the noted paths
-(and all below directories made, moved or removed) with the baseline: under emulation every program a
-script starts costs a tenth of a second or more, so it is one program. Otherwise the script lists the
-filesystems again and compares with awk. Only the differences cross to the host. Timestamps alone are not a
-change: a file whose size, type, permissions, owner and link target are equal but whose times moved is
-compared by content. Content hashes come from the baseline (every regular file up to 1 MiB outside /usr,
-where the guest's package manager keeps none) and from dpkg's own ``md5sums`` of package files, copied
-at baseline time; a file with no hash (a file over 1 MiB outside /usr, say) whose times moved counts as
-modified. The scripts need only sh, find, awk and md5sum, from coreutils or busybox.
+never asks pays: the kernel tells it of each change). ``vm.changes()`` then runs one POSIX sh script in the
+guest. Where the watcher runs and lost nothing, the script starts one perl program (``changes_diff.pl``)
+that brings the watcher's notes up to date and compares only the noted paths (and all below directories
+made, moved or removed) with the baseline: under emulation every program a script starts costs a tenth of a
+second or more, so it is one program. Otherwise the script lists the filesystems again and compares with
+awk. Only the differences cross to the host. Timestamps alone are not a change: a file whose size, type,
+permissions, owner and link target are equal but whose times moved is compared by content. Content hashes
+come from the baseline (every regular file up to 1 MiB outside /usr, where the guest's package manager keeps
+none) and from dpkg's own ``md5sums`` of package files, copied at baseline time; a file with no hash (a file
+over 1 MiB outside /usr, say) whose times moved counts as modified. The scripts need only sh, find, awk and
+md5sum, from coreutils or busybox (the watcher and its comparison: perl-base).
 """
 
 from __future__ import annotations
