@@ -35,7 +35,7 @@ for (my $waited = 0; !$flushed; $waited++) {
         if ($kind eq "O") { walk_instead() }
         elsif ($kind eq "F") { $flushed = 1 if $path eq $token }
         elsif ($kind eq "P") { $noted{$path} = 1 }
-        elsif ($kind eq "R" || $kind eq "D") { push @walk, $path if $kind eq "R" && !$below{$path}; $below{$path} = 1 }
+        elsif ($kind eq "R" || $kind eq "D") { push @walk, $path if $kind eq "R"; $below{$path} = 1 }  # walk() lists each once
     }
     last if $flushed;
     walk_instead() if $waited > 500;

@@ -240,3 +240,17 @@ def test_content_compared_by_hash_at_every_size(tmp_path: Path, ram: Path) -> No
     out = _run("dash", diff_script([str(ram)], []))
     assert WALKED not in out
     assert parse("g", _result(out), ()).modified == [f"{root}/f56", f"{root}/f9000"]
+
+
+def test_a_directory_removed_and_made_again_is_looked_into(tmp_path: Path, ram: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc" / "app").mkdir(parents=True)
+    (root / "etc" / "app" / "old").write_text("old")
+    assert ", watching 3 directories" in _run("dash", baseline_script([str(ram)], [str(root)], []))
+    shutil.rmtree(root / "etc" / "app")  # noted as removed first, then as made
+    (root / "etc" / "app").mkdir()
+    (root / "etc" / "app" / "new").write_text("new")
+    out = _run("dash", diff_script([str(ram)], []))
+    assert WALKED not in out
+    changes = parse("g", _result(out), ())
+    assert (changes.added, changes.removed) == ([f"{root}/etc/app/new"], [f"{root}/etc/app/old"])
